@@ -1,0 +1,49 @@
+"""`kvstack`: one command for the operations (images, local stack, deploy, scale, rollback...).
+
+Each group of verbs lives in its own module under kvstack.ops and adds itself to the parser
+through `register(subparsers)`. The CLI wraps the real tools (docker, kubectl, gcloud) and
+prints every command it runs, so a person can see and repeat it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Modules under kvstack.ops that add verbs; each has register(subparsers).
+COMMAND_MODULES: tuple[str, ...] = (
+    "kvstack.ops.engine",
+    "kvstack.ops.images",
+    "kvstack.ops.local",
+)
+
+
+class CommandError(Exception):
+    """A failure to show the user as is: what failed and what to do next (no traceback)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvstack", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except CommandError as err:
+        print(f"kvstack: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kvstack: interrupted", file=sys.stderr)
+        return 130
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

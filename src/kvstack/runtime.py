@@ -1,0 +1,401 @@
+"""What every long-running kvstack service shares: configuration from the environment, JSON logs,
+the gRPC health service, reflection, Prometheus metrics and graceful shutdown.
+
+A service supplies a `Service` (its servicers, a start-up step that decides when it can really
+serve, and a clean-up step) and calls `run(service, config)`. Nothing here is copied into the
+services: a fix here is a fix for all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Histogram, start_http_server
+
+from kvstack import registry
+
+log = logging.getLogger("kvstack.runtime")
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: each setting is a dataclass field carrying its environment variable and help.
+
+
+def setting(env: str, default: Any, doc: str) -> Any:
+    """Declare a configuration field read from the environment variable `env`."""
+    return field(default=default, metadata={"env": env, "doc": doc})
+
+
+C = TypeVar("C")
+
+_SIZE = re.compile(r"(\d+)\s*(|k|ki|kib|m|mi|mib|g|gi|gib|t|ti|tib)b?", re.IGNORECASE)
+_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
+
+
+def parse_size(text: str) -> int:
+    """Parse a byte size such as 1048576, 512KiB, 64MiB or 1GiB (powers of 1024)."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a size; write bytes or use KiB, MiB, GiB (e.g. 1GiB)")
+    return int(match[1]) << _SHIFT[match[2][:1].lower()]
+
+
+_BOOLEANS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
+
+
+def _convert(raw: str, default: Any, env: str) -> Any:
+    if isinstance(default, bool):
+        if raw.lower() not in _BOOLEANS:
+            raise ConfigError(f"{env}={raw!r} is invalid: use true or false")
+        return _BOOLEANS[raw.lower()]
+    try:
+        if isinstance(default, int):
+            return parse_size(raw) if env.endswith(("_BYTES", "_SIZE")) else int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError as err:
+        raise ConfigError(f"{env}={raw!r} is invalid: {err}") from None
+    return raw
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the message names the variable and what to set."""
+
+
+def load(cls: type[C], environ: Mapping[str, str] | None = None, **overrides: Any) -> C:
+    """Build the config dataclass `cls` from the environment (defaults where unset)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        name = f.metadata.get("env")
+        if f.name in overrides:
+            values[f.name] = overrides[f.name]
+        elif name and name in env:
+            values[f.name] = _convert(env[name], f.default, name)
+    return cls(**values)
+
+
+def settings_of(cls: type[Any]) -> list[tuple[str, Any, str]]:
+    """(variable, default, help) for every setting of a config class: the documented surface."""
+    return [
+        (f.metadata["env"], f.default, f.metadata["doc"])
+        for f in dataclasses.fields(cls)
+        if "env" in f.metadata
+    ]
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Settings every long-running service has. `port` defaults to the registry's port."""
+
+    port: int = setting(
+        "KVSTACK_PORT", 0, "gRPC port (default: the service's port in services.toml)"
+    )
+    host: str = setting("KVSTACK_HOST", "[::]", "address the gRPC server binds to")
+    metrics_port: int = setting(
+        "KVSTACK_METRICS_PORT",
+        registry.METRICS_PORT,
+        "Prometheus /metrics HTTP port; 0 turns metrics off",
+    )
+    shutdown_grace: float = setting(
+        "KVSTACK_SHUTDOWN_GRACE", 10.0, "seconds to finish in-flight calls after SIGTERM"
+    )
+    log_level: str = setting("KVSTACK_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
+    max_receive_bytes: int = setting(
+        "KVSTACK_MAX_RECEIVE_BYTES",
+        4 << 20,
+        "largest gRPC message accepted; larger ones get RESOURCE_EXHAUSTED",
+    )
+    max_connection_age: float = setting(
+        "KVSTACK_MAX_CONNECTION_AGE",
+        30.0,
+        "seconds before a client connection is closed "
+        "gracefully, so clients re-balance after a scale-out",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging: one JSON object per line on stdout.
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "service": self.service,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(service: str, level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    try:
+        root.setLevel(level.upper())
+    except ValueError:
+        raise ConfigError(
+            f"KVSTACK_LOG_LEVEL={level!r} is invalid: use DEBUG, INFO, WARNING or ERROR"
+        ) from None
+
+
+def fields(**values: Any) -> dict[str, Any]:
+    """`extra=` for a structured log line: log.info("saved", extra=fields(key=...))."""
+    return {"fields": values}
+
+
+def printable(data: bytes) -> str:
+    """Bytes as text for logs and messages: UTF-8 where it is, escapes where it is not."""
+    return data.decode("utf-8", "backslashreplace")
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: the usual grpc_server_* families, by service, method and status code.
+
+HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed, by method and status code",
+    ["grpc_service", "grpc_method", "grpc_code"],
+)
+LATENCY = Histogram(
+    "grpc_server_handling_seconds",
+    "RPC latency, by method",
+    ["grpc_service", "grpc_method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+
+Behaviour = Callable[[Any, aio.ServicerContext[Any, Any]], Any]
+
+
+class ObservingInterceptor(aio.ServerInterceptor):
+    """Counts, times and logs every unary and server-streaming call of the service's own API."""
+
+    def __init__(self, access_log: bool = True) -> None:
+        self.access_log = access_log
+        self.log = logging.getLogger("kvstack.access")
+
+    def _done(
+        self,
+        method: str,
+        context: aio.ServicerContext[Any, Any],
+        started: float,
+        error: BaseException | None,
+    ) -> None:
+        service, _, name = method.lstrip("/").rpartition("/")
+        code = context.code()
+        if code is None:
+            code = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
+        if isinstance(code, int):  # aio contexts may report the raw integer
+            code = next(c for c in grpc.StatusCode if c.value[0] == code)
+        elapsed = time.perf_counter() - started
+        HANDLED.labels(service, name, code.name).inc()
+        LATENCY.labels(service, name).observe(elapsed)
+        if self.access_log:
+            self.log.info(
+                "response", extra=fields(method=name, code=code.name, ms=round(elapsed * 1000, 3))
+            )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        # Typed loosely: grpc's stubs describe sync handlers, these wrap aio ones.
+        handler: Any = await continuation(details)
+        method = details.method
+        if handler is None or method.startswith(("/grpc.health", "/grpc.reflection")):
+            return handler
+        if handler.unary_unary is not None:
+            inner_unary: Any = handler.unary_unary
+
+            async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+                started, error = time.perf_counter(), None
+                try:
+                    return await inner_unary(request, context)
+                except BaseException as err:
+                    error = err
+                    raise
+                finally:
+                    self._done(method, context, started, error)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            inner_stream: Any = handler.unary_stream
+
+            async def stream(
+                request: Any, context: aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                started, error = time.perf_counter(), None
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except BaseException as err:
+                    error = err
+                    raise
+                finally:
+                    self._done(method, context, started, error)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
+# ---------------------------------------------------------------------------------------------
+# The service lifecycle.
+
+
+class Service(Protocol):
+    """What a service gives the runtime."""
+
+    name: str
+
+    def register(self, server: aio.Server) -> list[str]:
+        """Add the servicers to server; return their full gRPC service names."""
+
+    async def start(self) -> None:
+        """Get ready to serve (open storage, reach dependencies). Health says SERVING after."""
+
+    async def stop(self) -> None:
+        """Release resources once in-flight calls have finished."""
+
+
+def server_options(config: RuntimeConfig) -> list[tuple[str, Any]]:
+    age_ms = int(config.max_connection_age * 1000)
+    return [
+        ("grpc.max_receive_message_length", config.max_receive_bytes),
+        ("grpc.max_send_message_length", config.max_receive_bytes),
+        ("grpc.max_connection_age_ms", age_ms),
+        ("grpc.max_connection_age_grace_ms", int(config.shutdown_grace * 1000)),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class Lifecycle:
+    """A running gRPC server with health that tells the truth; used by run() and by tests."""
+
+    def __init__(self, service: Service, config: RuntimeConfig, *, access_log: bool = True) -> None:
+        self.service = service
+        self.config = config
+        self.health = health_aio.HealthServicer()
+        self.server = aio.server(
+            interceptors=[ObservingInterceptor(access_log)], options=server_options(config)
+        )
+        self.names = service.register(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [
+                *self.names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            self.server,
+        )
+        port = config.port or (registry.get(service.name).port or 0)
+        self.port = self.server.add_insecure_port(f"{config.host}:{port}")
+        if self.port == 0:
+            raise ConfigError(
+                f"cannot listen on {config.host}:{port}: is the port in use? "
+                "Stop what uses it or set KVSTACK_PORT to a free port"
+            )
+        self.stopping = asyncio.Event()
+
+    async def _set_all(
+        self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+    ) -> None:
+        for name in ("", *self.names):
+            await self.health.set(name, status)
+
+    async def run(self) -> None:
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        log.info("listening", extra=fields(port=self.port, services=self.names))
+        starting = asyncio.create_task(self.service.start())
+        stop = asyncio.create_task(self.stopping.wait())
+        await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # a failed start-up ends the process with its error
+            await self._set_all(health_pb2.HealthCheckResponse.SERVING)
+            log.info("serving", extra=fields(port=self.port))
+            await stop
+        else:
+            starting.cancel()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        log.info("draining", extra=fields(grace_s=self.config.shutdown_grace))
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.shutdown_grace)
+        await self.service.stop()
+        log.info("stopped")
+
+
+def run(name: str, build: Callable[[], Service]) -> int:
+    """Serve until SIGTERM or SIGINT, drain, and return the exit code (0 after a clean drain).
+
+    `build` makes the service from its own settings, inside the event loop (gRPC's aio channels
+    belong to the loop that made them). A ConfigError or OSError at start-up ends the process
+    with exit code 2 and one log line that names what to fix, not a traceback.
+    """
+    try:
+        config = load(RuntimeConfig)
+        configure_logging(name, config.log_level)
+    except ConfigError as err:
+        configure_logging(name)
+        log.error("cannot start: %s", err)  # noqa: TRY400 - the message is the whole story
+        return 2
+
+    async def main() -> None:
+        lifecycle = Lifecycle(build(), config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lifecycle.stopping.set)
+        await lifecycle.run()
+
+    try:
+        if config.metrics_port:
+            start_http_server(config.metrics_port)
+        asyncio.run(main())
+    except (ConfigError, OSError) as err:
+        log.error("cannot start: %s", err)  # noqa: TRY400
+        return 2
+    return 0
