@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "kvstack.ops.engine",
     "kvstack.ops.images",
     "kvstack.ops.local",
+    "kvstack.ops.manifests",
 )
 
 

@@ -1,0 +1,123 @@
+"""The Docker engine: find the client, and make sure an engine answers (`kvstack engine`).
+
+On Debian/Ubuntu as root with no engine answering, install Debian's docker.io and start dockerd
+in the background (CI machines start fresh and have no init system running it). Anywhere else,
+stop with the exact instruction. Nothing happens when an engine already answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kvstack.cli import CommandError
+from kvstack.ops.shell import Runner, say
+
+# Debian's 20.10 client has BuildKit built in; a newer client without buildx (as on PATH on the
+# CI machines) refuses DOCKER_BUILDKIT=1. KVSTACK_DOCKER overrides.
+DEBIAN_CLIENT = "/usr/bin/docker"
+DOCKERD_LOG = Path("/var/log/kvstack-dockerd.log")
+START_TIMEOUT_S = 60.0
+
+
+def docker_bin() -> str:
+    if override := os.environ.get("KVSTACK_DOCKER"):
+        return override
+    if Path(DEBIAN_CLIENT).exists():
+        return DEBIAN_CLIENT
+    return shutil.which("docker") or "docker"
+
+
+def docker(*args: str) -> list[str]:
+    """A docker command line, for Runner.run/query."""
+    return [docker_bin(), *args]
+
+
+def answers(runner: Runner) -> bool:
+    """True when `docker info` reaches an engine."""
+    if not shutil.which(docker_bin()):
+        return False
+    result = runner.query(docker("info", "--format", "{{.ServerVersion}}"), timeout=30)
+    return result.returncode == 0 and bool(result.stdout.strip())
+
+
+def _wait_for_engine(runner: Runner, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if answers(runner):
+            return True
+        time.sleep(1)
+    return False
+
+
+def ensure(runner: Runner) -> None:
+    """Make sure a Docker engine answers, installing/starting Debian's where that is ours to do."""
+    if answers(runner):
+        return
+    if sys.platform == "darwin":
+        raise CommandError(
+            "no Docker engine answers; install Docker Desktop (brew install --cask docker, or "
+            "https://docs.docker.com/desktop/setup/install/mac-install/), start it, then retry"
+        )
+    debian_like = Path("/etc/debian_version").exists() and shutil.which("apt-get") is not None
+    if not debian_like:
+        raise CommandError(
+            "no Docker engine answers; install Docker Engine "
+            "(https://docs.docker.com/engine/install/), start it, then retry"
+        )
+    if os.geteuid() != 0:
+        raise CommandError(
+            "no Docker engine answers; run: sudo apt-get install -y docker.io && "
+            "sudo systemctl start docker && sudo usermod -aG docker $USER (then log in again)"
+        )
+    if not shutil.which("dockerd") or not Path(DEBIAN_CLIENT).exists():
+        say("no Docker engine here: installing Debian's docker.io (apt-get, about a minute)")
+        apt_env = {"DEBIAN_FRONTEND": "noninteractive"}
+        runner.run(["apt-get", "update", "-q"], env=apt_env)
+        runner.run(["apt-get", "install", "-y", "-q", "docker.io"], env=apt_env)
+        if runner.dry_run or _wait_for_engine(runner, 5):
+            return  # an init system started it with the package
+    say(f"starting dockerd in the background (log: {DOCKERD_LOG})")
+    print(f"+ dockerd >{DOCKERD_LOG} 2>&1 &", file=sys.stderr, flush=True)
+    if runner.dry_run:
+        return
+    DOCKERD_LOG.parent.mkdir(parents=True, exist_ok=True)
+    with DOCKERD_LOG.open("ab") as log:
+        subprocess.Popen(  # the engine outlives this command on purpose
+            ["dockerd"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    say("waiting for the engine to answer")
+    if not _wait_for_engine(runner, START_TIMEOUT_S):
+        raise CommandError(
+            f"dockerd did not answer within {START_TIMEOUT_S:.0f} s; see {DOCKERD_LOG}"
+        )
+    say("Docker engine is up")
+
+
+def ensure_swarm(runner: Runner) -> None:
+    """Make this engine a one-node swarm (stack deploy needs one); nothing if it is one."""
+    state = runner.query(docker("info", "--format", "{{.Swarm.LocalNodeState}}")).stdout.strip()
+    if state == "active":
+        return
+    say("making this engine a one-node swarm (for docker stack deploy)")
+    runner.run(docker("swarm", "init", "--advertise-addr", "127.0.0.1"), capture=True)
+
+
+def _cmd_engine(args: argparse.Namespace) -> int:
+    ensure(Runner(dry_run=args.dry_run))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("engine", help="make sure a Docker engine answers (install/start it)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run none")
+    p.set_defaults(func=_cmd_engine)

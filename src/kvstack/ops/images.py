@@ -1,0 +1,243 @@
+"""Build one image per service from the one Dockerfile (`kvstack images [SERVICE...]`).
+
+Tags: `kvstack-NAME:VERSION` (VERSION from `git describe --tags --always --dirty`; a dirty tree
+adds a hash of the build inputs, so every distinct build has its own tag and `docker stack
+deploy` rolls to it) and the stable `kvstack-NAME:latest`.
+
+The base image: the official debian:bookworm-slim when the engine has it or can pull it (Docker
+Desktop on a Mac); otherwise one made from Debian's packages with debootstrap and `docker import`
+under a project-owned name, made once and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kvstack import registry
+from kvstack.cli import CommandError
+from kvstack.ops import engine
+from kvstack.ops.engine import docker
+from kvstack.ops.shell import Runner, say
+
+ROOT = Path(__file__).resolve().parents[3]
+OFFICIAL_BASE = "debian:bookworm-slim"
+LOCAL_BASE = "kvstack-base/debian:bookworm-slim"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+STABLE_TAG = "latest"
+# The proxy CA that pip needs inside the build, if this machine has one (BuildKit secret).
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+# What the Dockerfile reads (see .dockerignore): the inputs whose hash names a dirty build.
+BUILD_INPUTS = ("Dockerfile", ".dockerignore", "requirements.lock", "src/kvstack")
+IGNORED_INPUTS = ("src/kvstack/ops", "src/kvstack/dev")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
+        )
+    except FileNotFoundError:
+        return None
+    return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else None
+
+
+def context_hash(root: Path = ROOT) -> str:
+    """A hash of every file the image is built from (names and contents)."""
+    digest = hashlib.sha256()
+    for entry in BUILD_INPUTS:
+        path = root / entry
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        for f in files:
+            rel = f.relative_to(root).as_posix()
+            if (
+                not f.is_file()
+                or "__pycache__" in f.parts
+                or any(rel.startswith(i + "/") for i in IGNORED_INPUTS)
+            ):
+                continue
+            digest.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def version(root: Path = ROOT) -> str:
+    """The tag for a build of this tree (see the module docstring)."""
+    described = _git("describe", "--tags", "--always", "--dirty") or "0.0.0-nogit"
+    if described.endswith("-dirty") or described == "0.0.0-nogit":
+        described += "." + context_hash(root)[:8]
+    return described
+
+
+def image_ref(service: registry.Service, tag: str) -> str:
+    return f"{service.image}:{tag}"
+
+
+def _has_image(runner: Runner, ref: str) -> bool:
+    return runner.query(docker("image", "inspect", "--format", "{{.Id}}", ref)).returncode == 0
+
+
+def _make_local_base(runner: Runner) -> None:
+    """debootstrap a minimal bookworm (what debian:bookworm-slim holds) and import it."""
+    if os.geteuid() != 0:
+        raise CommandError(
+            f"{OFFICIAL_BASE} cannot be pulled and making it from Debian's packages needs root; "
+            f"run `sudo make images` once (it creates {LOCAL_BASE}), or `docker load` the image"
+        )
+    if not shutil.which("debootstrap"):
+        say("installing debootstrap (apt-get) to make the base image")
+        runner.run(
+            ["apt-get", "install", "-y", "-q", "debootstrap"],
+            env={"DEBIAN_FRONTEND": "noninteractive"},
+        )
+    say(f"no registry reachable: making {LOCAL_BASE} from Debian's packages (about a minute)")
+    rootfs = Path(tempfile.mkdtemp(prefix="kvstack-base-", dir="/var/tmp"))
+    try:
+        started = time.monotonic()
+        runner.run(
+            ["debootstrap", "--variant=minbase", "bookworm", str(rootfs), DEBIAN_MIRROR],
+            capture=True,
+        )
+        if not runner.dry_run:
+            # The same suites the official image points apt at, so both paths get the same
+            # Python; then the slim image's trimming.
+            (rootfs / "etc/apt/sources.list").write_text(
+                f"deb {DEBIAN_MIRROR} bookworm main\n"
+                f"deb {DEBIAN_MIRROR} bookworm-updates main\n"
+                "deb http://deb.debian.org/debian-security bookworm-security main\n"
+            )
+            for trimmed in (
+                "usr/share/doc",
+                "usr/share/man",
+                "usr/share/info",
+                "usr/share/locale",
+                "var/cache/apt",
+                "var/lib/apt/lists",
+            ):
+                shutil.rmtree(rootfs / trimmed, ignore_errors=True)
+                (rootfs / trimmed).mkdir(parents=True, exist_ok=True)
+        say(f"importing it into the engine as {LOCAL_BASE}")
+        print(
+            f"+ tar -C {rootfs} --numeric-owner -c . | docker import - {LOCAL_BASE}",
+            file=sys.stderr,
+            flush=True,
+        )
+        if not runner.dry_run:
+            tar = subprocess.Popen(
+                ["tar", "-C", str(rootfs), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE
+            )
+            imported = subprocess.run(
+                docker("import", "--change", 'CMD ["bash"]', "-", LOCAL_BASE),
+                stdin=tar.stdout,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            tar.wait()
+            if tar.returncode != 0 or imported.returncode != 0:
+                raise CommandError(f"docker import of {LOCAL_BASE} failed: {imported.stderr}")
+        say(f"{LOCAL_BASE} made in {time.monotonic() - started:.0f} s")
+    finally:
+        shutil.rmtree(rootfs, ignore_errors=True)
+
+
+def ensure_base(runner: Runner) -> str:
+    """The BASE_IMAGE to build from (see the module docstring); idempotent."""
+    if override := os.environ.get("KVSTACK_BASE_IMAGE"):
+        return override
+    for candidate in (OFFICIAL_BASE, LOCAL_BASE):
+        if _has_image(runner, candidate):
+            return candidate
+    say(f"pulling {OFFICIAL_BASE}")
+    if runner.query(docker("pull", "-q", OFFICIAL_BASE), timeout=300).returncode == 0:
+        return OFFICIAL_BASE
+    say(f"{OFFICIAL_BASE} is not in the engine and cannot be pulled")
+    _make_local_base(runner)
+    return LOCAL_BASE
+
+
+def pip_ca() -> Path | None:
+    """The CA bundle pip must trust inside the build: $PIP_CERT, else the host's, if any."""
+    for candidate in (os.environ.get("PIP_CERT"), str(HOST_CA_BUNDLE)):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def is_current(runner: Runner, service: registry.Service, tag: str) -> bool:
+    """True when kvstack-NAME:TAG exists and was built from the inputs as they are now."""
+    result = runner.query(
+        docker(
+            "image",
+            "inspect",
+            "--format",
+            '{{index .Config.Labels "dev.kvstack.context"}}',
+            image_ref(service, tag),
+        )
+    )
+    return result.returncode == 0 and result.stdout.strip() == context_hash()
+
+
+def build(
+    runner: Runner, services: list[registry.Service], tag: str, *, only_if_changed: bool = False
+) -> None:
+    """Build each service's image (BuildKit reuses every shared layer after the first)."""
+    todo = [s for s in services if not (only_if_changed and is_current(runner, s, tag))]
+    if not todo:
+        say(f"images up to date ({tag})")
+        return
+    base = ensure_base(runner)
+    revision = _git("rev-parse", "HEAD") or "unknown"
+    source = _git("remote", "get-url", "origin") or ""
+    ca = pip_ca()
+    chash = context_hash()
+    for service in todo:
+        say(f"building {image_ref(service, tag)}")
+        started = time.monotonic()
+        build_args = {
+            "BASE_IMAGE": base,
+            "SERVICE": service.name,
+            "VERSION": tag,
+            "REVISION": revision,
+            "SOURCE": source,
+            "CONTEXT_HASH": chash,
+        }
+        argv = docker("build", "--target", "service")
+        for key, value in build_args.items():
+            argv += ["--build-arg", f"{key}={value}"]
+        argv += ["--tag", image_ref(service, tag), "--tag", image_ref(service, STABLE_TAG)]
+        if ca:
+            argv += ["--secret", f"id=pipca,src={ca}"]
+        runner.run([*argv, str(ROOT)], env={"DOCKER_BUILDKIT": "1"})
+        say(f"built {image_ref(service, tag)} in {time.monotonic() - started:.1f} s")
+
+
+def select(names: list[str]) -> list[registry.Service]:
+    try:
+        return [registry.get(n) for n in names] if names else list(registry.services().values())
+    except KeyError as err:
+        raise CommandError(str(err.args[0])) from None
+
+
+def _cmd_images(args: argparse.Namespace) -> int:
+    runner = Runner(dry_run=args.dry_run)
+    engine.ensure(runner)
+    tag = args.tag or version()
+    build(runner, select(args.services), tag)
+    for service in select(args.services):
+        print(image_ref(service, tag))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("images", help="build the services' images (one Dockerfile)")
+    p.add_argument("services", nargs="*", metavar="SERVICE", help="default: every service")
+    p.add_argument("--tag", help="the version tag (default: from git describe)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run none")
+    p.set_defaults(func=_cmd_images)
