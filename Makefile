@@ -27,3 +27,31 @@ proto: $(PY) ## Regenerate the Python code from protos/
 lock: $(PY) ## Re-resolve dependencies (uv.lock) and export the image's requirements.lock
 	$(VENV)/bin/uv lock
 	$(VENV)/bin/uv export --frozen --no-dev --no-emit-project --format requirements-txt --quiet -o requirements.lock
+
+# The Docker side: `kvstack` (src/kvstack/ops) does the work and prints every command it runs; on
+# a Debian/Ubuntu machine as root with no engine answering it installs and starts Docker first.
+KVSTACK := $(VENV)/bin/kvstack
+
+.PHONY: images
+images: $(PY) ## Build every service's image (one Dockerfile)
+	$(KVSTACK) images
+
+.PHONY: up
+up: $(PY) ## Run the whole system on the local Docker engine (Swarm) and run the client
+	$(KVSTACK) up
+
+.PHONY: down
+down: $(PY) ## Remove the local stack, keeping its data (make down VOLUMES=1 removes that too)
+	$(KVSTACK) down $(if $(VOLUMES),--volumes)
+
+.PHONY: test
+test: images ## Every test: unit, integration, containers (same set-up as `make up`)
+	$(PY) -m pytest
+
+.PHONY: lint
+lint: $(PY) ## ruff, mypy, hadolint, shellcheck
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/shellcheck .ci/run
