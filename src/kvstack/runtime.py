@@ -124,6 +124,12 @@ class RuntimeConfig:
     shutdown_grace: float = setting(
         "KVSTACK_SHUTDOWN_GRACE", 10.0, "seconds to finish in-flight calls after SIGTERM"
     )
+    shutdown_delay: float = setting(
+        "KVSTACK_SHUTDOWN_DELAY",
+        0.0,
+        "seconds to keep serving while reporting NOT_SERVING after SIGTERM, so load "
+        "balancers stop sending first (Kubernetes' preStop pause does this job there)",
+    )
     log_level: str = setting("KVSTACK_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
     max_receive_bytes: int = setting(
         "KVSTACK_MAX_RECEIVE_BYTES",
@@ -364,6 +370,8 @@ class Lifecycle:
     async def shutdown(self) -> None:
         log.info("draining", extra=fields(grace_s=self.config.shutdown_grace))
         await self.health.enter_graceful_shutdown()
+        if self.config.shutdown_delay > 0:
+            await asyncio.sleep(self.config.shutdown_delay)
         await self.server.stop(self.config.shutdown_grace)
         await self.service.stop()
         log.info("stopped")

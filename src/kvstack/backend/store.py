@@ -15,8 +15,16 @@ from pathlib import Path
 from typing import Literal
 
 import lmdb
+from prometheus_client import Counter, Histogram
 
 from kvstack.runtime import fields, printable
+
+COMMITS = Counter("kvstack_backend_commits_total", "LMDB write transactions committed")
+BATCH = Histogram(
+    "kvstack_backend_commit_writes",
+    "writes per committed transaction",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
 
 log = logging.getLogger("kvstack.backend.store")
 
@@ -48,6 +56,7 @@ class Store:
             ) from err
         self.path = path
         self.map_size = map_size
+        self.commits = 0
 
     def close(self) -> None:
         self.env.close()
@@ -66,6 +75,9 @@ class Store:
             if len(writes) == 1:
                 return [self._full()]
             return [self.apply([w])[0] for w in writes]
+        self.commits += 1
+        COMMITS.inc()
+        BATCH.observe(len(writes))
         for write in writes:
             log.info(
                 "saved", extra=fields(op=write.op, key=printable(write.key), bytes=len(write.value))

@@ -68,9 +68,10 @@ class Client:
                     raise
                 if attempt == self.attempts:
                     raise Unreachable(
-                        f"cannot reach the kvstack server at {self.target} after {attempt} "
-                        f"attempts ({code.name}: {err.details()}). Is it running? Start it "
-                        "with `make up`, or point KVSTACK_SERVER_TARGET (or --target) at it"
+                        f"cannot reach the kvstack server at {self.target}: no answer after "
+                        f"{attempt} attempts ({code.name}: {err.details()}). If it is not "
+                        "running, start it with `make up`; if it runs elsewhere, point "
+                        "KVSTACK_SERVER_TARGET (or --target) at it"
                     ) from err
                 delay = min(2.0, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)  # noqa: S311
                 self.retries += 1

@@ -1,0 +1,138 @@
+"""Fixtures shared by every test level: free loopback ports and real service processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from kvstack.probe import check
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServiceProcess:
+    """A kvstack service run as a real process (`python -m kvstack NAME`) on loopback."""
+
+    name: str
+    port: int
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> ServiceProcess:
+        env = {
+            **os.environ,
+            "KVSTACK_PORT": str(self.port),
+            "KVSTACK_METRICS_PORT": "0",
+            "KVSTACK_HOST": "127.0.0.1",
+            **self.env,
+        }
+        env.pop("KVSTACK_SERVICE", None)
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kvstack", self.name],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def health(self) -> str:
+        return check(self.target, timeout=1.0)
+
+    def wait_serving(self, timeout: float = 20.0) -> ServiceProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                pytest.fail(f"{self.name} exited with {self.proc.returncode}:\n{self.logs()}")
+            if self.health() == "SERVING":
+                return self
+            time.sleep(0.1)
+        pytest.fail(f"{self.name} not SERVING after {timeout}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if hasattr(self, "_log"):
+            self._log.close()
+
+
+Spawn = Callable[..., ServiceProcess]
+
+
+@dataclass
+class Stack:
+    backend: ServiceProcess
+    server: ServiceProcess
+    data_dir: Path
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Spawn]:
+    """Start service processes; every one still running is stopped after the test."""
+    started: list[ServiceProcess] = []
+
+    def make(
+        name: str, env: dict[str, str] | None = None, port: int | None = None
+    ) -> ServiceProcess:
+        svc = ServiceProcess(
+            name, port or free_port(), tmp_path / f"{name}-{len(started)}.log", env or {}
+        )
+        started.append(svc)
+        return svc.start()
+
+    yield make
+    for svc in started:
+        svc.stop()
+
+
+def start_stack(spawn: Spawn, data_dir: Path, **backend_env: str) -> Stack:
+    backend = spawn("backend", {"KVSTACK_DATA_DIR": str(data_dir), **backend_env})
+    backend.wait_serving()
+    server = spawn("server", {"KVSTACK_BACKEND_TARGET": f"dns:///{backend.target}"})
+    server.wait_serving()
+    return Stack(backend, server, data_dir)
+
+
+@pytest.fixture
+def stack(spawn: Spawn, tmp_path: Path) -> Stack:
+    """A backend (LMDB in a temporary directory) and a server in front of it, both SERVING."""
+    return start_stack(spawn, tmp_path / "data")

@@ -1,0 +1,107 @@
+"""Configuration from environment variables, and the one list of services."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from kvstack import registry, runtime
+from kvstack.backend import BackendConfig
+from kvstack.runtime import ConfigError, RuntimeConfig, load, parse_size, settings_of
+from kvstack.server import ServerConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = [RuntimeConfig, BackendConfig, ServerConfig]
+
+
+def test_defaults_apply_when_unset() -> None:
+    """With no variables set, every setting takes its documented default."""
+    config = load(BackendConfig, {})
+    assert config.map_size == 1 << 30
+    assert config.data_dir == "/data"
+
+
+def test_variables_override_defaults() -> None:
+    """Each type is parsed from text: sizes with units, numbers, strings."""
+    config = load(
+        BackendConfig,
+        {"KVSTACK_MAP_SIZE": "64MiB", "KVSTACK_DATA_DIR": "/x", "KVSTACK_GROUP_COMMIT_MAX": "1"},
+    )
+    assert (config.map_size, config.data_dir, config.group_commit_max) == (64 << 20, "/x", 1)
+    assert load(RuntimeConfig, {"KVSTACK_SHUTDOWN_GRACE": "2.5"}).shutdown_grace == 2.5
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("100", 100),
+        ("1KiB", 1024),
+        ("64MiB", 64 << 20),
+        ("1GiB", 1 << 30),
+        ("2 mib", 2 << 20),
+        ("3g", 3 << 30),
+    ],
+)
+def test_parse_size(text: str, size: int) -> None:
+    """Sizes are bytes, or use binary units."""
+    assert parse_size(text) == size
+
+
+def test_invalid_value_names_the_variable() -> None:
+    """A value that cannot be parsed is refused with the variable's name in the message."""
+    with pytest.raises(ConfigError, match="KVSTACK_MAP_SIZE='lots'"):
+        load(BackendConfig, {"KVSTACK_MAP_SIZE": "lots"})
+    with pytest.raises(ConfigError, match="KVSTACK_METRICS_PORT"):
+        load(RuntimeConfig, {"KVSTACK_METRICS_PORT": "nine"})
+
+
+def test_every_setting_is_documented() -> None:
+    """docs/configuration.md lists every variable with its default: the docs cannot drift."""
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    for cls in CONFIGS:
+        for env, _default, _help in settings_of(cls):
+            assert re.search(rf"`{env}`", doc), f"{env} is missing from docs/configuration.md"
+
+
+def test_registry_lists_the_three_services() -> None:
+    """The one list has the backend, server and client with distinct ports."""
+    services = registry.services()
+    assert {"backend", "server", "client"} <= set(services)
+    ports = [s.port for s in services.values() if s.long_running]
+    assert len(ports) == len(set(ports))
+    assert registry.get("server").calls == ("backend",)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[services.x]\nkind = "daemon"\nport = 1', "kind"),
+        ('[services.x]\nkind = "stateless"', "needs an integer port"),
+        ('[services.x]\nkind = "job"\ncalls = ["nobody"]', "unknown service"),
+    ],
+)
+def test_registry_errors_say_what_to_fix(text: str, message: str) -> None:
+    """A wrong entry in services.toml is refused with what is wrong."""
+    with pytest.raises(ValueError, match=message):
+        registry.parse(text)
+
+
+def test_unknown_service_lists_the_known_ones() -> None:
+    """Asking for a service that does not exist names the ones that do."""
+    with pytest.raises(KeyError, match="known services: backend"):
+        registry.get("nope")
+
+
+def test_json_log_lines_carry_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    """Logs are one JSON object per line with the service name and the structured fields."""
+    import json
+    import logging
+
+    runtime.configure_logging("unit", "INFO")
+    logging.getLogger("t").info("saved", extra=runtime.fields(key="k", bytes=3))
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["service"] == "unit"
+    assert (line["msg"], line["key"], line["bytes"]) == ("saved", "k", 3)
+    logging.getLogger().handlers.clear()
