@@ -1,0 +1,144 @@
+"""Fixtures for the container tests: the real images on the real engine, in a stack of their own.
+
+The set-up is the one `make up` does (engine, images), so these tests work on a fresh machine.
+Each session deploys its own stack (kvtest-XXXXXX) and removes it with its volume afterwards: a
+developer's `kvstack up` stack and anything else on the engine are left alone. Tests reach the
+services only from containers on that stack's attachable network.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from kvstack import registry
+from kvstack.cli import CommandError
+from kvstack.ops import engine, images, local
+from kvstack.ops.shell import Runner
+
+RUNNER = Runner()
+
+
+def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
+    """Run a docker command, return its stdout; fail the test with its stderr on error."""
+    result = subprocess.run(
+        engine.docker(*args), capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"docker {' '.join(args)} exited {result.returncode}: {result.stderr}")
+    return result.stdout
+
+
+@pytest.fixture(scope="session")
+def tag() -> str:
+    """The tag of this tree's images, built (or found up to date) as `make up` would."""
+    try:
+        engine.ensure(RUNNER)
+        version = images.version()
+        images.build(RUNNER, list(registry.services().values()), version, only_if_changed=True)
+    except CommandError as err:
+        pytest.fail(f"cannot set up the Docker engine and images: {err}")
+    return version
+
+
+@dataclass(frozen=True)
+class StackUnderTest:
+    name: str
+    tag: str
+
+    @property
+    def network(self) -> str:
+        return local.network_name(self.name)
+
+    def containers(self, service: str) -> list[str]:
+        """IDs of the running containers of one service's tasks."""
+        label = f"label=com.docker.swarm.service.name={self.name}_{service}"
+        return docker("ps", "-q", "--filter", label).split()
+
+    def job_argv(self, job: str, *args: str, detach: bool = False) -> list[str]:
+        """docker run arguments for a job (the client) on this stack's network."""
+        service = registry.get(job)
+        env = [f"--env={k}={v}" for k, v in local.callee_targets(service).items()]
+        name = f"{self.name}-{job}-{uuid.uuid4().hex[:6]}"
+        mode = ["--detach", f"--name={name}"] if detach else ["--rm"]
+        image = images.image_ref(service, self.tag)
+        return ["run", *mode, "--network", self.network, *env, image, *args]
+
+    def run_job(
+        self, job: str, *args: str, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            engine.docker(*self.job_argv(job, *args)),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def wait_healthy(self, timeout: float = 120) -> None:
+        local.wait_healthy(RUNNER, self.name, self.tag, timeout)
+
+
+@pytest.fixture(scope="session")
+def stack(tag: str) -> Iterator[StackUnderTest]:
+    """A stack of every long-running service, deployed for this session and removed after it."""
+    test_stack = StackUnderTest(f"kvtest-{uuid.uuid4().hex[:6]}", tag)
+    try:
+        local.deploy(RUNNER, test_stack.name, tag)
+        test_stack.wait_healthy(timeout=180)
+        yield test_stack
+    finally:
+        local.remove(RUNNER, test_stack.name, volumes=True)
+        (local.BUILD_DIR / f"{test_stack.name}.stack.json").unlink(missing_ok=True)
+
+
+@dataclass
+class LoadRun:
+    """A `kvstack-client load` container running in the background, and what it printed."""
+
+    container: str
+
+    def lines(self) -> list[dict[str, object]]:
+        out = docker("logs", self.container)
+        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+    def acked(self) -> dict[str, str]:
+        return {str(r["key"]): str(r["value"]) for r in self.lines() if r.get("ack")}
+
+    def running(self) -> bool:
+        return docker("inspect", "--format", "{{.State.Running}}", self.container).strip() == "true"
+
+    def wait_acks(self, at_least: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.acked()) < at_least:
+            if time.monotonic() > deadline:
+                pytest.fail(f"fewer than {at_least} acknowledged writes after {timeout} s")
+            time.sleep(0.2)
+
+    def finish(self, timeout: float = 180) -> dict[str, object]:
+        """Wait for the run to end; return its summary line."""
+        docker("wait", self.container, timeout=timeout)
+        summaries = [r for r in self.lines() if r.get("summary")]
+        assert summaries, docker("logs", self.container)
+        return summaries[-1]
+
+
+@pytest.fixture
+def start_load(stack: StackUnderTest) -> Iterator[Callable[..., LoadRun]]:
+    """Start `load` runs of the client on the stack's network; remove their containers after."""
+    started: list[LoadRun] = []
+
+    def start(*args: str) -> LoadRun:
+        cid = docker(*stack.job_argv("client", "load", *args, detach=True)).strip()
+        started.append(LoadRun(cid))
+        return started[-1]
+
+    yield start
+    for run in started:
+        docker("rm", "-f", run.container, check=False)

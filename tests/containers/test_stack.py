@@ -1,0 +1,69 @@
+"""The system on Swarm: the client's batch, a SIGKILLed backend, a lost server replica."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from .conftest import LoadRun, StackUnderTest, docker
+
+pytestmark = pytest.mark.containers
+
+StartLoad = Callable[..., LoadRun]
+
+
+def test_client_batch_succeeds_through_server_to_backend(stack: StackUnderTest) -> None:
+    """The client image, run with no arguments on the stack's network, gets every response."""
+    result = stack.run_job("client")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "->" in result.stdout
+
+
+def test_backend_sigkill_loses_no_acknowledged_write(
+    stack: StackUnderTest, start_load: StartLoad
+) -> None:
+    """`docker kill -s KILL` of the backend during writes: every acknowledged write survives.
+
+    A client container writes unique keys and prints each acknowledgement; the backend is killed
+    mid-run, Swarm restarts it on the same volume, and every acknowledged key reads back with
+    its value.
+    """
+    prefix = f"kill/{uuid.uuid4().hex[:8]}/"
+    load = start_load("--count", "4000", "--concurrency", "8", "--prefix", prefix)
+    load.wait_acks(200)
+    (backend,) = stack.containers("backend")
+    docker("kill", "--signal", "KILL", backend)
+    assert load.running(), "the writes ended before the kill: raise --count"
+    load.finish()
+    acked = load.acked()
+    stack.wait_healthy()
+    assert backend not in stack.containers("backend"), "Swarm did not replace the backend"
+
+    listing = stack.run_job("client", "list", prefix)
+    assert listing.returncode == 0, listing.stderr
+    stored = dict(line.split("=", 1) for line in listing.stdout.splitlines() if "=" in line)
+    lost = {key for key, value in acked.items() if stored.get(key) != value}
+    assert not lost, f"{len(lost)} of {len(acked)} acknowledged writes lost: {sorted(lost)[:3]}"
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_lost_server_replica_is_replaced_without_client_errors(
+    stack: StackUnderTest, start_load: StartLoad, how: str
+) -> None:
+    """A stopped (SIGTERM) or killed (SIGKILL) server replica is replaced by Swarm, and a client
+    writing meanwhile sees no error outside its retry budget."""
+    prefix = f"{how}/{uuid.uuid4().hex[:8]}/"
+    load = start_load("--count", "3000", "--concurrency", "4", "--prefix", prefix)
+    load.wait_acks(200)
+    victim = stack.containers("server")[0]
+    if how == "stop":
+        docker("stop", victim)
+    else:
+        docker("kill", "--signal", "KILL", victim)
+    assert load.running(), "the writes ended before the replica went: raise --count"
+    summary = load.finish()
+    assert summary["errors"] == 0, summary
+    stack.wait_healthy()
+    assert victim not in stack.containers("server"), "Swarm did not replace the server replica"
