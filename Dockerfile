@@ -34,7 +34,7 @@ ENV PYTHONHASHSEED=0
 # SC2086: $unused is a glob on purpose, expanded inside the copied stdlib.
 # hadolint ignore=SC2086
 RUN R=/rootfs; py=/usr/lib/python3.11; \
-    mkdir -p "$R/usr/bin" "$R/usr/lib/x86_64-linux-gnu" "$R/usr/lib64" "$R/etc" "$R/opt" \
+    mkdir -p "$R/usr/bin" "$R/usr/lib" "$R/usr/lib64" "$R/etc" "$R/opt" \
  && ln -s usr/bin "$R/bin" && ln -s usr/lib "$R/lib" && ln -s usr/lib64 "$R/lib64" \
  && cp -a /usr/bin/python3.11 "$R/usr/bin/" && ln -s python3.11 "$R/usr/bin/python3" \
  && cp -a "$py" "$R/usr/lib/" && cp -a /opt/venv "$R/opt/" \
