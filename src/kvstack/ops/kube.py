@@ -1,0 +1,528 @@
+"""The Kubernetes targets, `minikube` and `gke`, of the shared verbs (see kvstack.ops.targets).
+
+They wrap kubectl (and minikube, gcloud, docker) and reimplement nothing:
+- deploy: check the kubectl context (and gcloud login), build the tree's images if needed,
+  ship them (`minikube image load`; GKE: `docker push` to Artifact Registry), write a release
+  kustomization on top of deploy/overlays/TARGET that sets images, version label and change cause
+  through Kustomize (`images:`, patches; never text substitution) and keeps the current replica
+  counts and autoscaler bounds (so deploying the same version twice changes nothing, and a deploy
+  does not undo `kvstack scale`), `kubectl apply -k` it, `kubectl rollout status` every workload
+  (callees first), then run the smoke Job (created suspended; resumed here). When a rollout or
+  the smoke test fails, every workload whose pod template this deploy changed is rolled back
+  with `kubectl rollout undo`, and the error says so.
+- scale: move the autoscaler's bounds first (so it does not undo the change), then
+  `kubectl scale` and wait.
+- status, history: kubectl get / rollout history; rollback: `kubectl rollout undo`, with
+  `--to VERSION` mapped to the revision whose pods carry that version label.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvstack import registry
+from kvstack.cli import CommandError
+from kvstack.ops import images, manifests
+from kvstack.ops.engine import docker
+from kvstack.ops.shell import Runner, say
+from kvstack.ops.targets import DeployRequest
+
+NAMESPACE = manifests.NAMESPACE
+OVERLAYS = manifests.ROOT / manifests.DEPLOY / "overlays"
+VERSION_LABEL = "app.kubernetes.io/version"
+CHANGE_CAUSE = "kubernetes.io/change-cause"
+GKE_REGISTRY_ENV = "KVSTACK_GKE_REGISTRY"
+
+
+def kubectl(*args: str) -> list[str]:
+    return ["kubectl", "--namespace", NAMESPACE, *args]
+
+
+def resource(svc: registry.Service) -> str:
+    """kind/name as kubectl takes it (deployment/server, statefulset/backend, job/client)."""
+    return f"{manifests.workload_kind(svc).lower()}/{svc.name}"
+
+
+def long_running() -> list[registry.Service]:
+    """Long-running services, callees before callers (the order rollouts are awaited in)."""
+    services = registry.services()
+    ordered: list[registry.Service] = []
+
+    def visit(svc: registry.Service) -> None:
+        if svc in ordered:
+            return
+        for callee in svc.calls:
+            visit(services[callee])
+        ordered.append(svc)
+
+    for svc in services.values():
+        visit(svc)
+    return [s for s in ordered if s.long_running]
+
+
+def jobs() -> list[registry.Service]:
+    return [s for s in registry.services().values() if not s.long_running]
+
+
+def get_json(runner: Runner, what: str) -> dict[str, Any] | None:
+    """The live object (kind/name) as JSON, None when it does not exist."""
+    argv = kubectl("get", what, "--ignore-not-found", "--output", "json")
+    result = runner.query(argv)
+    if result.returncode != 0:
+        if runner.dry_run:
+            say(f"(dry run) could not read {what}; assuming it does not exist yet")
+            return None
+        raise CommandError(
+            f"`{shlex.join(argv)}` failed: {result.stderr.strip()}; is the cluster reachable "
+            "(`kubectl cluster-info`)?"
+        )
+    text = result.stdout.strip()
+    if not text:
+        return None
+    parsed: dict[str, Any] = json.loads(text)
+    return parsed
+
+
+@dataclass
+class Snapshot:
+    """What a workload looks like before a deploy: its pod template and its scale."""
+
+    templates: dict[str, str] = field(default_factory=dict)  # resource -> template JSON
+    replicas: dict[str, int] = field(default_factory=dict)  # service -> current replicas
+    hpa_bounds: dict[str, tuple[int, int]] = field(default_factory=dict)  # service -> (min, max)
+
+
+def template_of(obj: dict[str, Any] | None) -> str:
+    return json.dumps(obj["spec"]["template"], sort_keys=True) if obj else ""
+
+
+def rollout_status(runner: Runner, svc: registry.Service, timeout: int) -> bool:
+    say(f"waiting for {resource(svc)} (up to {timeout} s)")
+    argv = kubectl("rollout", "status", resource(svc), f"--timeout={timeout}s")
+    return runner.run(argv, check=False).returncode == 0
+
+
+class KubeTarget:
+    """A Kubernetes cluster reached through kubectl's current context."""
+
+    name = "kube"
+
+    @property
+    def overlay(self) -> Path:
+        return OVERLAYS / self.name
+
+    # -- hooks for the two clusters -------------------------------------------------------------
+
+    def check_access(self, runner: Runner, context: str) -> None:
+        """Raise when kubectl's context (or the cloud login) is not this target's."""
+
+    def ship(self, runner: Runner, version: str, request: DeployRequest) -> list[dict[str, str]]:
+        """Make the images reachable by the cluster; return the Kustomize `images:` entries."""
+        raise NotImplementedError
+
+    # -- shared steps ---------------------------------------------------------------------------
+
+    def preflight(self, runner: Runner) -> None:
+        """Stop unless kubectl points at this target (under --dry-run: say so and go on)."""
+        try:
+            context = self.current_context(runner)
+        except CommandError as err:
+            if not runner.dry_run:
+                raise
+            say(f"(dry run) would stop here: {err}")
+            return
+        say(f"kubectl context: {context}")
+
+    def current_context(self, runner: Runner) -> str:
+        result = runner.query(["kubectl", "config", "current-context"])
+        context = result.stdout.strip()
+        if result.returncode != 0 or not context:
+            raise CommandError(
+                "kubectl has no current context, so there is no cluster to deploy to; "
+                + self.context_hint()
+            )
+        self.check_access(runner, context)
+        return context
+
+    def context_hint(self) -> str:
+        return "point kubectl at the cluster and retry"
+
+    def local_image(self, runner: Runner, svc: registry.Service, version: str) -> str:
+        """The local image kvstack-NAME:VERSION; raise when the engine does not have it."""
+        ref = images.image_ref(svc, version)
+        if runner.query(docker("image", "inspect", "--format", "{{.Id}}", ref)).returncode != 0:
+            if runner.dry_run:
+                say(f"(dry run) image {ref} is missing; a real deploy stops here")
+                return ref
+            raise CommandError(
+                f"image {ref} is missing from the local Docker engine; build it with "
+                f"`kvstack images --tag {version}` (or deploy without --version to build this "
+                "tree's)"
+            )
+        return ref
+
+    def build_or_reuse(self, runner: Runner, request: DeployRequest) -> str:
+        """The version to deploy; this tree's images are built unless already current."""
+        if request.version:
+            return request.version
+        version = images.version()
+        images.build(runner, list(registry.services().values()), version, only_if_changed=True)
+        return version
+
+    def snapshot(self, runner: Runner) -> Snapshot:
+        snap = Snapshot()
+        for svc in long_running():
+            live = get_json(runner, resource(svc))
+            snap.templates[resource(svc)] = template_of(live)
+            if live:
+                snap.replicas[svc.name] = int(live["spec"].get("replicas", svc.replicas))
+            if svc.kind == "stateless":
+                hpa = get_json(runner, f"horizontalpodautoscaler/{svc.name}")
+                if hpa:
+                    snap.hpa_bounds[svc.name] = (
+                        int(hpa["spec"].get("minReplicas", 1)),
+                        int(hpa["spec"]["maxReplicas"]),
+                    )
+        return snap
+
+    def release_kustomization(
+        self, directory: Path, version: str, image_entries: list[dict[str, str]], snap: Snapshot
+    ) -> dict[str, Any]:
+        """The release on top of the overlay: images, version label, change cause, scale."""
+        cause = f"kvstack deploy {self.name} --version {version}"
+        patches: list[dict[str, Any]] = [
+            {
+                "target": {"kind": "(Deployment|StatefulSet|Job)"},
+                # Strategic merge patch; Kustomize applies it to every target, whatever the
+                # kind and name written here. Labels only the pod template: a label on a
+                # StatefulSet's volumeClaimTemplates would be an immutable-field change.
+                "patch": json.dumps(
+                    {
+                        "apiVersion": "apps/v1",
+                        "kind": "Deployment",
+                        "metadata": {"name": "any", "annotations": {CHANGE_CAUSE: cause}},
+                        "spec": {"template": {"metadata": {"labels": {VERSION_LABEL: version}}}},
+                    }
+                ),
+            }
+        ]
+        for name, (low, high) in snap.hpa_bounds.items():
+            patches.append(
+                {
+                    "target": {"kind": "HorizontalPodAutoscaler", "name": name},
+                    "patch": json.dumps(
+                        {
+                            "apiVersion": "autoscaling/v2",
+                            "kind": "HorizontalPodAutoscaler",
+                            "metadata": {"name": name},
+                            "spec": {"minReplicas": low, "maxReplicas": high},
+                        }
+                    ),
+                }
+            )
+        body: dict[str, Any] = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [os.path.relpath(self.overlay, directory)],
+            "images": image_entries,
+            "patches": patches,
+        }
+        if snap.replicas:
+            body["replicas"] = [{"name": n, "count": c} for n, c in snap.replicas.items()]
+        return body
+
+    def write_release(self, runner: Runner, body_for: Any) -> Path:
+        """Write the release kustomization to a fresh directory (printed, so it can be redone)."""
+        if runner.dry_run:
+            directory = Path(tempfile.gettempdir()) / f"kvstack-release-{self.name}"
+        else:
+            directory = Path(tempfile.mkdtemp(prefix=f"kvstack-release-{self.name}-"))
+        body = body_for(directory)
+        text = manifests.dump(body).replace(manifests.GENERATED_HEADER, "")
+        path = directory / "kustomization.yaml"
+        print(f"+ mkdir -p {directory} && cat > {path} <<'EOF'\n{text}EOF", file=sys.stderr)
+        if not runner.dry_run:
+            path.write_text(text, encoding="utf-8")
+        return directory
+
+    def roll_back_changed(self, runner: Runner, snap: Snapshot, timeout: int) -> list[str]:
+        """Undo every workload whose pod template differs from before the deploy."""
+        undone = []
+        for svc in long_running():
+            before = snap.templates[resource(svc)]
+            if not before:
+                continue  # created by this deploy: there is no earlier revision to return to
+            after = template_of(get_json(runner, resource(svc)))
+            if after and after != before:
+                say(f"rolling back {resource(svc)}")
+                runner.run(kubectl("rollout", "undo", resource(svc)), check=False)
+                undone.append(resource(svc))
+        for svc in long_running():
+            if resource(svc) in undone:
+                rollout_status(runner, svc, timeout)
+        return undone
+
+    def smoke_test(self, runner: Runner, timeout: int) -> str | None:
+        """Resume each (suspended) Job and wait for it; the failure, if any."""
+        for svc in jobs():
+            say(f"smoke test: running {resource(svc)}")
+            runner.run(
+                kubectl(
+                    "patch", resource(svc), "--type=merge", "--patch", '{"spec":{"suspend":false}}'
+                )
+            )
+            wait = kubectl(
+                "wait", "--for=condition=complete", resource(svc), f"--timeout={timeout}s"
+            )
+            if runner.run(wait, check=False).returncode != 0:
+                runner.run(kubectl("logs", resource(svc), "--tail=50"), check=False)
+                return f"the smoke test {resource(svc)} did not complete within {timeout} s"
+        return None
+
+    # -- verbs ----------------------------------------------------------------------------------
+
+    def deploy(self, runner: Runner, request: DeployRequest) -> None:
+        self.preflight(runner)
+        version = self.build_or_reuse(runner, request)
+        say(f"deploying {version} to {self.name}")
+        image_entries = self.ship(runner, version, request)
+        snap = self.snapshot(runner)
+        directory = self.write_release(
+            runner, lambda d: self.release_kustomization(d, version, image_entries, snap)
+        )
+        # A Job's pod template is immutable: the smoke test is recreated (suspended) each time.
+        for svc in jobs():
+            runner.run(kubectl("delete", resource(svc), "--ignore-not-found", "--wait=true"))
+        failure = None
+        applied = runner.run(kubectl("apply", "--kustomize", str(directory)), check=False)
+        if applied.returncode != 0:
+            failure = f"kubectl apply of the release in {directory} failed (see above)"
+        for svc in long_running() if failure is None else []:
+            if not rollout_status(runner, svc, request.timeout):
+                failure = (
+                    f"the rollout of {resource(svc)} did not finish within {request.timeout} s"
+                )
+                break
+        if failure is None:
+            failure = self.smoke_test(runner, request.timeout)
+        if failure is not None:
+            undone = self.roll_back_changed(runner, snap, request.timeout)
+            what = (
+                f"rolled back {', '.join(undone)} to the previous release"
+                if undone
+                else "nothing to roll back (no workload had an earlier release)"
+            )
+            raise CommandError(
+                f"{failure}; {what}. See `kubectl --namespace {NAMESPACE} get pods` and "
+                f"`kubectl --namespace {NAMESPACE} describe` / `logs` of the failing pods, fix, "
+                f"and deploy again"
+            )
+        if runner.dry_run:
+            say(f"(dry run) nothing was changed; the commands above would deploy {version}")
+        else:
+            say(f"{version} is live on {self.name}; smoke test passed")
+
+    def scale(self, runner: Runner, service: registry.Service, replicas: int, timeout: int) -> None:
+        self.preflight(runner)
+        if service.kind == "stateless":
+            bounds = {
+                "minReplicas": replicas,
+                "maxReplicas": max(replicas, manifests.HPA_MAX_REPLICAS),
+            }
+            runner.run(
+                kubectl(
+                    "patch",
+                    f"horizontalpodautoscaler/{service.name}",
+                    "--type=merge",
+                    "--patch",
+                    json.dumps({"spec": bounds}, separators=(",", ":")),
+                )
+            )
+        runner.run(kubectl("scale", resource(service), f"--replicas={replicas}"))
+        if not rollout_status(runner, service, timeout):
+            raise CommandError(
+                f"{resource(service)} did not reach {replicas} ready replicas within {timeout} s; "
+                f"see `kubectl --namespace {NAMESPACE} get pods` (Pending: the cluster needs "
+                "room; CrashLoopBackOff: the logs)"
+            )
+
+    def status(self, runner: Runner) -> None:
+        self.preflight(runner)
+        escaped_label = VERSION_LABEL.replace(".", "\\.")
+        columns = ",".join(
+            [
+                "KIND:.kind",
+                "NAME:.metadata.name",
+                f"VERSION:.spec.template.metadata.labels.{escaped_label}",
+                "READY:.status.readyReplicas",
+                "DESIRED:.spec.replicas",
+                "IMAGE:.spec.template.spec.containers[0].image",
+            ]
+        )
+        selector = f"app.kubernetes.io/part-of={manifests.PART_OF}"
+        runner.run(kubectl("get", "deployments,statefulsets,jobs", "--selector", selector,
+                           f"--output=custom-columns={columns}"))  # fmt: skip
+        runner.run(kubectl("get", "horizontalpodautoscalers,poddisruptionbudgets",
+                           "--selector", selector))  # fmt: skip
+        for svc in long_running():
+            runner.run(kubectl("rollout", "history", resource(svc)))
+
+    def history(self, runner: Runner) -> None:
+        self.preflight(runner)
+        for svc in long_running():
+            runner.run(kubectl("rollout", "history", resource(svc)))
+
+    def revision_of(self, runner: Runner, svc: registry.Service, version: str) -> str:
+        """The newest revision of svc whose pods run `version`."""
+        selector = f"app.kubernetes.io/name={svc.name},{VERSION_LABEL}={version}"
+        if svc.kind == "stateless":
+            what = "replicasets"
+            revision = ".metadata.annotations.deployment\\.kubernetes\\.io/revision"
+            path = f'{{range .items[*]}}{{{revision}}}{{"\\n"}}{{end}}'
+        else:
+            what = "controllerrevisions"
+            path = '{range .items[*]}{.revision}{"\\n"}{end}'
+        argv = kubectl("get", what, "--selector", selector, f"--output=jsonpath={path}")
+        result = runner.query(argv)
+        revisions = [int(r) for r in result.stdout.split() if r.isdigit()]
+        if result.returncode != 0 or not revisions:
+            raise CommandError(
+                f"no earlier release of {resource(svc)} runs version {version}; "
+                f"`kvstack history {self.name}` lists them (or deploy it: "
+                f"`kvstack deploy {self.name} --version {version}`)"
+            )
+        return str(max(revisions))
+
+    def rollback(
+        self, runner: Runner, service: registry.Service | None, version: str | None, timeout: int
+    ) -> None:
+        self.preflight(runner)
+        chosen = [service] if service else long_running()
+        for svc in chosen:
+            argv = kubectl("rollout", "undo", resource(svc))
+            if version:
+                argv.append(f"--to-revision={self.revision_of(runner, svc, version)}")
+            if runner.run(argv, check=False).returncode != 0:
+                raise CommandError(
+                    f"`kubectl rollout undo {resource(svc)}` failed (see above); a workload "
+                    f"deployed once has no earlier release: `kvstack history {self.name}`"
+                )
+        failed = [resource(s) for s in chosen if not rollout_status(runner, s, timeout)]
+        if failed:
+            raise CommandError(
+                f"rollback of {', '.join(failed)} did not finish within {timeout} s; see "
+                f"`kubectl --namespace {NAMESPACE} get pods` and their logs"
+            )
+        say("rolled back: " + ", ".join(resource(s) for s in chosen))
+
+
+class Minikube(KubeTarget):
+    name = "minikube"
+
+    def context_hint(self) -> str:
+        return "start the cluster with `minikube start --cni=calico` (it sets the context)"
+
+    def check_access(self, runner: Runner, context: str) -> None:
+        if context != "minikube":
+            raise CommandError(
+                f"kubectl's current context is {context!r}, not minikube; run "
+                "`kubectl config use-context minikube` (or `minikube start`)"
+            )
+
+    def ship(self, runner: Runner, version: str, request: DeployRequest) -> list[dict[str, str]]:
+        entries = []
+        for svc in registry.services().values():
+            ref = self.local_image(runner, svc, version)
+            say(f"loading {ref} into minikube")
+            runner.run(["minikube", "image", "load", ref])
+            entries.append({"name": svc.image, "newTag": version})
+        return entries
+
+
+class Gke(KubeTarget):
+    name = "gke"
+
+    def context_hint(self) -> str:
+        return (
+            "fetch it with `gcloud container clusters get-credentials CLUSTER --region REGION "
+            "--project PROJECT`"
+        )
+
+    def check_access(self, runner: Runner, context: str) -> None:
+        if not context.startswith("gke_"):
+            raise CommandError(
+                f"kubectl's current context is {context!r}, not a GKE cluster; "
+                + self.context_hint()
+            )
+        account = runner.query(
+            ["gcloud", "auth", "list", "--filter=status:ACTIVE", "--format=value(account)"]
+        )
+        if account.returncode != 0 or not account.stdout.strip():
+            raise CommandError(
+                "gcloud is not logged in, so images cannot be pushed to Artifact Registry; run "
+                "`gcloud auth login` (CI: Workload Identity Federation) and retry"
+            )
+
+    def registry_path(self, request: DeployRequest) -> str:
+        path = (request.registry or os.environ.get(GKE_REGISTRY_ENV, "")).rstrip("/")
+        host = path.split("/", 1)[0]
+        if not host.endswith("-docker.pkg.dev") or path.count("/") != 2:
+            raise CommandError(
+                f"GKE needs its Artifact Registry repository as REGION-docker.pkg.dev/PROJECT/REPO "
+                f"(got {path!r}); pass --registry or set {GKE_REGISTRY_ENV}"
+            )
+        return path
+
+    def ship(self, runner: Runner, version: str, request: DeployRequest) -> list[dict[str, str]]:
+        path = self.registry_path(request)
+        runner.run(["gcloud", "auth", "configure-docker", path.split("/", 1)[0], "--quiet"])
+        entries = []
+        for svc in registry.services().values():
+            remote = f"{path}/{svc.image}:{version}"
+            local = images.image_ref(svc, version)
+            if (
+                runner.query(docker("image", "inspect", "--format", "{{.Id}}", local)).returncode
+                == 0
+            ):
+                runner.run(docker("tag", local, remote))
+                say(f"pushing {remote}")
+                if runner.run(docker("push", remote), check=False).returncode != 0:
+                    raise CommandError(
+                        f"docker push {remote} failed (see above); check that the repository "
+                        f"exists (`gcloud artifacts repositories list`) and that your account "
+                        "may write to it (roles/artifactregistry.writer)"
+                    )
+            else:
+                described = runner.query(
+                    ["gcloud", "artifacts", "docker", "images", "describe", remote, "--quiet"]
+                )
+                if described.returncode != 0 and runner.dry_run:
+                    say(f"(dry run) image {remote} is missing; a real deploy stops here")
+                elif described.returncode != 0:
+                    raise CommandError(
+                        f"image {local} is missing locally and {remote} is not in Artifact "
+                        f"Registry; build it with `kvstack images --tag {version}`"
+                    )
+            entries.append(
+                {
+                    "name": f"{manifests.GKE_REGISTRY_PLACEHOLDER}/{svc.image}",
+                    "newName": f"{path}/{svc.image}",
+                    "newTag": version,
+                }
+            )
+        return entries
+
+
+def minikube() -> Minikube:
+    return Minikube()
+
+
+def gke() -> Gke:
+    return Gke()

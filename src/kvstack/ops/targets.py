@@ -1,0 +1,174 @@
+"""The verbs every deploy target shares: deploy, scale, status, rollback, history.
+
+`kvstack VERB TARGET ...` looks TARGET up in TARGETS and calls the matching method of the object
+its factory returns; each target wraps its own tools (docker for `local`, kubectl/minikube/gcloud
+for `minikube` and `gke`). To add a target, implement the Target protocol and list its factory
+(a zero-argument callable, as "module:attribute") in TARGETS; its module is imported only when
+the target is used.
+
+Every verb takes --dry-run: commands that change something are printed and not run (read-only
+queries still run, since the next step depends on their answer; see kvstack.ops.shell).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from kvstack import registry
+from kvstack.cli import CommandError
+from kvstack.ops.shell import Runner
+
+DEFAULT_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    """What `kvstack deploy` was asked for; a target ignores what does not apply to it."""
+
+    version: str | None  # None: this work tree's version (kvstack.ops.images.version())
+    registry: str | None  # where to push images (gke: REGION-docker.pkg.dev/PROJECT/REPO)
+    timeout: int  # seconds each rollout and the smoke test may take
+
+
+class Target(Protocol):
+    """A place kvstack runs: the local Docker engine (Swarm), minikube, GKE.
+
+    Errors are raised as kvstack.cli.CommandError saying what failed and what to do next.
+    """
+
+    name: str
+
+    def deploy(self, runner: Runner, request: DeployRequest) -> None:
+        """Ship the images, apply, wait for every rollout, run the smoke test; on any failure,
+        roll back what this deploy changed and raise saying so. Idempotent per version."""
+
+    def scale(self, runner: Runner, service: registry.Service, replicas: int, timeout: int) -> None:
+        """Run `replicas` copies of a long-running service (and keep any autoscaler from
+        undoing it); wait until they are ready."""
+
+    def status(self, runner: Runner) -> None:
+        """Print per service the running version, ready/desired replicas and recent rollouts."""
+
+    def rollback(
+        self, runner: Runner, service: registry.Service | None, version: str | None, timeout: int
+    ) -> None:
+        """Return one service (None: every long-running one) to its previous release, or to
+        the release running `version`; wait until it is ready."""
+
+    def history(self, runner: Runner) -> None:
+        """Print the releases (revisions and versions) of every long-running service."""
+
+
+# name -> "module:factory". The local (Swarm) target lives in kvstack.ops.local.
+TARGETS: dict[str, str] = {
+    "local": "kvstack.ops.local:target",
+    "minikube": "kvstack.ops.kube:minikube",
+    "gke": "kvstack.ops.kube:gke",
+}
+
+
+def get(name: str) -> Target:
+    spec = TARGETS[name]
+    module_name, _, attribute = spec.partition(":")
+    factory: Callable[[], Target] | None = getattr(
+        importlib.import_module(module_name), attribute, None
+    )
+    if factory is None:
+        raise CommandError(
+            f"the {name} target does not support this verb yet ({module_name} has no "
+            f"`{attribute}`); for the local stack use `kvstack up` / `kvstack down`"
+        )
+    return factory()
+
+
+def long_running_service(name: str) -> registry.Service:
+    try:
+        service = registry.get(name)
+    except KeyError as err:
+        raise CommandError(str(err.args[0])) from None
+    if not service.long_running:
+        raise CommandError(
+            f"{name} is a {service.kind}: it runs once per deploy (the smoke test) and has no "
+            "replicas or releases of its own; pick a long-running service"
+        )
+    return service
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    request = DeployRequest(version=args.version, registry=args.registry, timeout=args.timeout)
+    get(args.target).deploy(Runner(dry_run=args.dry_run), request)
+    return 0
+
+
+def _scale(args: argparse.Namespace) -> int:
+    service = long_running_service(args.service)
+    get(args.target).scale(Runner(dry_run=args.dry_run), service, args.replicas, args.timeout)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    get(args.target).status(Runner(dry_run=args.dry_run))
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    service = long_running_service(args.service) if args.service else None
+    get(args.target).rollback(Runner(dry_run=args.dry_run), service, args.to, args.timeout)
+    return 0
+
+
+def _history(args: argparse.Namespace) -> int:
+    get(args.target).history(Runner(dry_run=args.dry_run))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def verb(
+        name: str, help_text: str, func: Callable[[argparse.Namespace], int]
+    ) -> argparse.ArgumentParser:
+        parser = sub.add_parser(name, help=help_text, description=help_text)
+        parser.add_argument("target", choices=list(TARGETS), metavar="TARGET",
+                            help=f"where: {', '.join(TARGETS)}")  # fmt: skip
+        parser.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="print the commands that would change something; run none",
+        )
+        parser.set_defaults(func=func)
+        return parser
+
+    def with_timeout(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--timeout", type=positive, default=DEFAULT_TIMEOUT_S,
+                            help="seconds each rollout may take (default %(default)s)")  # fmt: skip
+
+    p = verb("deploy", "ship, apply, wait, smoke-test; roll back by itself on failure", _deploy)
+    p.add_argument("--version", help="release to deploy (default: this tree's, built if needed)")
+    p.add_argument("--registry", help="gke: REGION-docker.pkg.dev/PROJECT/REPO "
+                   "(default $KVSTACK_GKE_REGISTRY)")  # fmt: skip
+    with_timeout(p)
+
+    p = verb("scale", "run N replicas of a service (moves the autoscaler's bounds too)", _scale)
+    p.add_argument("service", metavar="SERVICE")
+    p.add_argument("replicas", type=positive, metavar="N")
+    with_timeout(p)
+
+    verb("status", "per service: version, ready/desired replicas, last rollouts", _status)
+
+    p = verb("rollback", "back to the previous release, or to --to VERSION", _rollback)
+    p.add_argument("service", nargs="?", metavar="SERVICE",
+                   help="default: every long-running service")  # fmt: skip
+    p.add_argument("--to", metavar="VERSION", help="the release to return to")
+    with_timeout(p)
+
+    verb("history", "list the releases of every long-running service", _history)

@@ -1,0 +1,479 @@
+"""The command plans of the minikube and GKE targets, against fake tools.
+
+No Kubernetes cluster, minikube or Google Cloud account can exist on the machines these tests
+run on. So every test here puts fake `kubectl`, `minikube`, `gcloud` and `docker` first on PATH
+(docker through KVSTACK_DOCKER): each records its argv and answers from rules the test sets
+(stdout, exit status, optionally only the first N times). The tests drive the real CLI through
+kvstack.cli.main and check which commands it runs, in which order, with which arguments,
+including the automatic rollback path. The release kustomization the CLI writes is rendered with
+the real `kubectl kustomize`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml  # type: ignore[import-untyped]  # PyYAML ships no types
+
+from kvstack import cli, registry
+from kvstack.ops import manifests
+
+REAL_KUBECTL = shutil.which("kubectl")
+REGISTRY = "europe-west1-docker.pkg.dev/kvstack-demo/kvstack"
+NS = ["kubectl", "--namespace", "kvstack"]
+
+FAKE = r"""
+import json, os, sys
+from pathlib import Path
+
+tool = Path(sys.argv[0]).name
+argv = sys.argv[1:]
+state = Path(os.environ["FAKE_STATE"])
+with (state / "calls.jsonl").open("a") as log:
+    log.write(json.dumps([tool, *argv]) + "\n")
+rules = json.loads((state / "rules.json").read_text())
+used = json.loads((state / "used.json").read_text()) if (state / "used.json").exists() else {}
+line = " ".join(argv)
+for index, rule in enumerate(rules):
+    if rule["tool"] != tool or not all(part in line for part in rule["contains"]):
+        continue
+    if rule["times"] is not None and used.get(str(index), 0) >= rule["times"]:
+        continue
+    used[str(index)] = used.get(str(index), 0) + 1
+    (state / "used.json").write_text(json.dumps(used))
+    sys.stdout.write(rule["stdout"])
+    sys.stderr.write(rule["stderr"])
+    sys.exit(rule["exit"])
+"""
+
+
+@dataclass
+class FakeTools:
+    state: Path
+
+    def rule(
+        self,
+        tool: str,
+        *contains: str,
+        stdout: str = "",
+        stderr: str = "",
+        exit: int = 0,
+        times: int | None = None,
+    ) -> None:
+        """Answer calls of `tool` whose argument line contains every string (first match wins)."""
+        path = self.state / "rules.json"
+        rules = json.loads(path.read_text())
+        rules.append(
+            {"tool": tool, "contains": list(contains), "stdout": stdout, "stderr": stderr,
+             "exit": exit, "times": times}
+        )  # fmt: skip
+        path.write_text(json.dumps(rules))
+
+    def calls(self, *tools: str) -> list[list[str]]:
+        """Every recorded call ([tool, *args]), optionally only of the given tools."""
+        log = self.state / "calls.jsonl"
+        lines = log.read_text().splitlines() if log.exists() else []
+        calls = [json.loads(line) for line in lines]
+        return [c for c in calls if not tools or c[0] in tools]
+
+    def mutating(self) -> list[list[str]]:
+        """Calls that would change something (not get/config/inspect/list/describe)."""
+        readonly = {"get", "config", "inspect", "list", "describe", "version"}
+        return [c for c in self.calls() if not readonly & set(c[1:4])]
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeTools:
+    """Fake kubectl/minikube/gcloud/docker first on PATH, with a healthy cluster by default."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "rules.json").write_text("[]")
+    for tool in ("kubectl", "minikube", "gcloud", "docker"):
+        script = bin_dir / tool
+        script.write_text(f"#!{sys.executable}\n{FAKE}")
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("KVSTACK_DOCKER", str(bin_dir / "docker"))
+    monkeypatch.setenv("FAKE_STATE", str(state))
+    monkeypatch.delenv("KVSTACK_GKE_REGISTRY", raising=False)
+    return FakeTools(state)
+
+
+def minikube_context(fake: FakeTools) -> None:
+    fake.rule("kubectl", "config current-context", stdout="minikube\n")
+
+
+def gke_context(fake: FakeTools) -> None:
+    fake.rule("kubectl", "config current-context", stdout="gke_demo_europe-west1_kvstack\n")
+    fake.rule("gcloud", "auth list", stdout="ops@example.com\n")
+
+
+def live(kind: str, name: str, image: str, replicas: int = 2) -> str:
+    """What `kubectl get KIND/NAME -o json` prints for a running workload."""
+    return json.dumps(
+        {
+            "kind": kind,
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": replicas,
+                "template": {"spec": {"containers": [{"name": name, "image": image}]}},
+            },
+        }
+    )
+
+
+def namespaced(fake: FakeTools) -> list[list[str]]:
+    """The arguments of every `kubectl --namespace kvstack ...` call, after the namespace."""
+    return [c[3:] for c in fake.calls("kubectl") if c[:3] == NS]
+
+
+def release_from(calls: list[list[str]]) -> Path:
+    (apply,) = [c for c in calls if c[:4] == [*NS, "apply"]]
+    return Path(apply[-1])
+
+
+def render(directory: Path) -> list[dict[str, Any]]:
+    assert REAL_KUBECTL, "these tests render the release with the real kubectl"
+    out = subprocess.run(
+        [REAL_KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, check=True
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+# -- deploy -------------------------------------------------------------------------------------
+
+
+def test_minikube_deploy_plan(fake: FakeTools) -> None:
+    """Fake tools: `kvstack deploy minikube --version v1` checks the context and the images,
+    loads each image into minikube, recreates the suspended smoke Job, applies the release,
+    waits for the rollouts callees first, then resumes and awaits the smoke Job."""
+    minikube_context(fake)
+    assert cli.main(["deploy", "minikube", "--version", "v1"]) == 0
+    calls = fake.calls()
+    release = release_from(calls)
+    expected = [
+        ["kubectl", "config", "current-context"],
+        *[
+            [cmd[0], *cmd[1:]]
+            for s in registry.services().values()
+            for cmd in (
+                ["docker", "image", "inspect", "--format", "{{.Id}}", f"{s.image}:v1"],
+                ["minikube", "image", "load", f"{s.image}:v1"],
+            )
+        ],
+        [*NS, "get", "statefulset/backend", "--ignore-not-found", "--output", "json"],
+        [*NS, "get", "deployment/server", "--ignore-not-found", "--output", "json"],
+        [*NS, "get", "horizontalpodautoscaler/server", "--ignore-not-found", "--output", "json"],
+        [*NS, "delete", "job/client", "--ignore-not-found", "--wait=true"],
+        [*NS, "apply", "--kustomize", str(release)],
+        [*NS, "rollout", "status", "statefulset/backend", "--timeout=300s"],
+        [*NS, "rollout", "status", "deployment/server", "--timeout=300s"],
+        [*NS, "patch", "job/client", "--type=merge", "--patch", '{"spec":{"suspend":false}}'],
+        [*NS, "wait", "--for=condition=complete", "job/client", "--timeout=300s"],
+    ]
+    assert calls == expected
+    docs = render(release)
+    images = {c["image"] for d in docs if "template" in d.get("spec", {})
+              for c in d["spec"]["template"]["spec"]["containers"]}  # fmt: skip
+    assert images == {f"{s.image}:v1" for s in registry.services().values()}
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet", "Job"):
+            assert d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/version"] == "v1"
+            assert "kubernetes.io/change-cause" in d["metadata"]["annotations"]
+        if d["kind"] == "StatefulSet":
+            for claim in d["spec"]["volumeClaimTemplates"]:
+                assert "app.kubernetes.io/version" not in claim["metadata"]["labels"]
+
+
+def test_gke_deploy_pushes_to_artifact_registry(fake: FakeTools) -> None:
+    """Fake tools: `kvstack deploy gke` checks the gcloud login, configures docker for the
+    registry host, tags and pushes every image, and the release names the Artifact Registry
+    images through Kustomize `images:` (rendered with the real kubectl)."""
+    gke_context(fake)
+    assert cli.main(["deploy", "gke", "--version", "v2", "--registry", REGISTRY]) == 0
+    calls = fake.calls("gcloud", "docker")
+    host = REGISTRY.split("/")[0]
+    assert calls[0] == ["gcloud", "auth", "list", "--filter=status:ACTIVE",
+                        "--format=value(account)"]  # fmt: skip
+    assert calls[1] == ["gcloud", "auth", "configure-docker", host, "--quiet"]
+    for s in registry.services().values():
+        remote = f"{REGISTRY}/{s.image}:v2"
+        assert ["docker", "tag", f"{s.image}:v2", remote] in calls
+        assert ["docker", "push", remote] in calls
+        assert calls.index(["docker", "tag", f"{s.image}:v2", remote]) < calls.index(
+            ["docker", "push", remote]
+        )
+    docs = render(release_from(fake.calls()))
+    images = {c["image"] for d in docs if "template" in d.get("spec", {})
+              for c in d["spec"]["template"]["spec"]["containers"]}  # fmt: skip
+    assert images == {f"{REGISTRY}/{s.image}:v2" for s in registry.services().values()}
+    assert not fake.calls("minikube")
+
+
+def test_redeploy_keeps_scale(fake: FakeTools) -> None:
+    """Fake tools: a deploy over a running release carries the live replica counts and the
+    autoscaler's bounds into the release, so it neither undoes `kvstack scale` nor changes
+    anything when the version is the same."""
+    minikube_context(fake)
+    fake.rule("kubectl", "get deployment/server", stdout=live("Deployment", "server", "x", 5))
+    fake.rule("kubectl", "get statefulset/backend", stdout=live("StatefulSet", "backend", "y", 1))
+    fake.rule("kubectl", "get horizontalpodautoscaler/server",
+              stdout=json.dumps({"spec": {"minReplicas": 5, "maxReplicas": 5}}))  # fmt: skip
+    assert cli.main(["deploy", "minikube", "--version", "v1"]) == 0
+    docs = render(release_from(fake.calls()))
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert by_name[("Deployment", "server")]["spec"]["replicas"] == 5
+    hpa = by_name[("HorizontalPodAutoscaler", "server")]["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (5, 5)
+
+
+def test_failed_rollout_is_rolled_back(fake: FakeTools, capsys: pytest.CaptureFixture[str]) -> None:
+    """Fake tools: when `kubectl rollout status deployment/server` fails, deploy stops waiting,
+    runs no smoke test, undoes only the workload whose pod template it changed (the server; the
+    backend was unchanged), waits for the undo, and exits 1 saying it timed out and rolled back."""
+    minikube_context(fake)
+    fake.rule("kubectl", "get statefulset/backend", stdout=live("StatefulSet", "backend", "b:v1"))
+    fake.rule("kubectl", "get deployment/server", stdout=live("Deployment", "server", "s:v1"),
+              times=1)  # fmt: skip
+    fake.rule("kubectl", "get deployment/server", stdout=live("Deployment", "server", "s:v2"))
+    fake.rule("kubectl", "rollout status deployment/server", exit=1, times=1)
+    assert cli.main(["deploy", "minikube", "--version", "v2", "--timeout", "60"]) == 1
+    kubectl = namespaced(fake)
+    after_apply = kubectl[[c[0] for c in kubectl].index("apply") :]
+    assert [c for c in after_apply if c[0] != "get"] == [
+        ["apply", "--kustomize", str(release_from(fake.calls()))],
+        ["rollout", "status", "statefulset/backend", "--timeout=60s"],
+        ["rollout", "status", "deployment/server", "--timeout=60s"],
+        ["rollout", "undo", "deployment/server"],
+        ["rollout", "status", "deployment/server", "--timeout=60s"],
+    ]
+    err = capsys.readouterr().err
+    assert "rollout of deployment/server did not finish within 60 s" in err
+    assert "rolled back deployment/server" in err
+
+
+def test_failed_smoke_test_is_rolled_back(
+    fake: FakeTools, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fake tools: when the smoke Job does not complete, deploy prints its logs, rolls back the
+    changed workloads (both here) and exits 1 naming the smoke test."""
+    minikube_context(fake)
+    for kind, name in (("StatefulSet", "backend"), ("Deployment", "server")):
+        fake.rule("kubectl", f"get {kind.lower()}/{name}", stdout=live(kind, name, "old"),
+                  times=1)  # fmt: skip
+        fake.rule("kubectl", f"get {kind.lower()}/{name}", stdout=live(kind, name, "new"))
+    fake.rule("kubectl", "wait --for=condition=complete job/client", exit=1)
+    assert cli.main(["deploy", "minikube", "--version", "v3"]) == 1
+    calls = namespaced(fake)
+    start = calls.index(["wait", "--for=condition=complete", "job/client", "--timeout=300s"])
+    tail = [c for c in calls[start:] if c[0] != "get"]
+    assert tail == [
+        ["wait", "--for=condition=complete", "job/client", "--timeout=300s"],
+        ["logs", "job/client", "--tail=50"],
+        ["rollout", "undo", "statefulset/backend"],
+        ["rollout", "undo", "deployment/server"],
+        ["rollout", "status", "statefulset/backend", "--timeout=300s"],
+        ["rollout", "status", "deployment/server", "--timeout=300s"],
+    ]
+    err = capsys.readouterr().err
+    assert "smoke test job/client did not complete" in err
+    assert "rolled back statefulset/backend, deployment/server" in err
+
+
+def test_first_deploy_failure_says_nothing_to_roll_back(
+    fake: FakeTools, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fake tools: a failed first deploy (no workload existed) undoes nothing and says so."""
+    minikube_context(fake)
+    fake.rule("kubectl", "rollout status statefulset/backend", exit=1)
+    assert cli.main(["deploy", "minikube", "--version", "v1"]) == 1
+    assert not [c for c in fake.calls("kubectl") if "undo" in c]
+    assert "nothing to roll back" in capsys.readouterr().err
+
+
+def test_deploy_builds_the_trees_images_when_no_version(
+    fake: FakeTools, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fake tools: without --version, deploy builds this tree's images (kvstack.ops.images,
+    one `docker build` per service) and deploys exactly that tag."""
+    monkeypatch.setenv("KVSTACK_BASE_IMAGE", "kvstack-test-base:1")
+    minikube_context(fake)
+    assert cli.main(["deploy", "minikube"]) == 0
+    builds = [c for c in fake.calls("docker") if c[1] == "build"]
+    assert len(builds) == len(registry.services())
+    tag = builds[0][builds[0].index("--tag") + 1].split(":", 1)[1]
+    loads = [c[-1] for c in fake.calls("minikube")]
+    assert loads == [f"{s.image}:{tag}" for s in registry.services().values()]
+
+
+# -- errors that say what to do -----------------------------------------------------------------
+
+
+def _no_context(f: FakeTools) -> None:
+    f.rule("kubectl", "config current-context", exit=1)
+
+
+def _wrong_context(f: FakeTools) -> None:
+    f.rule("kubectl", "config current-context", stdout="gke_x\n")
+
+
+def _gcloud_logged_out(f: FakeTools) -> None:
+    f.rule("kubectl", "config current-context", stdout="gke_a_b_c\n")
+    f.rule("gcloud", "auth list", stdout="")
+
+
+def _gke_wrong_context(f: FakeTools) -> None:
+    f.rule("kubectl", "config current-context", stdout="minikube\n")
+
+
+def _image_missing(f: FakeTools) -> None:
+    minikube_context(f)
+    f.rule("docker", "image inspect", exit=1)
+
+
+def _gke_image_missing(f: FakeTools) -> None:
+    gke_context(f)
+    f.rule("docker", "image inspect", exit=1)
+    f.rule("gcloud", "artifacts docker images describe", exit=1)
+
+
+@pytest.mark.parametrize(
+    ("target", "setup", "message"),
+    [
+        ("minikube", _no_context, "kubectl has no current context"),
+        ("minikube", _wrong_context, "kubectl config use-context minikube"),
+        ("gke", _gcloud_logged_out, "gcloud auth login"),
+        ("gke", _gke_wrong_context, "gcloud container clusters get-credentials"),
+        ("minikube", _image_missing, "kvstack images --tag v1"),
+        ("gke", _gke_image_missing, "is not in Artifact Registry"),
+    ],
+    ids=lambda v: v.__name__.strip("_") if callable(v) else None,
+)
+def test_errors_say_what_to_do(
+    fake: FakeTools,
+    capsys: pytest.CaptureFixture[str],
+    target: str,
+    setup: Callable[[FakeTools], None],
+    message: str,
+) -> None:
+    """Fake tools: each precondition failure stops the deploy before anything changes on the
+    cluster, with a message naming the fix."""
+    setup(fake)
+    assert cli.main(["deploy", target, "--version", "v1", "--registry", REGISTRY]) == 1
+    assert message in capsys.readouterr().err
+    assert not [c for c in fake.calls("kubectl") if "apply" in c]
+
+
+def test_gke_needs_a_registry(fake: FakeTools, capsys: pytest.CaptureFixture[str]) -> None:
+    """Fake tools: GKE without --registry or KVSTACK_GKE_REGISTRY says how to give one."""
+    gke_context(fake)
+    assert cli.main(["deploy", "gke", "--version", "v1"]) == 1
+    assert "KVSTACK_GKE_REGISTRY" in capsys.readouterr().err
+
+
+def test_dry_run_changes_nothing(fake: FakeTools, capsys: pytest.CaptureFixture[str]) -> None:
+    """Fake tools: --dry-run runs only read-only queries, yet prints every command a real
+    deploy would run (the release file as a heredoc, apply, rollout status, smoke test)."""
+    gke_context(fake)
+    assert cli.main(["deploy", "gke", "--dry-run", "--version", "v1", "--registry", REGISTRY]) == 0
+    assert fake.mutating() == []
+    err = capsys.readouterr().err
+    for line in (
+        f"+ gcloud auth configure-docker {REGISTRY.split('/')[0]} --quiet",
+        f"docker push {REGISTRY}/kvstack-server:v1",
+        "<<'EOF'",
+        "+ kubectl --namespace kvstack apply --kustomize",
+        "+ kubectl --namespace kvstack rollout status deployment/server --timeout=300s",
+        "+ kubectl --namespace kvstack wait --for=condition=complete job/client",
+    ):
+        assert line in err
+
+
+# -- scale, rollback, status, history -----------------------------------------------------------
+
+
+def test_scale_moves_the_autoscaler_first(fake: FakeTools) -> None:
+    """Fake tools: `kvstack scale gke server 5` sets the HPA to 5..5 before `kubectl scale`, so
+    the autoscaler does not undo it, then waits for the rollout; back to 2 restores 2..5."""
+    gke_context(fake)
+    assert cli.main(["scale", "gke", "server", "5"]) == 0
+    assert cli.main(["scale", "gke", "server", "2"]) == 0
+    changes = [c for c in namespaced(fake) if c[0] in ("patch", "scale", "rollout")]
+    assert changes == [
+        ["patch", "horizontalpodautoscaler/server", "--type=merge", "--patch",
+         '{"spec":{"minReplicas":5,"maxReplicas":5}}'],
+        ["scale", "deployment/server", "--replicas=5"],
+        ["rollout", "status", "deployment/server", "--timeout=300s"],
+        ["patch", "horizontalpodautoscaler/server", "--type=merge", "--patch",
+         f'{{"spec":{{"minReplicas":2,"maxReplicas":{manifests.HPA_MAX_REPLICAS}}}}}'],
+        ["scale", "deployment/server", "--replicas=2"],
+        ["rollout", "status", "deployment/server", "--timeout=300s"],
+    ]  # fmt: skip
+
+
+def test_scale_stateful_and_job(fake: FakeTools, capsys: pytest.CaptureFixture[str]) -> None:
+    """Fake tools: a stateful service has no autoscaler to move; a job cannot be scaled."""
+    minikube_context(fake)
+    assert cli.main(["scale", "minikube", "backend", "3"]) == 0
+    assert [c for c in namespaced(fake) if c[0] == "scale"] == [
+        ["scale", "statefulset/backend", "--replicas=3"]
+    ]
+    assert not [c for c in fake.calls("kubectl") if "patch" in c]
+    assert cli.main(["scale", "minikube", "client", "3"]) == 1
+    assert "client is a job" in capsys.readouterr().err
+
+
+def test_rollback_to_version(fake: FakeTools) -> None:
+    """Fake tools: `rollback gke server --to v1` finds the newest ReplicaSet revision labelled
+    v1 and undoes to it; without --to, every long-running service goes back one release."""
+    gke_context(fake)
+    fake.rule("kubectl", "get replicasets", stdout="3\n5\n")
+    assert cli.main(["rollback", "gke", "server", "--to", "v1"]) == 0
+    query = next(c for c in fake.calls("kubectl") if "replicasets" in c)
+    assert "app.kubernetes.io/name=server,app.kubernetes.io/version=v1" in query
+    undo = [c for c in namespaced(fake) if "undo" in c]
+    assert undo == [["rollout", "undo", "deployment/server", "--to-revision=5"]]
+    assert cli.main(["rollback", "gke"]) == 0
+    undo = [c for c in namespaced(fake) if "undo" in c][1:]
+    assert undo == [["rollout", "undo", "statefulset/backend"],
+                    ["rollout", "undo", "deployment/server"]]  # fmt: skip
+
+
+def test_rollback_to_unknown_version(fake: FakeTools, capsys: pytest.CaptureFixture[str]) -> None:
+    """Fake tools: a version no revision carries is refused, pointing at `kvstack history`."""
+    minikube_context(fake)
+    fake.rule("kubectl", "get controllerrevisions", stdout="")
+    assert cli.main(["rollback", "minikube", "backend", "--to", "v0"]) == 1
+    assert "kvstack history minikube" in capsys.readouterr().err
+    assert not [c for c in fake.calls("kubectl") if "undo" in c]
+
+
+def test_status_and_history(fake: FakeTools) -> None:
+    """Fake tools: status lists workloads (version, ready, desired, image), autoscalers and
+    budgets, and each long-running service's rollout history; history lists the latter."""
+    minikube_context(fake)
+    assert cli.main(["status", "minikube"]) == 0
+    gets = [c for c in namespaced(fake) if c[0] in ("get", "rollout")]
+    assert gets[0][:4] == ["get", "deployments,statefulsets,jobs", "--selector",
+                           "app.kubernetes.io/part-of=kvstack"]  # fmt: skip
+    assert "VERSION:.spec.template.metadata.labels.app\\.kubernetes\\.io/version" in gets[0][4]
+    assert gets[1][1] == "horizontalpodautoscalers,poddisruptionbudgets"
+    assert gets[2:] == [["rollout", "history", "statefulset/backend"],
+                        ["rollout", "history", "deployment/server"]]  # fmt: skip
+    before = len(namespaced(fake))
+    assert cli.main(["history", "minikube"]) == 0
+    assert namespaced(fake)[before:] == [
+        ["rollout", "history", "statefulset/backend"],
+        ["rollout", "history", "deployment/server"],
+    ]
