@@ -1,8 +1,9 @@
 """Build one image per service from the one Dockerfile (`kvstack images [SERVICE...]`).
 
-Tags: `kvstack-NAME:VERSION` (VERSION from `git describe --tags --always --dirty`; a dirty tree
-adds a hash of the build inputs, so every distinct build has its own tag and `docker stack
-deploy` rolls to it) and the stable `kvstack-NAME:latest`.
+Tags: `kvstack-NAME:VERSION` (VERSION: `git describe --tags --always` of the last commit that
+changed the image's inputs; uncommitted changes to them add a hash of the inputs, so every
+distinct build has its own tag and `docker stack deploy` rolls to it) and the stable
+`kvstack-NAME:latest`.
 
 The base image: the official debian:bookworm-slim when the engine has it or can pull it (Docker
 Desktop on a Mac); otherwise one made from Debian's packages with debootstrap and `docker import`
@@ -68,10 +69,16 @@ def context_hash(root: Path = ROOT) -> str:
 
 
 def version(root: Path = ROOT) -> str:
-    """The tag for a build of this tree (see the module docstring)."""
-    described = _git("describe", "--tags", "--always", "--dirty") or "0.0.0-nogit"
-    if described.endswith("-dirty") or described == "0.0.0-nogit":
-        described += "." + context_hash(root)[:8]
+    """The tag for a build of this tree (see the module docstring).
+
+    It names the last commit that changed the image's inputs, so commits elsewhere (docs, tests,
+    the ops CLI) neither rebuild the images nor roll the local stack.
+    """
+    pathspec = [*BUILD_INPUTS, *(f":!{i}" for i in IGNORED_INPUTS)]
+    commit = _git("log", "-1", "--format=%H", "--", *pathspec)
+    described = (commit and _git("describe", "--tags", "--always", commit)) or "0.0.0-nogit"
+    if not commit or _git("status", "--porcelain", "--", *pathspec):
+        described += "-dirty." + context_hash(root)[:8]
     return described
 
 
