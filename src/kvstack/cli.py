@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "kvstack.ops.images",
     "kvstack.ops.local",
     "kvstack.ops.manifests",
+    "kvstack.ops.pipeline",
     "kvstack.ops.targets",
 )
 
