@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "kvstack.ops.manifests",
     "kvstack.ops.pipeline",
     "kvstack.ops.targets",
+    "kvstack.ops.scaffold",
 )
 
 
