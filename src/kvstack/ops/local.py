@@ -11,8 +11,13 @@ attachable network, which needs no published port at all.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,7 @@ from kvstack.cli import CommandError
 from kvstack.ops import engine, images
 from kvstack.ops.engine import docker
 from kvstack.ops.shell import Runner, say
+from kvstack.ops.targets import DeployRequest
 
 DEFAULT_STACK = "kvstack"
 BUILD_DIR = images.ROOT / "build"
@@ -53,10 +59,18 @@ def callee_targets(service: registry.Service) -> dict[str, str]:
     }
 
 
-def _service_spec(service: registry.Service, tag: str) -> dict[str, Any]:
+def _service_spec(
+    service: registry.Service,
+    tag: str,
+    *,
+    image: str | None = None,
+    replicas: int | None = None,
+    labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """One service of the stack; `image`, `replicas`, `labels` override the registry's."""
     stateful = service.kind == "stateful"
     spec: dict[str, Any] = {
-        "image": images.image_ref(service, tag),
+        "image": image or images.image_ref(service, tag),
         "environment": callee_targets(service),
         "networks": [NETWORK],
         "healthcheck": {
@@ -70,7 +84,7 @@ def _service_spec(service: registry.Service, tag: str) -> dict[str, Any]:
         "deploy": {
             # dnsrr: the name resolves to every task's address, for client-side balancing.
             "endpoint_mode": "dnsrr",
-            "replicas": service.replicas,
+            "replicas": service.replicas if replicas is None else replicas,
             "restart_policy": {"condition": "any", "delay": "1s"},
             # A stateful service has one writer per volume: stop the old task first. Others
             # start the new task, wait for it to be healthy, then stop an old one.
@@ -84,7 +98,7 @@ def _service_spec(service: registry.Service, tag: str) -> dict[str, Any]:
                 "parallelism": 1,
                 "order": "stop-first" if stateful else "start-first",
             },
-            "labels": {"dev.kvstack.service": service.name},
+            "labels": {"dev.kvstack.service": service.name, **(labels or {})},
         },
     }
     if stateful:
@@ -94,22 +108,26 @@ def _service_spec(service: registry.Service, tag: str) -> dict[str, Any]:
     return spec
 
 
-def stack_spec(tag: str) -> dict[str, Any]:
-    """The compose v3.8 stack of every long-running service in the registry."""
+def stack_spec(tag: str, services: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The compose v3.8 stack of every long-running service in the registry (`services`: ready
+    service entries by name, as the local target's deploy computes them)."""
     long_running = [s for s in registry.services().values() if s.long_running]
+    given = services or {}
     return {
         "version": "3.8",
-        "services": {s.name: _service_spec(s, tag) for s in long_running},
+        "services": {s.name: given.get(s.name) or _service_spec(s, tag) for s in long_running},
         "networks": {NETWORK: {"driver": "overlay", "attachable": True}},
         "volumes": {volume_name(s): {} for s in long_running if s.kind == "stateful"},
     }
 
 
-def write_stack_file(stack: str, tag: str) -> Path:
+def write_stack_file(
+    stack: str, tag: str, services: dict[str, dict[str, Any]] | None = None
+) -> Path:
     # JSON is YAML, and needs no YAML library in the ops CLI.
     BUILD_DIR.mkdir(exist_ok=True)
     path = BUILD_DIR / f"{stack}.stack.json"
-    path.write_text(json.dumps(stack_spec(tag), indent=2) + "\n")
+    path.write_text(json.dumps(stack_spec(tag, services), indent=2) + "\n")
     return path
 
 
@@ -170,10 +188,12 @@ def wait_healthy(runner: Runner, stack: str, tag: str, timeout: float = HEALTHY_
         time.sleep(2)
 
 
-def deploy(runner: Runner, stack: str, tag: str) -> None:
+def deploy(
+    runner: Runner, stack: str, tag: str, services: dict[str, dict[str, Any]] | None = None
+) -> None:
     """Deploy (or update in place) the stack on this tag; idempotent."""
     engine.ensure_swarm(runner)
-    path = write_stack_file(stack, tag)
+    path = write_stack_file(stack, tag, services)
     say(f"deploying stack {stack} ({path.relative_to(images.ROOT)})")
     runner.run(
         docker(
@@ -240,24 +260,15 @@ def remove(runner: Runner, stack: str, *, volumes: bool, timeout: float = 90) ->
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    """`kvstack deploy local` (with --tag built if missing) whose smoke test is the client run."""
     runner = Runner(dry_run=args.dry_run)
     engine.ensure(runner)
     tag = args.tag or images.version()
     images.build(runner, list(registry.services().values()), tag, only_if_changed=True)
-    deploy(runner, args.stack, tag)
-    wait_healthy(runner, args.stack, tag)
+    request = DeployRequest(version=tag, registry=None, timeout=int(HEALTHY_TIMEOUT_S))
+    Local(stack=args.stack).deploy(runner, request, smoke=not args.no_client)
     for line in published_ports(runner, args.stack):
         say(f"published: {line}")
-    if args.no_client:
-        return 0
-    for job in (s for s in registry.services().values() if s.kind == "job"):
-        say(f"running {job.name} on network {network_name(args.stack)}")
-        code = run_job(runner, args.stack, tag, job.name, [])
-        if code != 0:
-            raise CommandError(
-                f"{job.name} exited {code}; see its output above and "
-                f"`docker service logs {args.stack}_server`"
-            )
     return 0
 
 
@@ -282,3 +293,491 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     down.add_argument("--volumes", action="store_true", help="also remove its data volumes")
     down.add_argument("--dry-run", action="store_true", help="print the commands, run none")
     down.set_defaults(func=_cmd_down)
+
+
+# -- the `local` target of the shared verbs (kvstack.ops.targets) -------------------------------
+#
+# Release history lives on the engine, in a label on each Swarm service (RELEASES_LABEL: a JSON
+# list of {"version", "image", "at", "via"}, the newest last, RELEASES_KEPT of them), not in a
+# file under build/: it travels with the service it describes, survives a daemon restart, a
+# fresh clone and `git clean`, needs no locking between two work trees deploying the same stack,
+# and `docker service inspect` shows it. Service labels are not part of the task template, so
+# writing them restarts no container. Each deploy puts the label in the generated stack file (a
+# stack deploy replaces service labels with the file's); rollbacks write it with
+# `docker service update --label-add`. SPEC_LABEL holds a hash of the rest of the service's
+# entry, so that deploying the same version twice can see that nothing would change and skip the
+# stack deploy entirely (which would otherwise overwrite Swarm's PreviousSpec).
+
+RELEASES_LABEL = "kvstack.releases"
+SPEC_LABEL = "kvstack.spec"
+RELEASES_KEPT = 10
+POLL_S = 1.0
+# Swarm's UpdateStatus.State values that mean the last update was undone by Swarm itself.
+ROLLED_BACK_STATES = ("rollback_started", "rollback_paused", "rollback_completed")
+BUSY_STATES = ("updating", "rollback_started")
+
+
+@dataclass(frozen=True)
+class Live:
+    """A Swarm service as the engine runs it (from `docker service inspect`)."""
+
+    name: str
+    image: str
+    replicas: int
+    releases: list[dict[str, str]]
+    spec_hash: str
+    update_state: str
+    update_started: str
+    update_message: str
+    previous_image: str | None
+    version_index: int
+
+
+def _image_of(spec: dict[str, Any]) -> str:
+    image: str = spec["TaskTemplate"]["ContainerSpec"]["Image"]
+    return image.split("@", 1)[0]  # a resolved digest, should one have been recorded
+
+
+def inspect_service(runner: Runner, name: str) -> Live | None:
+    """The live service `name`, or None when the engine has no such service."""
+    result = runner.query(docker("service", "inspect", name))
+    if result.returncode != 0:
+        return None
+    data = json.loads(result.stdout)[0]
+    spec = data["Spec"]
+    labels = spec.get("Labels") or {}
+    try:
+        releases = json.loads(labels.get(RELEASES_LABEL, "[]"))
+    except ValueError:
+        releases = []
+    status = data.get("UpdateStatus") or {}
+    previous = data.get("PreviousSpec")
+    return Live(
+        name=name,
+        image=_image_of(spec),
+        replicas=int(spec.get("Mode", {}).get("Replicated", {}).get("Replicas", 1)),
+        releases=[r for r in releases if isinstance(r, dict)],
+        spec_hash=labels.get(SPEC_LABEL, ""),
+        update_state=status.get("State", ""),
+        update_started=status.get("StartedAt", ""),
+        update_message=status.get("Message", ""),
+        previous_image=_image_of(previous) if previous else None,
+        version_index=int(data.get("Version", {}).get("Index", 0)),
+    )
+
+
+def image_id(runner: Runner, ref: str) -> str | None:
+    result = runner.query(docker("image", "inspect", "--format", "{{.Id}}", ref))
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def spec_hash(entry: dict[str, Any]) -> str:
+    """A hash of a stack entry without its replicas and labels (what a deploy would change)."""
+    deploy_section = {k: v for k, v in entry["deploy"].items() if k not in ("replicas", "labels")}
+    stable = {**entry, "deploy": deploy_section}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tag_of(image: str) -> str:
+    return image.rsplit(":", 1)[-1] if ":" in image.rsplit("/", 1)[-1] else "latest"
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _record(
+    releases: list[dict[str, str]], version: str, image: str, via: str
+) -> list[dict[str, str]]:
+    entry = {"version": version, "image": image, "at": _now(), "via": via}
+    return [*releases, entry][-RELEASES_KEPT:]
+
+
+@dataclass(frozen=True)
+class Progress:
+    ready: int  # running, healthy containers on the expected image
+    desired: int
+    others: int  # containers still running on another image, or not healthy yet
+    state: str
+
+    def __str__(self) -> str:
+        extra = f", {self.others} other" if self.others else ""
+        state = f", {self.state}" if self.state else ""
+        return f"{self.ready}/{self.desired} ready{extra}{state}"
+
+
+@dataclass
+class Local:
+    """The local Docker engine in Swarm mode, one stack (default `kvstack`, as `kvstack up`)."""
+
+    stack: str = DEFAULT_STACK
+    name: str = "local"
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def long_running(self) -> list[registry.Service]:
+        """Long-running services, callees first (the order they are waited for)."""
+        ordered: list[registry.Service] = []
+
+        def visit(svc: registry.Service) -> None:
+            if svc in ordered:
+                return
+            for callee in svc.calls:
+                visit(registry.get(callee))
+            if svc.long_running:
+                ordered.append(svc)
+
+        for svc in registry.services().values():
+            visit(svc)
+        return ordered
+
+    def service(self, svc: registry.Service) -> str:
+        return service_name(self.stack, svc)
+
+    def live(self, runner: Runner, svc: registry.Service) -> Live | None:
+        return inspect_service(runner, self.service(svc))
+
+    def require_live(self, runner: Runner, svc: registry.Service) -> Live:
+        live = self.live(runner, svc)
+        if live is None:
+            raise CommandError(
+                f"no service {self.service(svc)} on this engine: deploy first with "
+                f"`kvstack deploy local` (stack {self.stack}; `docker stack ls` lists stacks)"
+            )
+        return live
+
+    def progress(self, runner: Runner, svc: registry.Service, image: str) -> Progress:
+        live = self.require_live(runner, svc)
+        ps = runner.query(
+            docker(
+                "ps",
+                "--filter",
+                f"label=com.docker.swarm.service.name={self.service(svc)}",
+                "--format",
+                "{{.Image}}\t{{.Status}}",
+            )
+        )
+        ready = others = 0
+        for line in ps.stdout.splitlines():
+            running_image, _, status = line.partition("\t")
+            if running_image == image and "(healthy)" in status:
+                ready += 1
+            else:
+                others += 1
+        return Progress(ready, live.replicas, others, live.update_state)
+
+    def wait(
+        self,
+        runner: Runner,
+        svc: registry.Service,
+        image: str,
+        timeout: float,
+        *,
+        updated_after: str | None = None,
+    ) -> str | None:
+        """Wait until `svc` runs exactly its desired count of healthy tasks on `image` and no
+        other; the failure (timed out, or rolled back by Swarm) as a sentence, or None.
+
+        `updated_after`: the UpdateStatus.StartedAt before the change being awaited; a
+        rollback state from a newer update means Swarm undid the change (failure_action)."""
+        if runner.dry_run:
+            return None
+        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        shown = ""
+        while True:
+            live = self.require_live(runner, svc)
+            if (
+                updated_after is not None
+                and live.update_started != updated_after
+                and live.update_state in ROLLED_BACK_STATES
+            ):
+                why = live.update_message or "its new tasks failed"
+                return (
+                    f"Swarm rolled {live.name} back by itself ({why}); see "
+                    f"`docker service ps --no-trunc {live.name}` and "
+                    f"`docker service logs {live.name}`"
+                )
+            prog = self.progress(runner, svc, image)
+            if (
+                prog.ready == prog.desired
+                and prog.others == 0
+                and live.update_state not in BUSY_STATES
+            ):
+                say(f"{svc.name}: {prog} on {image} ({time.monotonic() - started:.0f} s)")
+                return None
+            if time.monotonic() > deadline:
+                return (
+                    f"{live.name} did not converge on {image} within {timeout:.0f} s ({prog}); "
+                    f"see `docker service ps --no-trunc {live.name}`"
+                )
+            if str(prog) != shown:
+                say(f"{svc.name}: {prog} (waiting for {prog.desired} healthy on {image})")
+                shown = str(prog)
+            time.sleep(POLL_S)
+
+    def smoke_test(self, runner: Runner, version: str, timeout: int) -> str | None:
+        """Run every job (the client's batch) once on the stack's network; the failure or None."""
+        for job in (s for s in registry.services().values() if s.kind == "job"):
+            ref = images.image_ref(job, version)
+            say(f"smoke test: {job.name} ({ref}) on network {network_name(self.stack)}")
+            container = f"{self.stack}-smoke-{job.name}-{uuid.uuid4().hex[:6]}"
+            env = [f"--env={k}={v}" for k, v in callee_targets(job).items()]
+            argv = docker(
+                "run", "--rm", f"--name={container}", "--network", network_name(self.stack),
+                *env, ref,
+            )  # fmt: skip
+            try:
+                code = runner.run(argv, check=False, timeout=timeout).returncode
+            except CommandError:
+                runner.run(docker("rm", "--force", container), check=False, capture=True)
+                return f"the smoke test ({job.name}) did not finish within {timeout} s"
+            if code != 0:
+                return f"the smoke test ({job.name}) exited {code} (its output is above)"
+        return None
+
+    def require_image(self, runner: Runner, svc: registry.Service, version: str) -> str:
+        ref = images.image_ref(svc, version)
+        if image_id(runner, ref) is None:
+            if runner.dry_run:
+                say(f"(dry run) image {ref} is missing; a real run stops here")
+                return ref
+            raise CommandError(
+                f"image {ref} is missing from the local Docker engine; build it with "
+                f"`kvstack images --tag {version}` from a checkout of {version} (or deploy "
+                "without --version to build this tree's)"
+            )
+        return ref
+
+    def version_to_deploy(self, runner: Runner, request: DeployRequest) -> str:
+        current = images.version()
+        if request.version and request.version != current:
+            for svc in registry.services().values():
+                self.require_image(runner, svc, request.version)
+            return request.version
+        services = list(registry.services().values())
+        images.build(runner, services, current, only_if_changed=True)
+        return current
+
+    # -- verbs ------------------------------------------------------------------------------
+
+    def deploy(self, runner: Runner, request: DeployRequest, *, smoke: bool = True) -> None:
+        engine.ensure(runner)
+        engine.ensure_swarm(runner)
+        version = self.version_to_deploy(runner, request)
+        say(f"deploying {version} to stack {self.stack} on the local engine")
+        before = {svc.name: self.live(runner, svc) for svc in self.long_running()}
+        entries: dict[str, dict[str, Any]] = {}
+        images_wanted: dict[str, str] = {}
+        changed: list[registry.Service] = []  # the services whose spec this deploy changes
+        for svc in self.long_running():
+            live = before[svc.name]
+            image = images.image_ref(svc, version)
+            if (
+                live is not None
+                and live.image != image
+                and image_id(runner, live.image) == image_id(runner, image)
+            ):
+                # Same content under another tag: restarting (a stateful service above all)
+                # would change nothing but cost a gap; keep what runs, record the release.
+                say(f"{svc.name}: {image} is the image {live.image} already runs; not restarted")
+                image = live.image
+            entry = _service_spec(svc, version, image=image,
+                                  replicas=live.replicas if live else None)  # fmt: skip
+            digest = spec_hash(entry)
+            releases = live.releases if live else []
+            last = releases[-1] if releases else {}
+            if last.get("version") != version or last.get("image") != image:
+                releases = _record(releases, version, image, "deploy")
+            entry["deploy"]["labels"].update(
+                {RELEASES_LABEL: json.dumps(releases, separators=(",", ":")), SPEC_LABEL: digest}
+            )
+            entries[svc.name] = entry
+            images_wanted[svc.name] = image
+            if live is None or live.spec_hash != digest or live.releases != releases:
+                changed.append(svc)
+        failure: str | None = None
+        if not changed:
+            say(f"{version} is already what stack {self.stack} runs: nothing to change")
+        else:
+            say("changing: " + ", ".join(s.name for s in changed))
+            try:
+                deploy(runner, self.stack, version, entries)
+            except CommandError as err:
+                failure = f"docker stack deploy failed ({err})"
+        for svc in self.long_running() if failure is None else []:
+            live = before[svc.name]
+            failure = self.wait(
+                runner, svc, images_wanted[svc.name], request.timeout,
+                updated_after=live.update_started if live else "",
+            )  # fmt: skip
+            if failure:
+                break
+        if failure is None and smoke:
+            failure = self.smoke_test(runner, version, request.timeout)
+        if failure is not None:
+            undone = self.undo(runner, changed, before, request.timeout)
+            raise CommandError(
+                f"deploy of {version} failed: {failure}; {undone}. Fix the cause and deploy "
+                f"again (`kvstack status local` shows what runs now)"
+            )
+        if runner.dry_run:
+            say(f"(dry run) nothing was changed; the commands above would deploy {version}")
+        else:
+            say(
+                f"{version} is live on stack {self.stack}"
+                + ("; smoke test passed" if smoke else "")
+            )
+
+    def undo(
+        self,
+        runner: Runner,
+        changed: list[registry.Service],
+        before: dict[str, Live | None],
+        timeout: int,
+    ) -> str:
+        """Return every service this deploy changed to its spec before it; say what was done."""
+        undone: list[str] = []
+        fresh: list[str] = []
+        failed: list[str] = []
+        for svc in changed:
+            was = before[svc.name]
+            if was is None:
+                fresh.append(svc.name)
+                continue
+            live = self.live(runner, svc)
+            rolled_by_swarm = (
+                live is not None
+                and live.update_started != was.update_started
+                and live.update_state in ROLLED_BACK_STATES
+            )
+            if not rolled_by_swarm:
+                runner.run(docker("service", "rollback", "--detach", self.service(svc)),
+                           capture=True, check=False)  # fmt: skip
+            problem = self.wait(runner, svc, was.image, timeout)
+            (failed if problem else undone).append(f"{svc.name} to {was.image}")
+        parts = []
+        if undone:
+            parts.append("rolled back " + ", ".join(undone))
+        if failed:
+            parts.append(
+                "could NOT roll back " + ", ".join(failed) + " in time (see `docker service ps`)"
+            )
+        if fresh:
+            parts.append(
+                f"{', '.join(fresh)} had no earlier release to return to (remove with "
+                f"`kvstack down --stack {self.stack}`)"
+            )
+        return "; ".join(parts) or "nothing had changed, so nothing was rolled back"
+
+    def scale(self, runner: Runner, service: registry.Service, replicas: int, timeout: int) -> None:
+        live = self.require_live(runner, service)
+        runner.run(
+            docker("service", "scale", "--detach", f"{self.service(service)}={replicas}"),
+            capture=True,
+        )
+        failure = self.wait(runner, service, live.image, timeout)
+        if failure:
+            raise CommandError(
+                f"scaling {service.name} to {replicas}: {failure}. Swarm keeps trying; "
+                f"`kvstack scale local {service.name} {live.replicas}` returns to the old count"
+            )
+        say(f"{service.name} runs {replicas} replicas (a later deploy keeps this count)")
+
+    def status(self, runner: Runner) -> None:
+        rows = [("SERVICE", "VERSION", "RELEASE", "READY", "LAST UPDATE", "IMAGE")]
+        for svc in self.long_running():
+            live = self.live(runner, svc)
+            if live is None:
+                rows.append((svc.name, "-", "-", "-", "not deployed", "-"))
+                continue
+            prog = self.progress(runner, svc, live.image)
+            release = live.releases[-1]["version"] if live.releases else "-"
+            update = live.update_state or "none"
+            if live.update_message and live.update_state not in live.update_message:
+                update += f" ({live.update_message})"
+            rows.append(
+                (svc.name, tag_of(live.image), release, f"{prog.ready}/{prog.desired}", update,
+                 live.image)
+            )  # fmt: skip
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        for row in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+        for line in published_ports(runner, self.stack):
+            print(f"published: {line}")
+
+    def history(self, runner: Runner) -> None:
+        for svc in self.long_running():
+            live = self.live(runner, svc)
+            print(f"{self.service(svc)}:")
+            if live is None or not live.releases:
+                print("  (no releases recorded)")
+                continue
+            current = max(
+                (i for i, r in enumerate(live.releases) if r.get("image") == live.image),
+                default=-1,
+            )
+            for i, entry in enumerate(live.releases):
+                mark = "*" if i == current else " "
+                print(
+                    f" {mark} {entry.get('at', '?'):20}  {entry.get('version', '?'):28}  "
+                    f"{entry.get('via', '?'):8}  {entry.get('image', '?')}"
+                )
+
+    def rollback(
+        self, runner: Runner, service: registry.Service | None, version: str | None, timeout: int
+    ) -> None:
+        targets = [service] if service else self.long_running()
+        done = []
+        for svc in targets:
+            live = self.require_live(runner, svc)
+            if version:
+                image = self.require_image(runner, svc, version)
+                release = version
+            else:
+                earlier = [r for r in live.releases if r.get("image") != live.image]
+                if not earlier:
+                    message = (
+                        f"{svc.name} has no earlier release than {live.image} in its history "
+                        f"(`kvstack history local`); use --to VERSION"
+                    )
+                    if service:
+                        raise CommandError(message)
+                    say(message + "; left as it is")
+                    continue
+                image, release = earlier[-1]["image"], earlier[-1]["version"]
+            if image == live.image:
+                say(f"{svc.name} already runs {image}; nothing to do")
+                continue
+            name = self.service(svc)
+            releases = _record(live.releases, release, image, "rollback")
+            label = f"{RELEASES_LABEL}={json.dumps(releases, separators=(',', ':'))}"
+            say(f"{svc.name}: {live.image} -> {image}")
+            if live.previous_image == image:
+                # Swarm's own rollback restores the previous spec whole (env, config...).
+                runner.run(docker("service", "rollback", "--detach", name), capture=True)
+                failure = self.wait(runner, svc, image, timeout)
+                runner.run(
+                    docker("service", "update", "--detach", "--label-add", label, name),
+                    capture=True,
+                )
+            else:
+                runner.run(
+                    docker("service", "update", "--detach", "--no-resolve-image",
+                           "--image", image, "--label-add", label, name),
+                    capture=True,
+                )  # fmt: skip
+                failure = self.wait(runner, svc, image, timeout, updated_after=live.update_started)
+            if failure:
+                raise CommandError(
+                    f"rollback of {svc.name} to {image} failed: {failure}. It runs "
+                    f"{live.image} or is still moving; see `kvstack status local`"
+                )
+            done.append(f"{svc.name} to {release}")
+        if done:
+            say("rolled back " + ", ".join(done))
+
+
+def target() -> Local:
+    """The `local` target for `kvstack VERB local` (stack $KVSTACK_STACK, default kvstack)."""
+    return Local(stack=os.environ.get("KVSTACK_STACK", DEFAULT_STACK))
