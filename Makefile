@@ -48,6 +48,10 @@ down: $(PY) ## Remove the local stack, keeping its data (make down VOLUMES=1 rem
 test: images ## Every test: unit, integration, containers (same set-up as `make up`)
 	$(PY) -m pytest
 
+.PHONY: bench
+bench: $(PY) ## Measure throughput and latency here (about 2 min); writes docs/benchmarks.md
+	$(PY) -m kvstack.dev.bench
+
 .PHONY: lint
 lint: $(PY) ## ruff, mypy, hadolint, shellcheck
 	$(VENV)/bin/ruff check src tests

@@ -1,0 +1,880 @@
+"""`make bench` (`python -m kvstack.dev.bench`): throughput and latency of kvstack on this machine.
+
+One run measures, with real processes on 127.0.0.1:
+
+- Put, Get and List through server -> backend at 1 and 32 calls in flight;
+- beside them, a single-hop gRPC echo (this module's `echo` command: a bare grpc.aio server with
+  the services' server options and no LMDB), the practical ceiling of Python gRPC here;
+- durable puts of the backend alone, with group commit and without (KVSTACK_GROUP_COMMIT_MAX=1),
+  and the mean writes per LMDB commit read from the backend's /metrics.
+
+Each cell runs a load generator in its own process (this module's `loadgen` command: grpc.aio,
+N concurrent callers on one channel, a warm-up, then a fixed measurement window), and the run
+writes docs/benchmarks.md: the tables, the method, the machine and a short reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from kvstack import runtime
+from kvstack.v1 import kv_pb2, kv_pb2_grpc
+
+if TYPE_CHECKING:
+    from tests.conftest import ServiceProcess
+
+ROOT = Path(__file__).resolve().parents[3]
+DOC = ROOT / "docs" / "benchmarks.md"
+
+ECHO_METHOD = "/kvstack.bench.Echo/Echo"
+VALUE_BYTES = 100
+SEED_KEYS = 1000  # keys written before the Get and List cells
+SEED_PREFIX = "bench/seed/"
+LIST_PREFIX = SEED_PREFIX + "00"  # 100 of the seeded keys share it
+LIST_PAGE = 10
+CALL_TIMEOUT = 10.0
+LOG_LEVEL = "WARNING"  # keeps the per-request access and "saved" lines out of the measurement
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics.
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile by nearest rank: the smallest value such that at least q% of all
+    values are at or below it (no interpolation; p100 is the maximum)."""
+    if not values:
+        raise ValueError("no values")
+    if not 0 < q <= 100:
+        raise ValueError(f"percentile {q} is outside (0, 100]")
+    ordered = sorted(values)
+    rank = math.ceil(round(q * len(ordered) / 100, 9))
+    return ordered[max(1, rank) - 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The echo server: one hop, no storage.
+
+
+async def _echo(request: kv_pb2.Entry, context: aio.ServicerContext[Any, Any]) -> kv_pb2.Entry:
+    return request
+
+
+async def serve_echo(port: int, observed: bool = False) -> None:
+    """A grpc.aio server with the services' own server options and health, echoing Entry
+    messages back, until SIGTERM or SIGINT. `observed` adds the services' interceptor (metrics
+    and access log, at the benchmark's log level) to price it."""
+    config = runtime.load(runtime.RuntimeConfig)
+    runtime.configure_logging("echo", LOG_LEVEL)
+    interceptors = [runtime.ObservingInterceptor()] if observed else None
+    server = aio.server(interceptors=interceptors, options=runtime.server_options(config))
+    handler = grpc.unary_unary_rpc_method_handler(
+        _echo,
+        request_deserializer=kv_pb2.Entry.FromString,
+        response_serializer=kv_pb2.Entry.SerializeToString,
+    )
+    service, _, method = ECHO_METHOD.lstrip("/").partition("/")
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service, {method: handler}),)
+    )
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
+        raise OSError(f"cannot listen on 127.0.0.1:{port}")
+    await server.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    await server.stop(1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The load generator (its own process): N callers on one channel, warm-up, then a fixed window.
+
+
+def machine_busy_seconds() -> float:
+    """CPU time spent by everything on the machine (all cores, not idle or iowait)."""
+    ticks = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a whole process (every thread), from /proc/PID/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    after_name = stat[stat.rindex(")") + 2 :].split()
+    return (int(after_name[11]) + int(after_name[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def commit_writes(metrics_url: str) -> tuple[float, float]:
+    """(sum, count) of the backend's kvstack_backend_commit_writes histogram."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as reply:  # noqa: S310 - our own http URL
+        text = reply.read().decode()
+    values = {"sum": 0.0, "count": 0.0}
+    for line in text.splitlines():
+        name, _, number = line.partition(" ")
+        for suffix in values:
+            if name == f"kvstack_backend_commit_writes_{suffix}":
+                values[suffix] = float(number)
+    return values["sum"], values["count"]
+
+
+@dataclass
+class Sample:
+    at: float
+    cpu: dict[str, float]
+    commits: tuple[float, float] | None
+
+
+def _sample(watch: dict[str, int], metrics_url: str | None) -> Sample:
+    cpu = {name: cpu_seconds(pid) for name, pid in watch.items()}
+    cpu["machine"] = machine_busy_seconds()
+    return Sample(
+        time.perf_counter(),
+        cpu,
+        commit_writes(metrics_url) if metrics_url else None,
+    )
+
+
+def _request_maker(op: str, run: str, payload: bytes) -> Callable[[int, int], Any]:
+    if op == "echo":
+        return lambda w, i: kv_pb2.Entry(key=f"bench/echo/{w}/{i}".encode(), value=payload)
+    if op == "put":
+        return lambda w, i: kv_pb2.PutRequest(
+            key=f"bench/put/{run}/{w}/{i:08d}".encode(), value=payload
+        )
+    if op == "get":
+        return lambda w, i: kv_pb2.GetRequest(
+            key=f"{SEED_PREFIX}{random.randrange(SEED_KEYS):04d}".encode()  # noqa: S311
+        )
+    if op == "list":
+        return lambda w, i: kv_pb2.ListRequest(prefix=LIST_PREFIX.encode(), page_size=LIST_PAGE)
+    raise ValueError(f"unknown operation {op!r}")
+
+
+async def _seed(stub: kv_pb2_grpc.KeyValueAsyncStub, payload: bytes) -> None:
+    keys = iter(range(SEED_KEYS))
+
+    async def writer() -> None:
+        for i in keys:
+            key = f"{SEED_PREFIX}{i:04d}".encode()
+            await stub.Put(kv_pb2.PutRequest(key=key, value=payload), timeout=CALL_TIMEOUT)
+
+    await asyncio.gather(*(writer() for _ in range(32)))
+
+
+async def drive(
+    target: str,
+    op: str,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    *,
+    watch: dict[str, int] | None = None,
+    metrics_url: str | None = None,
+    seed: bool = False,
+) -> dict[str, Any]:
+    """Run one cell against target and return its raw result (counts, latencies, CPU)."""
+    watch = {"loadgen": os.getpid(), **(watch or {})}
+    payload = os.urandom(VALUE_BYTES)
+    run = os.urandom(4).hex()
+    make = _request_maker(op, run, payload)
+    async with aio.insecure_channel(target) as channel:
+        await asyncio.wait_for(channel.channel_ready(), CALL_TIMEOUT)
+        stub = kv_pb2_grpc.KeyValueStub(channel)
+        call: Callable[..., Awaitable[Any]]
+        if op == "echo":
+            call = channel.unary_unary(
+                ECHO_METHOD,
+                request_serializer=kv_pb2.Entry.SerializeToString,
+                response_deserializer=kv_pb2.Entry.FromString,
+            )
+        else:
+            call = getattr(stub, op.capitalize())
+        if seed:
+            await _seed(stub, payload)
+
+        begin = time.perf_counter()
+        start, end = begin + warmup, begin + warmup + duration
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+
+        async def caller(worker: int) -> None:
+            i = 0
+            while time.perf_counter() < end:
+                request = make(worker, i)
+                i += 1
+                code = None
+                sent = time.perf_counter()
+                try:
+                    await call(request, timeout=CALL_TIMEOUT)
+                except aio.AioRpcError as err:
+                    code = err.code().name
+                done = time.perf_counter()
+                if start <= done <= end:  # counted by completion inside the window
+                    if code is None:
+                        latencies.append(done - sent)
+                    else:
+                        errors[code] = errors.get(code, 0) + 1
+
+        async def sampler() -> tuple[Sample, Sample]:
+            await asyncio.sleep(max(0.0, start - time.perf_counter()))
+            first = await asyncio.to_thread(_sample, watch, metrics_url)
+            await asyncio.sleep(max(0.0, end - time.perf_counter()))
+            return first, await asyncio.to_thread(_sample, watch, metrics_url)
+
+        sampling = asyncio.create_task(sampler())
+        await asyncio.gather(*(caller(w) for w in range(concurrency)))
+        first, last = await sampling
+
+    window = last.at - first.at
+    result: dict[str, Any] = {
+        "ok": len(latencies),
+        "errors": errors,
+        "seconds": duration,
+        "qps": len(latencies) / duration,
+        "p50_ms": percentile(latencies, 50) * 1000 if latencies else math.nan,
+        "p99_ms": percentile(latencies, 99) * 1000 if latencies else math.nan,
+        "cpu_pct": {n: 100 * (last.cpu[n] - first.cpu[n]) / window for n in last.cpu},
+    }
+    if first.commits and last.commits:
+        writes, commits = (b - a for a, b in zip(first.commits, last.commits, strict=True))
+        result["writes_per_commit"] = writes / commits if commits else math.nan
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The orchestrator: starts the processes each group of cells needs, runs the cells, writes docs.
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str  # e.g. "put-32": what --cells selects
+    group: str  # "echo", "stack" or "durable"
+    op: str
+    concurrency: int
+    group_commit: bool = True
+    observed: bool = False  # echo through the services' interceptor
+
+
+def all_cells(concurrency: Sequence[int] = (1, 32)) -> list[Cell]:
+    cells = [Cell(f"echo-{c}", "echo", "echo", c) for c in concurrency]
+    cells.append(Cell("echo-observed-32", "echo", "echo", 32, observed=True))
+    cells += [
+        Cell(f"{op}-{c}", "stack", op, c) for op in ("put", "get", "list") for c in concurrency
+    ]
+    cells += [
+        Cell("durable-group-32", "durable", "put", 32, group_commit=True),
+        Cell("durable-single-32", "durable", "put", 32, group_commit=False),
+    ]
+    return cells
+
+
+@dataclass
+class Result:
+    cell: Cell
+    ok: int
+    errors: dict[str, int]
+    seconds: float
+    qps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_pct: dict[str, float]
+    writes_per_commit: float | None = None
+
+
+@dataclass
+class Run:
+    duration: float
+    warmup: float
+    data_dir: Path
+    results: list[Result] = field(default_factory=list)
+    started: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.UTC))
+    elapsed: float = 0.0
+    load_before: str = field(default_factory=lambda: load_average())
+    load_after: str = ""
+    lmdb_commits: float | None = None  # single-put sync commits/s, in-process
+
+    def get(self, name: str) -> Result | None:
+        return next((r for r in self.results if r.cell.name == name), None)
+
+
+def _services() -> tuple[type[ServiceProcess], Callable[[], int]]:
+    """tests/conftest.py's ServiceProcess and free_port (shared with the integration tests)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests.conftest import ServiceProcess, free_port
+
+    return ServiceProcess, free_port
+
+
+def _service_env(**extra: str) -> dict[str, str]:
+    return {"KVSTACK_LOG_LEVEL": LOG_LEVEL, "KVSTACK_SHUTDOWN_GRACE": "2", **extra}
+
+
+def _loadgen(
+    cell: Cell,
+    target: str,
+    run: Run,
+    log: Path,
+    watch: dict[str, int],
+    metrics_url: str | None = None,
+    seed: bool = False,
+) -> Result:
+    args = [
+        sys.executable,
+        "-m",
+        "kvstack.dev.bench",
+        "loadgen",
+        "--target",
+        target,
+        "--op",
+        cell.op,
+        "--concurrency",
+        str(cell.concurrency),
+        "--duration",
+        str(run.duration),
+        "--warmup",
+        str(run.warmup),
+        *(arg for name, pid in watch.items() for arg in ("--watch", f"{name}={pid}")),
+        *(["--metrics-url", metrics_url] if metrics_url else []),
+        *(["--seed"] if seed else []),
+    ]
+    with log.open("ab") as err:
+        done = subprocess.run(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            timeout=run.warmup + run.duration + 120,
+            check=False,
+        )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"the load generator for {cell.name} failed ({done.returncode}):\n{log.read_text()}"
+        )
+    raw = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    result = Result(cell=cell, **raw)
+    errors = sum(result.errors.values())
+    print(
+        f"  {cell.name:<18} {result.qps:8.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
+        f"p99 {result.p99_ms:6.2f} ms  errors {errors}"
+        + (f"  writes/commit {result.writes_per_commit:.1f}" if result.writes_per_commit else ""),
+        flush=True,
+    )
+    return result
+
+
+def _echo_process(port: int, log: Path, observed: bool) -> subprocess.Popen[bytes]:
+    from kvstack.probe import check
+
+    command = [sys.executable, "-m", "kvstack.dev.bench", "echo", "--port", str(port)]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [*command, *(["--observed"] if observed else [])],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 20
+    while check(f"127.0.0.1:{port}", timeout=1.0) != "SERVING":
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the echo server did not start:\n{log.read_text()}")
+        time.sleep(0.1)
+    return proc
+
+
+def _pid(service: ServiceProcess) -> int:
+    if service.proc is None:
+        raise RuntimeError(f"{service.name} was not started")
+    return service.proc.pid
+
+
+def run_cells(cells: Sequence[Cell], run: Run, work: Path) -> None:
+    """Run every cell, group by group, with only that group's processes alive."""
+    service_process, free_port = _services()
+    log = work / "loadgen.log"
+
+    for observed in (False, True):
+        echo = [c for c in cells if c.group == "echo" and c.observed == observed]
+        if not echo:
+            continue
+        port = free_port()
+        proc = _echo_process(port, work / "echo.log", observed)
+        try:
+            for cell in echo:
+                run.results.append(
+                    _loadgen(cell, f"127.0.0.1:{port}", run, log, {"echo": proc.pid})
+                )
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+
+    stack = [c for c in cells if c.group == "stack"]
+    if stack:
+        metrics = free_port()
+        backend = service_process(
+            "backend",
+            free_port(),
+            work / "backend.log",
+            _service_env(
+                KVSTACK_DATA_DIR=str(run.data_dir / "stack"), KVSTACK_METRICS_PORT=str(metrics)
+            ),
+        )
+        server = service_process("server", free_port(), work / "server.log", {})
+        try:
+            backend.start().wait_serving()
+            server.env = _service_env(KVSTACK_BACKEND_TARGET=f"dns:///{backend.target}")
+            server.start().wait_serving()
+            watch = {"server": _pid(server), "backend": _pid(backend)}
+            seeded = False
+            for cell in stack:
+                seed = cell.op in ("get", "list") and not seeded
+                seeded = seeded or seed
+                url = f"http://127.0.0.1:{metrics}/metrics" if cell.op == "put" else None
+                run.results.append(_loadgen(cell, server.target, run, log, watch, url, seed))
+        finally:
+            server.stop()
+            backend.stop()
+
+    for cell in (c for c in cells if c.group == "durable"):
+        metrics = free_port()
+        name = "group" if cell.group_commit else "single"
+        backend = service_process(
+            "backend",
+            free_port(),
+            work / f"backend-{name}.log",
+            _service_env(
+                KVSTACK_DATA_DIR=str(run.data_dir / name),
+                KVSTACK_METRICS_PORT=str(metrics),
+                **({} if cell.group_commit else {"KVSTACK_GROUP_COMMIT_MAX": "1"}),
+            ),
+        )
+        try:
+            backend.start().wait_serving()
+            url = f"http://127.0.0.1:{metrics}/metrics"
+            watch = {"backend": _pid(backend)}
+            run.results.append(_loadgen(cell, backend.target, run, log, watch, url))
+        finally:
+            backend.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine and the report.
+
+
+def lmdb_commit_rate(path: Path, seconds: float = 1.0) -> float:
+    """Transactions per second of one thread committing one 100-byte put per transaction
+    into a fresh LMDB with sync on (as the backend opens it): the disk's own fsync ceiling,
+    without gRPC or asyncio."""
+    import lmdb
+
+    env = lmdb.open(str(path), map_size=64 << 20, sync=True, metasync=True)
+    try:
+        value, count = os.urandom(VALUE_BYTES), 0
+        began = time.perf_counter()
+        while (elapsed := time.perf_counter() - began) < seconds:
+            with env.begin(write=True) as txn:
+                txn.put(f"k{count:08d}".encode(), value)
+            count += 1
+    finally:
+        env.close()
+    return count / elapsed
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages from /proc/loadavg."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def file_system(path: Path) -> str:
+    """The file system type and device of the mount holding path, from /proc/self/mounts."""
+    best, found = "", "unknown"
+    resolved = str(path.resolve())
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        device, mount, kind, *_ = line.split()
+        inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, found = mount, f"{kind} ({device} on {mount})"
+    return found
+
+
+def machine(data_dir: Path) -> dict[str, str]:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")),
+        platform.processor() or "unknown",
+    )
+    meminfo = Path("/proc/meminfo").read_text()
+    mem_kib = next(int(ln.split()[1]) for ln in meminfo.splitlines() if ln.startswith("MemTotal"))
+    import lmdb
+
+    return {
+        "CPUs (nproc)": str(len(os.sched_getaffinity(0))),
+        "CPU model": model,
+        "memory": f"{mem_kib / (1 << 20):.1f} GiB",
+        "OS": f"{platform.system()} {platform.release()}",
+        "Python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "py-lmdb": str(lmdb.__version__),
+        "data dir file system": file_system(data_dir),
+    }
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _cpu(result: Result, *names: str) -> str:
+    return " / ".join(f"{result.cpu_pct.get(n, math.nan):.0f}" for n in names)
+
+
+def other_cpu(result: Result) -> float:
+    """CPU (% of one core) used during the window by processes that are not the cell's own."""
+    ours = sum(v for n, v in result.cpu_pct.items() if n != "machine")
+    return max(0.0, result.cpu_pct.get("machine", math.nan) - ours)
+
+
+def _errors(result: Result) -> str:
+    if not result.errors:
+        return "0"
+    return ", ".join(f"{n} {code}" for code, n in sorted(result.errors.items()))
+
+
+def reading(run: Run) -> list[str]:
+    """A few sentences computed from the numbers; only about cells this run measured."""
+    lines: list[str] = []
+    echo32, echo1 = run.get("echo-32"), run.get("echo-1")
+    get32, put32, list32 = run.get("get-32"), run.get("put-32"), run.get("list-32")
+    get1, put1 = run.get("get-1"), run.get("put-1")
+    if echo32 and get32:
+        lines.append(
+            f"- **The second hop.** A Get through server and backend does "
+            f"{get32.qps:,.0f} req/s at 32 in flight, {100 * get32.qps / echo32.qps:.0f}% of "
+            f"the single-hop echo ({echo32.qps:,.0f} req/s): each request is received and sent "
+            "twice by Python gRPC, and the server, the backend and the load generator share 2 "
+            f"cores (CPU at Get-32, % of one core, loadgen / server / backend: "
+            f"{_cpu(get32, 'loadgen', 'server', 'backend')})."
+        )
+    if echo1 and get1:
+        lines.append(
+            f"- **Latency with one caller.** p50 is {echo1.p50_ms:.2f} ms for the echo and "
+            f"{get1.p50_ms:.2f} ms for a Get through both services: the second hop, the "
+            f"validation and an LMDB read add {get1.p50_ms - echo1.p50_ms:.2f} ms."
+        )
+    if put1 and get1:
+        lines.append(
+            f"- **One caller, Put against Get.** A lone Put, which waits for its own LMDB commit "
+            f"and fsync, has p50 {put1.p50_ms:.2f} ms; a Get {get1.p50_ms:.2f} ms "
+            f"({put1.qps:,.0f} vs {get1.qps:,.0f} req/s)."
+        )
+    if put32 and get32:
+        wpc = put32.writes_per_commit
+        lines.append(
+            f"- **Puts under load.** At 32 in flight Put does {put32.qps:,.0f} req/s against "
+            f"{get32.qps:,.0f} for Get"
+            + (
+                f"; the backend committed {wpc:.1f} writes per fsync on average, "
+                f"about {put32.qps / wpc:,.0f} commits/s"
+                if wpc
+                else ""
+            )
+            + "."
+        )
+    if list32 and get32:
+        lines.append(
+            f"- **List** ({LIST_PAGE} entries of {VALUE_BYTES} bytes per page) does "
+            f"{list32.qps:,.0f} req/s at 32 in flight, {100 * list32.qps / get32.qps:.0f}% of "
+            "Get"
+            + (
+                ": a ten-entry answer costs little next to the per-call overhead."
+                if list32.qps >= 0.85 * get32.qps
+                else "."
+            )
+        )
+    group, single = run.get("durable-group-32"), run.get("durable-single-32")
+    if group and single:
+        lines.append(
+            f"- **Group commit.** The backend alone takes {group.qps:,.0f} durable puts/s with "
+            f"group commit ({_fmt(group.writes_per_commit, 1)} writes per commit) and "
+            f"{single.qps:,.0f}/s with one fsync per write "
+            f"({_fmt(single.writes_per_commit, 1)} per commit): {group.qps / single.qps:.1f}x. "
+            f"p99 {group.p99_ms:.1f} ms against {single.p99_ms:.1f} ms."
+        )
+        if run.lmdb_commits:
+            lines.append(
+                f"- **The disk is not the limit.** Committing one put per transaction with sync "
+                f"on, in one thread without gRPC, this file system takes "
+                f"{run.lmdb_commits:,.0f} commits/s ({1000 / run.lmdb_commits:.2f} ms each); the "
+                f"backend without group commit reaches {100 * single.qps / run.lmdb_commits:.0f}% "
+                "of that: most of each write's time goes to the gRPC call, the event loop and "
+                "the hand-off to the writer thread, not to the fsync."
+                if single.qps < 0.5 * run.lmdb_commits
+                else f"- **The disk**: one put per transaction with sync on, in one thread "
+                f"without gRPC, takes {run.lmdb_commits:,.0f} commits/s; the backend without "
+                f"group commit reaches {100 * single.qps / run.lmdb_commits:.0f}% of that."
+            )
+        if put32:
+            share = put32.qps / group.qps
+            lines.append(
+                f"- Through the server, Put reaches {100 * share:.0f}% of what the backend alone "
+                "takes with group commit"
+                + (": the extra hop, not the disk, is the narrower part." if share < 0.9 else ".")
+            )
+    observed = run.get("echo-observed-32")
+    if echo32 and observed:
+        lines.append(
+            f"- **The services' interceptor** (metrics and access log, `kvstack.runtime`): the "
+            f"echo at 32 in flight does {observed.qps:,.0f} req/s with it and {echo32.qps:,.0f} "
+            f"without ({100 * (observed.qps / echo32.qps - 1):+.0f}%); the server and the "
+            "backend each run it on every call."
+        )
+    busy = [r for r in run.results if other_cpu(r) > 20]
+    if busy:
+        worst = max(busy, key=other_cpu)
+        lines.append(
+            f"- **The machine was not quiet**: other processes used more than 20% of a core "
+            f"during {len(busy)} of {len(run.results)} windows (up to {other_cpu(worst):.0f}% "
+            f"during {worst.cell.name}); those cells are slower than on an idle machine. "
+            f"Load average before / after the run: {run.load_before} / {run.load_after}."
+        )
+    errors = sum(sum(r.errors.values()) for r in run.results)
+    if errors:
+        lines.append(f"- **Errors**: {errors} calls failed inside the windows; see the tables.")
+    return lines
+
+
+def render(run: Run, info: dict[str, str]) -> str:
+    out = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by `make bench` (python -m kvstack.dev.bench); do not edit by hand: "
+        "run it again. -->",
+        "",
+        f"Generated by `make bench` on {run.started:%Y-%m-%d %H:%M} UTC, in one run of "
+        f"{run.elapsed:.0f} s on the machine described below. Numbers from another machine, "
+        "or another run, differ: compare runs on the same machine only.",
+        "",
+    ]
+    one_hop = [r for r in run.results if r.cell.group in ("echo", "stack")]
+    if one_hop:
+        out += [
+            "## Requests through server -> backend, beside a single-hop echo",
+            "",
+            "| path | call | in flight | req/s | p50 ms | p99 ms | errors "
+            "| CPU % of one core: loadgen / server or echo / backend | other processes |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        ]
+        for r in one_hop:
+            path = "server -> backend"
+            if r.cell.group == "echo":
+                path = "echo, 1 hop" + (" + services' interceptor" if r.cell.observed else "")
+            call = "Echo" if r.cell.op == "echo" else r.cell.op.capitalize()
+            cpu = (
+                _cpu(r, "loadgen", "echo")
+                if r.cell.group == "echo"
+                else _cpu(r, "loadgen", "server", "backend")
+            )
+            out.append(
+                f"| {path} | {call} | {r.cell.concurrency} | {_fmt(r.qps)} | "
+                f"{_fmt(r.p50_ms, 2)} | {_fmt(r.p99_ms, 2)} | {_errors(r)} | {cpu} "
+                f"| {other_cpu(r):.0f} |"
+            )
+        out.append("")
+    durable = [r for r in run.results if r.cell.group == "durable"]
+    if durable:
+        out += [
+            "## Durable puts, backend alone",
+            "",
+            "| group commit | in flight | puts/s | p50 ms | p99 ms | writes per commit | errors "
+            "| CPU % of one core: loadgen / backend | other processes |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        ]
+        for r in durable:
+            mode = "on (default, up to 256)" if r.cell.group_commit else "off (MAX=1)"
+            out.append(
+                f"| {mode} | {r.cell.concurrency} | {_fmt(r.qps)} | {_fmt(r.p50_ms, 2)} | "
+                f"{_fmt(r.p99_ms, 2)} | {_fmt(r.writes_per_commit, 1)} | {_errors(r)} | "
+                f"{_cpu(r, 'loadgen', 'backend')} | {other_cpu(r):.0f} |"
+            )
+        out.append("")
+    lines = reading(run)
+    if lines:
+        out += ["## Reading", "", *lines, ""]
+    out += [
+        "## Method",
+        "",
+        "- Every process is real and runs on this machine, over loopback (127.0.0.1): "
+        "`python -m kvstack backend`, `python -m kvstack server` and, for the baseline, "
+        "`python -m kvstack.dev.bench echo` (a bare grpc.aio server with the services' own "
+        "server options, `kvstack.runtime.server_options`, echoing the request message back; "
+        "no interceptor, no LMDB); once more with the services' interceptor "
+        "(`kvstack.runtime.ObservingInterceptor`: Prometheus counters, latency histogram, access "
+        "log) to price it.",
+        "- The load comes from a separate process, `python -m kvstack.dev.bench loadgen`: one "
+        "grpc.aio channel, N callers (1 or 32) each sending its next call as soon as the last "
+        f"one answered, with a {CALL_TIMEOUT:.0f} s deadline per call.",
+        f"- Each cell: {run.warmup:g} s of warm-up (not counted), then a {run.duration:g} s "
+        "window. A call counts when it completes inside the window; req/s = calls completed "
+        "successfully in the window / window length. Errors are counted by status code.",
+        "- Latency is measured in the load generator, from just before the call to its answer, "
+        "so it includes the client's own gRPC and event-loop time. p50 and p99 are nearest-rank "
+        "percentiles over every successful call in the window (the smallest latency with at "
+        "least 50% / 99% of the calls at or below it; no interpolation, no histogram buckets).",
+        f"- Payload: {VALUE_BYTES}-byte random values. Put writes a new key per call; Get reads "
+        f"one of {SEED_KEYS} keys written before the first Get or List cell (not timed); List "
+        f"asks for a page of {LIST_PAGE} under a prefix that holds 100 of them. The echo sends "
+        f"an Entry message (key + {VALUE_BYTES}-byte value) and gets it back.",
+        "- The durable cells send Put straight to a fresh backend (no server), once with group "
+        "commit (the default, KVSTACK_GROUP_COMMIT_MAX=256) and once without "
+        "(KVSTACK_GROUP_COMMIT_MAX=1: one transaction and one fsync per write). Writes per "
+        "commit is the change of `kvstack_backend_commit_writes` sum / count on the backend's "
+        "/metrics over the window; the server -> backend Put cells report it too.",
+        f"- Services run with KVSTACK_LOG_LEVEL={LOG_LEVEL}, so the per-request access line and "
+        "the per-write `saved` line are not written during the measurement (at INFO each call "
+        "would write one or two JSON lines). Everything else is the services' defaults: the "
+        "backend's LMDB is opened with sync on, so every acknowledged Put is on disk.",
+        "- CPU is user + system time of each whole process (every thread) from /proc/PID/stat "
+        "over the window, in % of one core; the machine has "
+        f"{info.get('CPUs (nproc)', '?')} cores, shared by every process of the cell. "
+        "'other processes' is the machine's busy time from /proc/stat over the same window "
+        "minus the cell's own processes: anything else running on the machine (a shared "
+        "machine is rarely idle; a high figure means the cell was slowed down by others).",
+        "- Only the processes of a group run at a time: the echo server alone, then backend + "
+        "server for the Put/Get/List cells, then a fresh backend per durable cell.",
+        "",
+        "## Machine",
+        "",
+        "| | |",
+        "| --- | --- |",
+        *(f"| {k} | {v} |" for k, v in info.items()),
+        f"| load average (1, 5, 15 min) before / after | {run.load_before} / {run.load_after} |",
+        *(
+            [
+                f"| LMDB sync commits/s, 1 put each, one thread, no gRPC (the disk's ceiling) "
+                f"| {run.lmdb_commits:,.0f} ({1000 / run.lmdb_commits:.2f} ms each) |"
+            ]
+            if run.lmdb_commits
+            else []
+        ),
+        "",
+    ]
+    return "\n".join(out)
+
+
+def orchestrate(args: argparse.Namespace) -> int:
+    wanted = {name.strip() for name in args.cells.split(",")} if args.cells != "all" else None
+    cells = [c for c in all_cells() if wanted is None or c.name in wanted]
+    unknown = (wanted or set()) - {c.name for c in all_cells()}
+    if unknown or not cells:
+        known = ", ".join(c.name for c in all_cells())
+        print(f"unknown cells {sorted(unknown)}; choose from: {known} (or all)", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="kvstack-bench-", dir=args.data_dir) as tmp:
+        work = Path(tmp)
+        run = Run(duration=args.duration, warmup=args.warmup, data_dir=work)
+        print(
+            f"kvstack bench: {len(cells)} cells, {args.warmup:g} s warm-up + {args.duration:g} s "
+            f"each; data and logs in {work}",
+            flush=True,
+        )
+        began = time.monotonic()
+        run_cells(cells, run, work)
+        if any(c.group == "durable" for c in cells):
+            run.lmdb_commits = lmdb_commit_rate(work / "raw")
+            print(f"  raw LMDB sync commits {run.lmdb_commits:8.0f} /s (1 put each, no gRPC)")
+        run.elapsed = time.monotonic() - began
+        run.load_after = load_average()
+        info = machine(work)
+    out = Path(args.out)
+    out.write_text(render(run, info))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps([asdict(r) for r in run.results], indent=2, default=str)
+        )
+    print(f"kvstack bench: {run.elapsed:.0f} s; wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kvstack.dev.bench", description=__doc__)
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds measured per cell")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per cell")
+    parser.add_argument(
+        "--cells",
+        default="all",
+        help="comma-separated cells to run (e.g. put-1,echo-32), or all (default)",
+    )
+    parser.add_argument("--out", default=str(DOC), help="Markdown report (default: %(default)s)")
+    parser.add_argument("--json", default=None, help="also write the raw results as JSON here")
+    parser.add_argument(
+        "--data-dir", default=None, help="parent of the temporary data directory (default: TMPDIR)"
+    )
+    sub = parser.add_subparsers(dest="command")
+    load = sub.add_parser("loadgen", help="(internal) run one cell and print its result as JSON")
+    load.add_argument("--target", required=True)
+    load.add_argument("--op", choices=("echo", "put", "get", "list"), required=True)
+    load.add_argument("--concurrency", type=int, default=1)
+    load.add_argument("--duration", type=float, default=6.0)
+    load.add_argument("--warmup", type=float, default=1.0)
+    load.add_argument("--watch", action="append", default=[], help="NAME=PID to measure CPU of")
+    load.add_argument("--metrics-url", default=None)
+    load.add_argument("--seed", action="store_true", help="write the Get/List keys first")
+    echo = sub.add_parser("echo", help="(internal) serve the echo baseline")
+    echo.add_argument("--port", type=int, required=True)
+    echo.add_argument("--observed", action="store_true", help="add the services' interceptor")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "echo":
+        asyncio.run(serve_echo(args.port, args.observed))
+        return 0
+    if args.command == "loadgen":
+        watch = {name: int(pid) for name, _, pid in (w.partition("=") for w in args.watch)}
+        result = asyncio.run(
+            drive(
+                args.target,
+                args.op,
+                args.concurrency,
+                args.duration,
+                args.warmup,
+                watch=watch,
+                metrics_url=args.metrics_url,
+                seed=args.seed,
+            )
+        )
+        print(json.dumps(result))
+        return 0
+    return orchestrate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
