@@ -5,14 +5,18 @@ python-hcl2 and the security-relevant settings are read from the parse tree."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import hcl2
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra/gcp"
+# Looked up, not imported by name: python-hcl2 and checkov's bc-python-hcl2 both install `hcl2`,
+# and only one of them declares `load` to the type checker.
+HCL_LOAD: Callable[[TextIO], dict[str, Any]] = hcl2.__dict__["load"]
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +25,7 @@ def tf() -> dict[str, Any]:
     merged: dict[str, list[Any]] = {}
     for path in sorted(INFRA.glob("*.tf")):
         with path.open() as f:
-            for key, blocks in hcl2.load(f).items():
+            for key, blocks in HCL_LOAD(f).items():
                 merged.setdefault(key, []).extend(blocks)
     return merged
 

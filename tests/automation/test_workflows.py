@@ -50,7 +50,7 @@ def check_command(line: str, targets: set[str], parser: argparse.ArgumentParser)
         subs = [a for a in current._actions if isinstance(a, argparse._SubParsersAction)]
         if not subs or not rest:
             break
-        choices: dict[str, argparse.ArgumentParser] = subs[0].choices  # type: ignore[assignment]
+        choices: dict[str, argparse.ArgumentParser] = subs[0].choices
         if rest[0] not in choices:
             return f"kvstack has no verb {rest[0]!r} here (has {sorted(choices)})"
         current, rest = choices[rest[0]], rest[1:]
