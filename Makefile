@@ -59,3 +59,17 @@ lint: $(PY) ## ruff, mypy, hadolint, shellcheck
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/shellcheck .ci/run
+
+# CI (.github/workflows) calls these too; see docs/automation.md.
+.PHONY: generate
+generate: $(PY) ## Regenerate what is generated (protos, manifests); CI fails if that changes the tree
+	$(PY) -m kvstack.dev.protogen
+	$(KVSTACK) manifests
+
+.PHONY: clean-tree
+clean-tree: ## Fail if the work tree has changes (generated files out of date, or a test wrote one)
+	@git status --porcelain --untracked-files=all | { ! grep .; } || { git diff; echo "work tree is dirty: run make generate and commit"; exit 1; }
+
+.PHONY: e2e-kind
+e2e-kind: images ## End to end on a kind cluster (CI runner): load images, apply, smoke, kill a pod, scale
+	test/e2e-kind.sh
