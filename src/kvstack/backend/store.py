@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lmdb
 from prometheus_client import Counter, Histogram
@@ -135,37 +136,42 @@ class Store:
         }
 
 
+# A queued write: what to write, whom to tell, and on which event loop.
+_Pending = tuple[Write, "asyncio.Future[bool]", asyncio.AbstractEventLoop]
+
+
 class GroupCommitter:
     """Queues writes from many concurrent calls and commits them in batches on one thread.
 
-    A batch holds every write waiting when the previous commit finished (up to max_batch), so
-    under load many writes share one fsync, and a lone write waits for no one.
+    The writer thread takes every write waiting when its previous commit finished (up to
+    max_batch), commits them in one transaction, and hands all the results back to the event
+    loop in one callback. Commits run back to back without waiting for the event loop's next
+    turn, so under load many writes share one fsync, and a lone write waits for no one.
     """
 
     def __init__(self, store: Store, max_batch: int) -> None:
         self.store = store
         self.max_batch = max(1, max_batch)
         # None is the stop marker: everything queued before it is committed first.
-        self._queue: asyncio.Queue[tuple[Write, asyncio.Future[bool]] | None] = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmdb-writer")
-        self._task: asyncio.Task[None] | None = None
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="lmdb-writer", daemon=True)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="group-commit")
+        self._thread.start()
 
     async def submit(self, write: Write) -> bool:
-        if self._task is None or self._task.done():
+        if not self._thread.is_alive():
             raise RuntimeError("the writer is not running")
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((write, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        self._queue.put((write, future, loop))
         return await future
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _run(self) -> None:
         stopping = False
         while not stopping:
-            batch: list[tuple[Write, asyncio.Future[bool]]] = []
-            item = await self._queue.get()
+            batch: list[_Pending] = []
+            item = self._queue.get()
             while True:
                 if item is None:
                     stopping = True
@@ -177,23 +183,28 @@ class GroupCommitter:
             if not batch:
                 continue
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self.store.apply, [w for w, _ in batch]
-                )
+                results = self.store.apply([write for write, _, _ in batch])
             except Exception as err:  # an I/O error fails this batch, not the writer
                 log.exception("commit failed")
                 results = [err] * len(batch)
-            for (_, future), result in zip(batch, results, strict=True):
-                if future.done():  # the caller went away (deadline, cancellation)
-                    continue
-                if isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[bool], Any]]] = {}
+            for (_, future, loop), result in zip(batch, results, strict=True):
+                by_loop.setdefault(loop, []).append((future, result))
+            for loop, outcomes in by_loop.items():
+                loop.call_soon_threadsafe(_resolve, outcomes)
 
     async def stop(self) -> None:
-        """Finish every queued write, then stop the writer."""
-        if self._task is not None:
-            self._queue.put_nowait(None)
-            await self._task
-        self._executor.shutdown(wait=True)
+        """Commit every queued write, then stop the writer thread."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            await asyncio.to_thread(self._thread.join)
+
+
+def _resolve(outcomes: list[tuple[asyncio.Future[bool], Any]]) -> None:
+    for future, result in outcomes:
+        if future.done():  # the caller went away (deadline, cancellation)
+            continue
+        if isinstance(result, Exception):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
