@@ -36,6 +36,12 @@ HEALTHY_TIMEOUT_S = 180.0
 # `python -m kvstack.probe` asks the service's own gRPC health endpoint (port from the image's
 # KVSTACK_SERVICE); it exits 0 only on SERVING.
 PROBE = ["CMD", "/opt/venv/bin/python", "-m", "kvstack.probe"]
+# Between two replicas of a rolling update or rollback of a stateless service. Callers balance
+# over the tasks' addresses from DNS (dnsrr) and a gRPC channel with default settings re-resolves
+# at most every 30 s; replacing every replica faster than that left a caller with only dead
+# addresses and failed calls (measured: 8 of 340 calls during a 24 s update). Costs ~30 s per
+# replica after the first.
+UPDATE_DELAY = "31s"
 
 
 def network_name(stack: str) -> str:
@@ -88,15 +94,20 @@ def _service_spec(
             "restart_policy": {"condition": "any", "delay": "1s"},
             # A stateful service has one writer per volume: stop the old task first. Others
             # start the new task, wait for it to be healthy, then stop an old one.
+            # The pause between replicas outlasts gRPC's default DNS re-resolution limit (30 s):
+            # a caller that resolved the name before the update learns the new tasks before
+            # the last task it knew goes (see UPDATE_DELAY).
             "update_config": {
                 "parallelism": 1,
                 "order": "stop-first" if stateful else "start-first",
                 "failure_action": "rollback",
                 "monitor": "10s",
+                **({} if stateful else {"delay": UPDATE_DELAY}),
             },
             "rollback_config": {
                 "parallelism": 1,
                 "order": "stop-first" if stateful else "start-first",
+                **({} if stateful else {"delay": UPDATE_DELAY}),
             },
             "labels": {"dev.kvstack.service": service.name, **(labels or {})},
         },
