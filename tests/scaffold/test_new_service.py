@@ -45,12 +45,13 @@ def copy_repository(dest: Path) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every file of the repository, by path (build/ and caches left out)."""
+    """sha256 and mode of every file of the repository, by path (build/, caches left out)."""
     out = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
         if path.is_file() and rel.parts[0] != "build" and not NOT_REPOSITORY & set(rel.parts):
-            out[rel.as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            out[rel.as_posix()] = f"{digest} {path.stat().st_mode & 0o777:o}"  # modes count too
     return out
 
 

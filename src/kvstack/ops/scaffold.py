@@ -148,10 +148,16 @@ def _write(root: Path, rel: str, data: bytes) -> None:
     """Write to a temporary file beside the target, then rename it into place."""
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
+    # mkstemp makes the file 0600; keep the target's mode, or give a new file the usual one
+    # (the images run as a non-root user and must read services.toml and the code).
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~umask
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
