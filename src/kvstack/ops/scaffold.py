@@ -200,6 +200,13 @@ def new_service(root: Path, name: str, port: int | None, kind: str) -> list[str]
         layout.unit_test: render_template("test_unit.py.tmpl", **values).encode(),
         layout.integration_test: render_template("test_integration.py.tmpl", **values).encode(),
     }
+    # protoc reads the proto from disk: compile it in a scratch copy of the proto tree.
+    with tempfile.TemporaryDirectory(prefix="kvstack-scaffold-") as tmp:
+        scratch = Path(tmp)
+        shutil.copytree(root / "protos", scratch / "protos")
+        (scratch / layout.proto).parent.mkdir(parents=True, exist_ok=True)
+        (scratch / layout.proto).write_bytes(planned[layout.proto])
+        planned.update(_generate_proto_code(scratch, layout))
     foreign = _foreign(root, planned, layout)
     if foreign:
         raise CommandError(
@@ -212,13 +219,6 @@ def new_service(root: Path, name: str, port: int | None, kind: str) -> list[str]
     new_registry = old_registry + render_template("registry.toml.tmpl", **values)
     services = registry.parse(new_registry, REGISTRY_FILE)  # the result must be a valid list
     deploy = manifests.render(services)
-    # protoc reads the proto from disk: compile it in a scratch copy of the proto tree.
-    with tempfile.TemporaryDirectory(prefix="kvstack-scaffold-") as tmp:
-        scratch = Path(tmp)
-        shutil.copytree(root / "protos", scratch / "protos")
-        (scratch / layout.proto).parent.mkdir(parents=True, exist_ok=True)
-        (scratch / layout.proto).write_bytes(planned[layout.proto])
-        planned.update(_generate_proto_code(scratch, layout))
     # Everything is rendered and checked: now write. The registry entry goes last.
     for rel, data in planned.items():
         _write(root, rel, data)
