@@ -32,7 +32,7 @@ from .conftest import StackUnderTest, docker
 pytestmark = pytest.mark.containers
 
 RUNNER = Runner()
-TIMEOUT = 150
+TIMEOUT = 300  # a paced two-replica update takes ~110 s here; the CLI default
 SERVER = registry.get("server")
 BACKEND = registry.get("backend")
 
