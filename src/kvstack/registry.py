@@ -43,6 +43,11 @@ class Service:
         return IMAGE_PREFIX + self.name
 
     @property
+    def target(self) -> str:
+        """How callers reach it: a DNS name that resolves to every replica, on its port."""
+        return f"dns:///{self.name}:{self.port}"
+
+    @property
     def module(self) -> str:
         """The Python module that runs this service (its `main(argv)` is the entry point)."""
         return f"kvstack.{self.name}"

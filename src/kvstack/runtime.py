@@ -304,6 +304,10 @@ class Service(Protocol):
     async def stop(self) -> None:
         """Release resources once in-flight calls have finished."""
 
+    # Optional: `def bind_health(self, set_serving: Callable[[str, bool], None]) -> None`,
+    # called once before start(); the service may then mark one of its gRPC service names
+    # NOT_SERVING (and back) while the process as a whole ("") stays SERVING.
+
 
 def server_options(config: RuntimeConfig) -> list[tuple[str, Any]]:
     age_ms = int(config.max_connection_age * 1000)
@@ -344,6 +348,26 @@ class Lifecycle:
                 "Stop what uses it or set KVSTACK_PORT to a free port"
             )
         self.stopping = asyncio.Event()
+        self.started = False
+        # Per-name health a service set itself (e.g. a replica that is too far behind).
+        self.overrides: dict[str, bool] = {}
+        self._pending: set[asyncio.Task[None]] = set()
+        bind = getattr(service, "bind_health", None)
+        if bind is not None:
+            bind(self.set_serving)
+
+    def set_serving(self, name: str, serving: bool) -> None:
+        """Mark one of the service's gRPC services (un)able to serve, from start-up on."""
+        self.overrides[name] = serving
+        if self.started and not self.stopping.is_set():
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else (health_pb2.HealthCheckResponse.NOT_SERVING)
+            )
+            task = asyncio.get_running_loop().create_task(self.health.set(name, status))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
 
     async def _set_all(
         self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
@@ -360,7 +384,11 @@ class Lifecycle:
         await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
         if starting.done():
             starting.result()  # a failed start-up ends the process with its error
+            self.started = True
             await self._set_all(health_pb2.HealthCheckResponse.SERVING)
+            for name, serving in self.overrides.items():
+                if not serving:
+                    await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
             log.info("serving", extra=fields(port=self.port))
             await stop
         else:

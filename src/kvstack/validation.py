@@ -9,6 +9,8 @@ MAX_KEY_BYTES = 511  # LMDB's compiled-in key limit (mdb_env_get_maxkeysize)
 DEFAULT_MAX_VALUE_BYTES = 1 << 20
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+# Changes a replica may be behind its primary and still answer reads (KVSTACK_MAX_LAG).
+DEFAULT_MAX_LAG = 1000
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kvstack.backend.store import GroupCommitter, Store, StoreFull, Write
+from kvstack.backend.store import Applied, GroupCommitter, Store, StoreFull, Write
+from kvstack.v1.replication_pb2 import Change
 
 
 @pytest.fixture
@@ -20,16 +21,17 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 def test_put_reports_created_then_updated(store: Store) -> None:
     """A first put creates the key, a second replaces the value and says so."""
-    assert store.apply([Write("put", b"k", b"v1")]) == [True]
-    assert store.apply([Write("put", b"k", b"v2")]) == [False]
+    assert store.apply([Write("put", b"k", b"v1")]) == [Applied(changed=True, seq=1)]
+    assert store.apply([Write("put", b"k", b"v2")]) == [Applied(changed=False, seq=2)]
     assert store.get(b"k") == b"v2"
 
 
 def test_delete_reports_whether_the_key_existed(store: Store) -> None:
     """Deleting an existing key removes it; deleting a missing key changes nothing."""
     store.apply([Write("put", b"k", b"v")])
-    assert store.apply([Write("delete", b"k")]) == [True]
-    assert store.apply([Write("delete", b"k")]) == [False]
+    assert store.apply([Write("delete", b"k")]) == [Applied(changed=True, seq=2)]
+    # Deleting nothing changes nothing, so it adds nothing to the log either.
+    assert store.apply([Write("delete", b"k")]) == [Applied(changed=False, seq=2)]
     assert store.get(b"k") is None
 
 
@@ -65,7 +67,7 @@ def test_full_map_fails_only_the_writes_that_do_not_fit(tmp_path: Path) -> None:
     """A full map names the setting to raise; the small writes in the same batch still land."""
     store = Store(tmp_path / "db", map_size=256 << 10)
     results = store.apply([Write("put", b"small", b"s"), Write("put", b"big", b"x" * (1 << 20))])
-    assert results[0] is True
+    assert results[0] == Applied(changed=True, seq=1)
     assert isinstance(results[1], StoreFull)
     assert "KVSTACK_MAP_SIZE" in str(results[1])
     assert store.get(b"small") == b"s"
@@ -91,7 +93,8 @@ def test_group_commit_shares_transactions(store: Store) -> None:
             *(writer.submit(Write("put", f"g/{i}".encode(), b"v")) for i in range(500))
         )
         await writer.stop()
-        assert all(results)
+        assert all(r.changed for r in results)
+        assert sorted(r.seq for r in results) == list(range(1, 501))
 
     asyncio.run(scenario())
     assert len(store.page(b"g/", 1000)) == 500
@@ -116,7 +119,7 @@ def test_group_commit_off_commits_each_write(store: Store) -> None:
 def test_stop_commits_what_was_queued(store: Store) -> None:
     """Stopping the writer commits every write already submitted before it ends."""
 
-    async def scenario() -> list[asyncio.Task[bool]]:
+    async def scenario() -> list[asyncio.Task[Applied]]:
         writer = GroupCommitter(store, max_batch=8)
         writer.start()
         tasks = [
@@ -128,5 +131,78 @@ def test_stop_commits_what_was_queued(store: Store) -> None:
         return tasks
 
     tasks = asyncio.run(scenario())
-    assert all(t.result() for t in tasks)
+    assert all(t.result().changed for t in tasks)
     assert len(store.page(b"q/", 100)) == 40
+
+
+def test_every_change_is_logged_in_order(store: Store) -> None:
+    """Each change gets the next sequence number, in the log, in the same transaction."""
+    store.apply([Write("put", b"a", b"1"), Write("put", b"b", b"2")])
+    store.apply([Write("delete", b"a")])
+    changes = store.changes_after(0, 10)
+    assert [(c.seq, c.key, c.value, c.delete) for c in changes] == [
+        (1, b"a", b"1", False),
+        (2, b"b", b"2", False),
+        (3, b"a", b"", True),
+    ]
+    assert [c.seq for c in store.changes_after(2, 10)] == [3]
+    assert store.seq() == 3
+
+
+def test_log_is_trimmed_to_what_replicas_may_need(tmp_path: Path) -> None:
+    """The log keeps the last log_retain changes; a position before that needs a snapshot."""
+    store = Store(tmp_path / "db", map_size=16 << 20, log_retain=10)
+    for i in range(30):
+        store.apply([Write("put", f"k{i}".encode(), b"v")])
+    assert store.first_logged() == 21
+    assert store.can_stream_from(20)
+    assert not store.can_stream_from(5)  # trimmed: snapshot first
+    assert not store.can_stream_from(31)  # ahead of the primary: not its history
+    assert store.can_stream_from(30)
+    store.close()
+
+
+def test_replica_applies_each_change_exactly_once(tmp_path: Path) -> None:
+    """Changes at or before the replica's position are skipped, so a batch sent again after a
+    crash (or overlapping the last one) changes nothing twice."""
+    replica = Store(tmp_path / "replica", map_size=1 << 20)
+    batch = [Change(seq=1, key=b"a", value=b"1"), Change(seq=2, key=b"a", delete=True)]
+    assert replica.apply_changes(batch) == 2
+    assert replica.apply_changes([*batch, Change(seq=3, key=b"a", value=b"3")]) == 3
+    assert replica.get(b"a") == b"3"
+    assert replica.apply_changes(batch) == 3
+    assert replica.get(b"a") == b"3"
+    replica.close()
+
+
+def test_snapshot_copies_a_consistent_state(store: Store, tmp_path: Path) -> None:
+    """A snapshot taken in one transaction, loaded into a replica, gives the same entries and
+    the position to stream from; what the replica held before is replaced."""
+    store.apply([Write("put", f"s{i:03d}".encode(), b"v") for i in range(250)])
+    chunks = list(store.snapshot(chunk=100))
+    assert {seq for seq, _ in chunks} == {250}
+    replica = Store(tmp_path / "replica", map_size=16 << 20)
+    replica.apply_changes([Change(seq=1, key=b"stale", value=b"x")])
+    replica.load_snapshot(250, [e for _, entries in chunks for e in entries])
+    assert replica.seq() == 250
+    assert replica.get(b"stale") is None
+    assert replica.page(b"", 1000) == store.page(b"", 1000)
+    replica.close()
+
+
+def test_commit_hook_reports_the_last_position(store: Store) -> None:
+    """After each commit the writer tells the event loop the batch's last position."""
+    seen: list[int] = []
+
+    async def scenario() -> None:
+        writer = GroupCommitter(store, max_batch=64, on_commit=seen.append)
+        writer.start()
+        await asyncio.gather(
+            *(writer.submit(Write("put", f"h{i}".encode(), b"v")) for i in range(20))
+        )
+        await writer.stop()
+
+    asyncio.run(scenario())
+    assert seen
+    assert seen[-1] == 20
+    assert seen == sorted(seen)

@@ -1,9 +1,12 @@
-"""The backend: the KeyValue API over an LMDB database, with durable, group-committed writes."""
+"""The backend: the KeyValue API over an LMDB database, with durable, group-committed writes,
+replicated from the primary (ordinal 0) to read replicas (see kvstack.backend.replication)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import os
+import re
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,13 +14,17 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from kvstack import runtime, validation
-from kvstack.backend.store import GroupCommitter, Store, StoreFull, Write
+from kvstack import registry, runtime, validation
+from kvstack.backend.replication import Follower, PrimaryState, ReplicationServicer
+from kvstack.backend.store import Applied, GroupCommitter, Store, StoreFull, Write
+from kvstack.directory import Directory
 from kvstack.runtime import setting
-from kvstack.v1 import kv_pb2, kv_pb2_grpc
+from kvstack.v1 import kv_pb2, kv_pb2_grpc, replication_pb2, replication_pb2_grpc
 
 NAME = "backend"
 Context = aio.ServicerContext[Any, Any]
+KEYVALUE = kv_pb2.DESCRIPTOR.services_by_name["KeyValue"].full_name
+REPLICATION = replication_pb2.DESCRIPTOR.services_by_name["Replication"].full_name
 
 
 @dataclass(frozen=True)
@@ -41,10 +48,51 @@ class BackendConfig:
         256,
         "most writes committed in one transaction (1 turns group commit off)",
     )
+    ordinal: int = setting(
+        "KVSTACK_ORDINAL",
+        -1,
+        "this backend's index among its replicas; -1 reads it from the host name's -N suffix "
+        "(a StatefulSet pod's), or 0 when there is none",
+    )
+    primary_ordinal: int = setting(
+        "KVSTACK_PRIMARY_ORDINAL", 0, "the ordinal of the primary, which takes the writes"
+    )
+    peers: str = setting(
+        "KVSTACK_BACKEND_TARGET",
+        registry.get(NAME).target,
+        "where a replica finds the primary: a name resolving to every backend (or host:port,...)",
+    )
+    semisync_timeout: float = setting(
+        "KVSTACK_SEMISYNC_TIMEOUT",
+        1.0,
+        "seconds the primary waits for a replica to acknowledge a write before acknowledging "
+        "alone (and saying so) until a replica catches up",
+    )
+    max_lag: int = setting(
+        "KVSTACK_MAX_LAG",
+        validation.DEFAULT_MAX_LAG,
+        "changes a replica may be behind and still answer reads; further behind it reports "
+        "NOT_SERVING for kvstack.v1.KeyValue until it catches up",
+    )
+    log_retain: int = setting(
+        "KVSTACK_LOG_RETAIN",
+        100_000,
+        "changes the primary keeps in its log for replicas; one further behind copies a snapshot",
+    )
+
+
+def ordinal_from(hostname: str) -> int:
+    """A StatefulSet pod's ordinal from its host name (backend-2 -> 2); 0 when there is none."""
+    match = re.search(r"-(\d+)$", hostname)
+    return int(match[1]) if match else 0
 
 
 class _Starting(Exception):
     """A call that arrived before the database was open (health still says NOT_SERVING)."""
+
+
+class _Replica(Exception):
+    """A write sent to a read replica."""
 
 
 async def _refuse(context: Context, err: Exception) -> None:
@@ -53,6 +101,8 @@ async def _refuse(context: Context, err: Exception) -> None:
             grpc.StatusCode.UNAVAILABLE,
             "the backend is starting and its database is not open yet; retry",
         )
+    if isinstance(err, _Replica):
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
     if isinstance(err, validation.Invalid):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
     if isinstance(err, StoreFull):
@@ -61,36 +111,39 @@ async def _refuse(context: Context, err: Exception) -> None:
 
 
 class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
-    """The API over the store; the store is attached once start-up has opened it."""
+    """The API over the store. Writes are taken on the primary only; any backend reads."""
 
-    def __init__(self, config: BackendConfig) -> None:
-        self.config = config
-        self._store: Store | None = None
-        self._writer: GroupCommitter | None = None
-
-    def attach(self, store: Store, writer: GroupCommitter) -> None:
-        self._store, self._writer = store, writer
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.config = backend.config
 
     @property
     def store(self) -> Store:
-        if self._store is None:
+        if self.backend.store is None:
             raise _Starting
-        return self._store
+        return self.backend.store
 
-    @property
-    def writer(self) -> GroupCommitter:
-        if self._writer is None:
+    async def _write(self, write: Write) -> Applied:
+        backend = self.backend
+        if backend.store is None:
             raise _Starting
-        return self._writer
+        if backend.writer is None or backend.primary is None:
+            raise _Replica(
+                f"backend ordinal {backend.ordinal} is a read replica; writes go to the primary "
+                f"(ordinal {self.config.primary_ordinal}). Call the server, which routes them"
+            )
+        applied = await backend.writer.submit(write)
+        await backend.primary.replicated(applied.seq)
+        return applied
 
     async def Put(self, request: kv_pb2.PutRequest, context: Context) -> kv_pb2.PutResponse:
         try:
             validation.check_key(request.key)
             validation.check_value(request.value, self.config.max_value_bytes)
-            created = await self.writer.submit(Write("put", request.key, request.value))
-        except (validation.Invalid, StoreFull, _Starting) as err:
+            applied = await self._write(Write("put", request.key, request.value))
+        except (validation.Invalid, StoreFull, _Starting, _Replica) as err:
             await _refuse(context, err)
-        return kv_pb2.PutResponse(created=created)
+        return kv_pb2.PutResponse(created=applied.changed)
 
     async def Get(self, request: kv_pb2.GetRequest, context: Context) -> kv_pb2.GetResponse:
         try:
@@ -109,10 +162,10 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
     ) -> kv_pb2.DeleteResponse:
         try:
             validation.check_key(request.key)
-            existed = await self.writer.submit(Write("delete", request.key))
-        except (validation.Invalid, StoreFull, _Starting) as err:
+            applied = await self._write(Write("delete", request.key))
+        except (validation.Invalid, StoreFull, _Starting, _Replica) as err:
             await _refuse(context, err)
-        if not existed:
+        if not applied.changed:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
                 f"no value for key {runtime.printable(request.key)!r}; nothing was deleted",
@@ -152,25 +205,60 @@ class Backend:
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
+        self.ordinal = (
+            config.ordinal if config.ordinal >= 0 else ordinal_from(os.environ.get("HOSTNAME", ""))
+        )
+        self.is_primary = self.ordinal == config.primary_ordinal
         self.store: Store | None = None
         self.writer: GroupCommitter | None = None
-        self._servicer = KeyValueServicer(config)
+        self.primary: PrimaryState | None = None
+        self.follower: Follower | None = None
+        self.directory: Directory | None = None
+        self._set_serving: Callable[[str, bool], None] = lambda name, serving: None
+
+    def bind_health(self, set_serving: Callable[[str, bool], None]) -> None:
+        self._set_serving = set_serving
 
     def register(self, server: aio.Server) -> list[str]:
-        kv_pb2_grpc.add_KeyValueServicer_to_server(self._servicer, server)
-        return [kv_pb2.DESCRIPTOR.services_by_name["KeyValue"].full_name]
+        kv_pb2_grpc.add_KeyValueServicer_to_server(KeyValueServicer(self), server)
+        replication_pb2_grpc.add_ReplicationServicer_to_server(ReplicationServicer(self), server)
+        return [KEYVALUE, REPLICATION]
 
     async def start(self) -> None:
-        store = Store(Path(self.config.data_dir), self.config.map_size)
-        writer = GroupCommitter(store, self.config.group_commit_max)
-        writer.start()
-        self._servicer.attach(store, writer)
-        self.store, self.writer = store, writer
+        store = Store(Path(self.config.data_dir), self.config.map_size, self.config.log_retain)
+        role = "primary" if self.is_primary else "replica"
         runtime.log.info(
-            "database open", extra=runtime.fields(path=str(store.path), **store.stats())
+            "database open",
+            extra=runtime.fields(
+                path=str(store.path), role=role, ordinal=self.ordinal, **store.stats()
+            ),
         )
+        if self.is_primary:
+            self.primary = PrimaryState(store.seq(), self.config.semisync_timeout)
+            self.writer = GroupCommitter(
+                store, self.config.group_commit_max, on_commit=self.primary.committed
+            )
+            self.writer.start()
+        else:
+            # Reads wait until this replica has caught up with the primary.
+            self._set_serving(KEYVALUE, False)
+            self.directory = Directory(self.config.peers)
+            self.directory.start()
+            self.follower = Follower(
+                store,
+                self.directory,
+                name=f"{NAME}-{self.ordinal}",
+                max_lag=self.config.max_lag,
+                on_readable=lambda readable: self._set_serving(KEYVALUE, readable),
+            )
+            self.follower.start()
+        self.store = store
 
     async def stop(self) -> None:
+        if self.follower is not None:
+            await self.follower.stop()
+        if self.directory is not None:
+            await self.directory.close()
         if self.writer is not None:
             await self.writer.stop()
         if self.store is not None:

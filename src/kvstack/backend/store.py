@@ -10,7 +10,8 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,7 @@ import lmdb
 from prometheus_client import Counter, Histogram
 
 from kvstack.runtime import fields, printable
+from kvstack.v1.replication_pb2 import Change
 
 COMMITS = Counter("kvstack_backend_commits_total", "LMDB write transactions committed")
 BATCH = Histogram(
@@ -41,15 +43,47 @@ class Write:
     value: bytes = b""
 
 
-class Store:
-    """One LMDB environment in `path`. Reads may run on any thread; writes go through apply()."""
+@dataclass(frozen=True)
+class Applied:
+    """What a write did: whether it changed something (put: the key was new; delete: the key
+    existed), and the change log position of the transaction that holds it."""
 
-    def __init__(self, path: Path, map_size: int) -> None:
+    changed: bool
+    seq: int
+
+
+_SEQ = b"seq"  # meta: the last change written (primary) or applied (replica)
+
+
+def _pack(seq: int) -> bytes:
+    return seq.to_bytes(8, "big")  # big-endian: LMDB's byte order is the log's order
+
+
+def _unpack(raw: bytes | None) -> int:
+    return int.from_bytes(raw, "big") if raw else 0
+
+
+class Store:
+    """One LMDB environment in `path` with three databases:
+
+    - `kv`: the keys and values;
+    - `log`: the change log, by sequence number, written in the same transaction as the change
+      (the primary keeps the last `log_retain` changes for its replicas);
+    - `meta`: the last sequence number written (primary) or applied (replica).
+
+    Reads may run on any thread; writes go through apply() (primary) or apply_changes() and
+    load_snapshot() (replica), from one thread at a time.
+    """
+
+    def __init__(self, path: Path, map_size: int, log_retain: int = 100_000) -> None:
         try:
             path.mkdir(parents=True, exist_ok=True)
             self.env = lmdb.open(
-                str(path), map_size=map_size, sync=True, metasync=True, max_dbs=0, readahead=False
+                str(path), map_size=map_size, sync=True, metasync=True, max_dbs=3, readahead=False
             )
+            self.kv = self.env.open_db(b"kv")
+            self.log = self.env.open_db(b"log")
+            self.meta = self.env.open_db(b"meta")
         except (OSError, lmdb.Error) as err:
             raise OSError(
                 f"cannot open the LMDB database in {path}: {err}. Mount a writable "
@@ -57,33 +91,64 @@ class Store:
             ) from err
         self.path = path
         self.map_size = map_size
+        self.log_retain = max(1, log_retain)
         self.commits = 0
 
     def close(self) -> None:
         self.env.close()
 
-    def apply(self, writes: list[Write]) -> list[bool | Exception]:
-        """Apply writes in one transaction (one fsync); return, per write, whether it changed
-        something (put: the key was new; delete: the key existed) or the error that stopped it.
+    # -- the primary's writes ------------------------------------------------------------------
+
+    def apply(self, writes: list[Write], now: float | None = None) -> list[Applied | Exception]:
+        """Apply writes in one transaction (one fsync), each change recorded in the log in the
+        same transaction; return, per write, what it did or the error that stopped it.
 
         When the batch does not fit the map, each write is retried in a transaction of its own,
         so the writes that fit still succeed and only the others report StoreFull.
         """
+        committed_at = time.time() if now is None else now
         try:
             with self.env.begin(write=True) as txn:
-                results: list[bool | Exception] = [self._one(txn, w) for w in writes]
+                seq = _unpack(txn.get(_SEQ, db=self.meta))
+                results: list[Applied | Exception] = []
+                for write in writes:
+                    changed = self._one(txn, write)
+                    if changed or write.op == "put":
+                        seq += 1
+                        change = Change(
+                            seq=seq,
+                            key=write.key,
+                            value=write.value,
+                            delete=write.op == "delete",
+                            committed_at=committed_at,
+                        )
+                        txn.put(_pack(seq), change.SerializeToString(), db=self.log)
+                    results.append(Applied(changed, seq))
+                txn.put(_SEQ, _pack(seq), db=self.meta)
+                self._trim(txn, seq, budget=2 * len(writes) + 16)
         except lmdb.MapFullError:
             if len(writes) == 1:
                 return [self._full()]
-            return [self.apply([w])[0] for w in writes]
-        self.commits += 1
-        COMMITS.inc()
-        BATCH.observe(len(writes))
+            return [self.apply([w], committed_at)[0] for w in writes]
+        self._committed(len(writes))
         for write in writes:
             log.info(
                 "saved", extra=fields(op=write.op, key=printable(write.key), bytes=len(write.value))
             )
         return results
+
+    def _trim(self, txn: lmdb.Transaction, seq: int, budget: int) -> None:
+        """Drop log entries older than the last log_retain, a bounded number per transaction."""
+        cursor = txn.cursor(db=self.log)
+        keep_from = seq - self.log_retain + 1
+        while budget > 0 and cursor.first() and _unpack(bytes(cursor.key())) < keep_from:
+            cursor.delete()
+            budget -= 1
+
+    def _committed(self, writes: int) -> None:
+        self.commits += 1
+        COMMITS.inc()
+        BATCH.observe(writes)
 
     def _full(self) -> StoreFull:
         return StoreFull(
@@ -91,22 +156,103 @@ class Store:
             "on the backend and restart it, or delete unused keys"
         )
 
-    @staticmethod
-    def _one(txn: lmdb.Transaction, write: Write) -> bool:
+    def _one(self, txn: lmdb.Transaction, write: Write) -> bool:
         if write.op == "put":
-            return txn.replace(write.key, write.value) is None
-        return bool(txn.delete(write.key))
+            return txn.replace(write.key, write.value, db=self.kv) is None
+        return bool(txn.delete(write.key, db=self.kv))
+
+    # -- the log, for replicas -----------------------------------------------------------------
+
+    def seq(self) -> int:
+        """The last change written (primary) or applied (replica)."""
+        with self.env.begin() as txn:
+            return _unpack(txn.get(_SEQ, db=self.meta))
+
+    def first_logged(self) -> int:
+        """The oldest change still in the log, or 0 when the log is empty."""
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self.log)
+            return _unpack(bytes(cursor.key())) if cursor.first() else 0
+
+    def can_stream_from(self, after: int) -> bool:
+        """Whether a replica at position `after` can catch up from the log alone."""
+        with self.env.begin() as txn:
+            last = _unpack(txn.get(_SEQ, db=self.meta))
+            if after > last:
+                return False  # the replica is ahead: this primary's data is not its origin
+            if after == last:
+                return True
+            cursor = txn.cursor(db=self.log)
+            return cursor.first() and _unpack(bytes(cursor.key())) <= after + 1
+
+    def changes_after(self, after: int, limit: int) -> list[Change]:
+        """Up to `limit` logged changes after position `after`, in order."""
+        changes: list[Change] = []
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self.log)
+            if not cursor.set_range(_pack(after + 1)):
+                return changes
+            for _, raw in cursor:
+                changes.append(Change.FromString(raw))
+                if len(changes) >= limit:
+                    break
+        return changes
+
+    def snapshot(self, chunk: int = 1000) -> Iterator[tuple[int, list[tuple[bytes, bytes]]]]:
+        """Every entry, in chunks, read in ONE transaction (a consistent copy), each chunk with
+        the log position the copy corresponds to."""
+        with self.env.begin() as txn:
+            seq = _unpack(txn.get(_SEQ, db=self.meta))
+            entries: list[tuple[bytes, bytes]] = []
+            for key, value in txn.cursor(db=self.kv):
+                entries.append((key, value))
+                if len(entries) >= chunk:
+                    yield seq, entries
+                    entries = []
+            yield seq, entries
+
+    # -- a replica's writes --------------------------------------------------------------------
+
+    def apply_changes(self, changes: list[Change]) -> int:
+        """Apply the primary's changes and the new position in one transaction; changes at or
+        before the current position are skipped, so each applies exactly once. Return the new
+        position."""
+        with self.env.begin(write=True) as txn:
+            seq = _unpack(txn.get(_SEQ, db=self.meta))
+            for change in changes:
+                if change.seq <= seq:
+                    continue
+                if change.delete:
+                    txn.delete(change.key, db=self.kv)
+                else:
+                    txn.put(change.key, change.value, db=self.kv)
+                seq = change.seq
+            txn.put(_SEQ, _pack(seq), db=self.meta)
+        self._committed(len(changes))
+        return seq
+
+    def load_snapshot(self, seq: int, entries: list[tuple[bytes, bytes]]) -> None:
+        """Replace every entry with a snapshot taken at position `seq`, in one transaction."""
+        with self.env.begin(write=True) as txn:
+            txn.drop(self.kv, delete=False)
+            txn.drop(self.log, delete=False)
+            for key, value in entries:
+                txn.put(key, value, db=self.kv)
+            txn.put(_SEQ, _pack(seq), db=self.meta)
+        self._committed(len(entries))
+
+    # -- reads ---------------------------------------------------------------------------------
 
     def get(self, key: bytes) -> bytes | None:
         with self.env.begin() as txn:
-            value: bytes | None = txn.get(key)
+            value: bytes | None = txn.get(key, db=self.kv)
             return value
 
     def page(self, prefix: bytes, limit: int, after: bytes = b"") -> list[tuple[bytes, bytes]]:
         """Up to `limit` entries with `prefix`, in key order, starting after key `after`."""
         entries: list[tuple[bytes, bytes]] = []
         with self.env.begin() as txn:
-            cursor = txn.cursor()
+            cursor = txn.cursor(db=self.kv)
             if not cursor.set_range(after or prefix):
                 return entries
             if after and cursor.key() == after and not cursor.next():
@@ -127,17 +273,14 @@ class Store:
 
     def stats(self) -> dict[str, int]:
         info = self.env.info()
-        stat = self.env.stat()
-        return {
-            "entries": int(stat["entries"]),
-            "map_size": int(info["map_size"]),
-            "last_pgno": int(info["last_pgno"]),
-            "psize": int(stat["psize"]),
-        }
+        with self.env.begin() as txn:
+            entries = txn.stat(self.kv)["entries"]
+            seq = _unpack(txn.get(_SEQ, db=self.meta))
+        return {"entries": int(entries), "map_size": int(info["map_size"]), "seq": seq}
 
 
 # A queued write: what to write, whom to tell, and on which event loop.
-_Pending = tuple[Write, "asyncio.Future[bool]", asyncio.AbstractEventLoop]
+_Pending = tuple[Write, "asyncio.Future[Applied]", asyncio.AbstractEventLoop]
 
 
 class GroupCommitter:
@@ -149,9 +292,13 @@ class GroupCommitter:
     turn, so under load many writes share one fsync, and a lone write waits for no one.
     """
 
-    def __init__(self, store: Store, max_batch: int) -> None:
+    def __init__(
+        self, store: Store, max_batch: int, on_commit: Callable[[int], None] | None = None
+    ) -> None:
         self.store = store
         self.max_batch = max(1, max_batch)
+        # Called on the event loop with the batch's last log position after each commit.
+        self.on_commit = on_commit
         # None is the stop marker: everything queued before it is committed first.
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="lmdb-writer", daemon=True)
@@ -159,11 +306,11 @@ class GroupCommitter:
     def start(self) -> None:
         self._thread.start()
 
-    async def submit(self, write: Write) -> bool:
+    async def submit(self, write: Write) -> Applied:
         if not self._thread.is_alive():
             raise RuntimeError("the writer is not running")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[bool] = loop.create_future()
+        future: asyncio.Future[Applied] = loop.create_future()
         self._queue.put((write, future, loop))
         return await future
 
@@ -187,11 +334,14 @@ class GroupCommitter:
             except Exception as err:  # an I/O error fails this batch, not the writer
                 log.exception("commit failed")
                 results = [err] * len(batch)
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[bool], Any]]] = {}
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Applied], Any]]] = {}
             for (_, future, loop), result in zip(batch, results, strict=True):
                 by_loop.setdefault(loop, []).append((future, result))
             for loop, outcomes in by_loop.items():
                 loop.call_soon_threadsafe(_resolve, outcomes)
+            seqs = [r.seq for r in results if isinstance(r, Applied)]
+            if seqs and self.on_commit is not None:
+                batch[0][2].call_soon_threadsafe(self.on_commit, max(seqs))
 
     async def stop(self) -> None:
         """Commit every queued write, then stop the writer thread."""
@@ -200,7 +350,7 @@ class GroupCommitter:
             await asyncio.to_thread(self._thread.join)
 
 
-def _resolve(outcomes: list[tuple[asyncio.Future[bool], Any]]) -> None:
+def _resolve(outcomes: list[tuple[asyncio.Future[Applied], Any]]) -> None:
     for future, result in outcomes:
         if future.done():  # the caller went away (deadline, cancellation)
             continue

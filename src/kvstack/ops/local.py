@@ -60,8 +60,7 @@ def callee_targets(service: registry.Service) -> dict[str, str]:
     """KVSTACK_<CALLEE>_TARGET for each service it calls: the callee's name on the stack's
     network, resolved to every task's address (dnsrr) for client-side round robin."""
     return {
-        f"KVSTACK_{callee.upper()}_TARGET": f"dns:///{callee}:{registry.get(callee).port}"
-        for callee in service.calls
+        f"KVSTACK_{callee.upper()}_TARGET": registry.get(callee).target for callee in service.calls
     }
 
 

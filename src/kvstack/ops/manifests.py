@@ -103,7 +103,7 @@ def target_env(callee: Service) -> dict[str, str]:
     """How a caller finds a callee: DNS over its headless Service, so gRPC sees every pod."""
     return {
         "name": f"KVSTACK_{callee.name.upper().replace('-', '_')}_TARGET",
-        "value": f"dns:///{callee.name}:{callee.port}",
+        "value": callee.target,
     }
 
 

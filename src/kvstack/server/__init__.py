@@ -1,43 +1,39 @@
-"""The server (front end): the API clients call. It validates each request, forwards it to the
+"""The server (front end): the API clients call. It validates each request, forwards it to a
 backend with a deadline, and retries what is safe to retry when a backend is UNAVAILABLE.
 
-It reaches the backend through DNS with client-side round-robin over every address the name
-resolves to: a plain Kubernetes Service would pin the one HTTP/2 connection to one pod.
+It finds every backend behind one DNS name (kvstack.directory: one channel per address, each
+asked its role): writes, and reads that ask for the latest, go to the primary; other reads go
+round-robin to every backend that may answer them. A plain Kubernetes Service would pin the one
+HTTP/2 connection to one pod.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from grpc import aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvstack import registry, runtime, validation
+from kvstack.directory import Directory, Member
 from kvstack.runtime import setting
 from kvstack.v1 import kv_pb2, kv_pb2_grpc
 
 NAME = "server"
 log = logging.getLogger("kvstack.server")
 Context = aio.ServicerContext[Any, Any]
-R = TypeVar("R")
-
-
-def _default_backend() -> str:
-    return f"dns:///backend:{registry.get('backend').port}"
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     backend_target: str = setting(
         "KVSTACK_BACKEND_TARGET",
-        _default_backend(),
-        "gRPC target of the backend; dns:/// resolves every address",
+        registry.get("backend").target,
+        "the backends: a name resolving to every backend (or host:port,host:port)",
     )
     backend_timeout: float = setting(
         "KVSTACK_BACKEND_TIMEOUT",
@@ -52,12 +48,16 @@ class ServerConfig:
     max_value_bytes: int = setting(
         "KVSTACK_MAX_VALUE_BYTES", validation.DEFAULT_MAX_VALUE_BYTES, "largest value accepted"
     )
+    max_lag: int = setting(
+        "KVSTACK_MAX_LAG",
+        validation.DEFAULT_MAX_LAG,
+        "changes a replica may be behind the primary and still get reads",
+    )
 
 
 def channel_options(config: ServerConfig) -> list[tuple[str, Any]]:
-    """Round-robin over every resolved address, and gRPC's own retry on UNAVAILABLE."""
+    """Options of the channel to each backend address: gRPC's own retry on UNAVAILABLE."""
     service_config = {
-        "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
                 "name": [{"service": "kvstack.v1.KeyValue"}],
@@ -74,17 +74,18 @@ def channel_options(config: ServerConfig) -> list[tuple[str, Any]]:
     return [
         ("grpc.service_config", json.dumps(service_config)),
         ("grpc.enable_retries", 1),
-        # Re-resolve DNS often enough to find new backends after a scale-out.
-        ("grpc.dns_min_time_between_resolutions_ms", 1000),
         ("grpc.keepalive_time_ms", 20_000),
         ("grpc.max_receive_message_length", 8 << 20),
     ]
 
 
 class FrontEnd(kv_pb2_grpc.KeyValueServicer):
-    def __init__(self, config: ServerConfig, backend: kv_pb2_grpc.KeyValueAsyncStub) -> None:
+    """Validates, then sends writes (and reads that ask for the latest) to the primary and other
+    reads to any readable backend in turn, trying a second one when the first is unavailable."""
+
+    def __init__(self, config: ServerConfig, directory: Directory) -> None:
         self.config = config
-        self.backend = backend
+        self.directory = directory
 
     def _timeout(self, context: Context) -> float:
         remaining = context.time_remaining()
@@ -92,9 +93,7 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
             return self.config.backend_timeout
         return min(remaining, self.config.backend_timeout)
 
-    async def _forward(
-        self, context: Context, call: Callable[..., Awaitable[R]], request: Any
-    ) -> R:
+    async def _deadline(self, context: Context) -> float:
         timeout = self._timeout(context)
         if timeout <= 0:
             await context.abort(
@@ -102,11 +101,49 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
                 "the call's deadline expired before it reached the backend; "
                 "give the call a longer deadline",
             )
+        return timeout
+
+    async def _primary(self, context: Context) -> Member:
+        primary = self.directory.primary()
+        if primary is None:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "the primary backend is restarting (or unreachable), so writes fail fast; "
+                "retry in a few seconds. Reads still work from the replicas",
+            )
+        assert primary is not None  # abort raised otherwise
+        return primary
+
+    async def _write(self, context: Context, method: str, request: Any) -> Any:
+        timeout = await self._deadline(context)
+        primary = await self._primary(context)
         try:
-            return await call(request, timeout=timeout)
+            return await getattr(primary.kv, method)(request, timeout=timeout)
         except aio.AioRpcError as err:
             await context.abort(err.code(), _explain(err))
             raise  # unreachable: abort raises
+
+    async def _read(self, context: Context, method: str, request: Any, latest: bool) -> Any:
+        timeout = await self._deadline(context)
+        if latest:
+            return await self._write(context, method, request)  # same route: the primary
+        tried: Member | None = None
+        for _ in range(2):
+            member = self.directory.pick_reader(exclude=tried)
+            if member is None:
+                break
+            try:
+                return await getattr(member.kv, method)(request, timeout=self._timeout(context))
+            except aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or member is tried:
+                    await context.abort(err.code(), _explain(err))
+                tried = member
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            "no backend can answer reads right now (restarting, or replicas catching up); "
+            "retry in a few seconds",
+        )
+        raise AssertionError(timeout)  # unreachable: abort raises
 
     async def Put(self, request: kv_pb2.PutRequest, context: Context) -> kv_pb2.PutResponse:
         def check() -> None:
@@ -114,17 +151,20 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
             validation.check_value(request.value, self.config.max_value_bytes)
 
         await _validate(context, check)
-        return await self._forward(context, self.backend.Put, request)
+        reply: kv_pb2.PutResponse = await self._write(context, "Put", request)
+        return reply
 
     async def Get(self, request: kv_pb2.GetRequest, context: Context) -> kv_pb2.GetResponse:
         await _validate(context, lambda: validation.check_key(request.key))
-        return await self._forward(context, self.backend.Get, request)
+        reply: kv_pb2.GetResponse = await self._read(context, "Get", request, request.latest)
+        return reply
 
     async def Delete(
         self, request: kv_pb2.DeleteRequest, context: Context
     ) -> kv_pb2.DeleteResponse:
         await _validate(context, lambda: validation.check_key(request.key))
-        return await self._forward(context, self.backend.Delete, request)
+        reply: kv_pb2.DeleteResponse = await self._write(context, "Delete", request)
+        return reply
 
     async def List(self, request: kv_pb2.ListRequest, context: Context) -> kv_pb2.ListResponse:
         def check() -> None:
@@ -132,15 +172,22 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
             validation.check_page_token(request.prefix, request.page_token)
 
         await _validate(context, check)
-        return await self._forward(context, self.backend.List, request)
+        reply: kv_pb2.ListResponse = await self._read(context, "List", request, request.latest)
+        return reply
 
     async def Scan(
         self, request: kv_pb2.ScanRequest, context: Context
     ) -> AsyncIterator[kv_pb2.Entry]:
         # A stream has no single deadline to shrink: it inherits the caller's, if any.
-        timeout = context.time_remaining()
+        member = self.directory.primary() if request.latest else self.directory.pick_reader()
+        if member is None:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "no backend can answer reads right now; retry in a few seconds",
+            )
+        assert member is not None
         try:
-            async for entry in self.backend.Scan(request, timeout=timeout):
+            async for entry in member.kv.Scan(request, timeout=context.time_remaining()):
                 yield entry
         except aio.AioRpcError as err:
             await context.abort(err.code(), _explain(err))
@@ -173,40 +220,40 @@ class Server:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.channel = aio.insecure_channel(config.backend_target, options=channel_options(config))
-        self.servicer = FrontEnd(config, kv_pb2_grpc.KeyValueStub(self.channel))
+        self.directory = Directory(
+            config.backend_target, channel_options(config), max_lag=config.max_lag
+        )
+        self.servicer = FrontEnd(config, self.directory)
 
     def register(self, server: aio.Server) -> list[str]:
         kv_pb2_grpc.add_KeyValueServicer_to_server(self.servicer, server)
         return [kv_pb2.DESCRIPTOR.services_by_name["KeyValue"].full_name]
 
     async def start(self) -> None:
-        """Ready once the backend answers its health check with SERVING."""
-        health = health_pb2_grpc.HealthStub(self.channel)
+        """Ready once a backend can answer: the primary, or a replica that has caught up."""
+        self.directory.start()
         waited = 0.0
-        while True:
-            try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    log.info(
-                        "backend reachable", extra=runtime.fields(target=self.config.backend_target)
-                    )
-                    return
-                reason = "backend not serving yet"
-            except aio.AioRpcError as err:
-                reason = f"{err.code().name}: {err.details()}"
+        while not self.directory.readers():
             if waited % 5 < 0.5:
                 log.info(
                     "waiting for the backend",
                     extra=runtime.fields(
-                        target=self.config.backend_target, reason=reason, waited_s=round(waited)
+                        target=self.config.backend_target,
+                        backends=self.directory.describe(),
+                        waited_s=round(waited),
                     ),
                 )
-            await asyncio.sleep(0.5)
+            await self.directory.wait_changed(0.5)
             waited += 0.5
+        log.info(
+            "backend reachable",
+            extra=runtime.fields(
+                target=self.config.backend_target, backends=self.directory.describe()
+            ),
+        )
 
     async def stop(self) -> None:
-        await self.channel.close()
+        await self.directory.close()
 
 
 def main(argv: list[str]) -> int:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kvstack/v1/kv.proto\x12\nkvstack.v1\"#\n\x05\x45ntry\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"(\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"\x1e\n\x0bPutResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\"\x19\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"\x1c\n\x0bGetResponse\x12\r\n\x05value\x18\x01 \x01(\x0c\"\x1c\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"\x10\n\x0e\x44\x65leteResponse\"D\n\x0bListRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\x0c\"K\n\x0cListResponse\x12\"\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x11.kvstack.v1.Entry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\x0c\"\x1d\n\x0bScanRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\x32\xac\x02\n\x08KeyValue\x12\x36\n\x03Put\x12\x16.kvstack.v1.PutRequest\x1a\x17.kvstack.v1.PutResponse\x12\x36\n\x03Get\x12\x16.kvstack.v1.GetRequest\x1a\x17.kvstack.v1.GetResponse\x12?\n\x06\x44\x65lete\x12\x19.kvstack.v1.DeleteRequest\x1a\x1a.kvstack.v1.DeleteResponse\x12\x39\n\x04List\x12\x17.kvstack.v1.ListRequest\x1a\x18.kvstack.v1.ListResponse\x12\x34\n\x04Scan\x12\x17.kvstack.v1.ScanRequest\x1a\x11.kvstack.v1.Entry0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kvstack/v1/kv.proto\x12\nkvstack.v1\"#\n\x05\x45ntry\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"(\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"\x1e\n\x0bPutResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\")\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0e\n\x06latest\x18\x02 \x01(\x08\"\x1c\n\x0bGetResponse\x12\r\n\x05value\x18\x01 \x01(\x0c\"\x1c\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"\x10\n\x0e\x44\x65leteResponse\"T\n\x0bListRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\x0c\x12\x0e\n\x06latest\x18\x04 \x01(\x08\"K\n\x0cListResponse\x12\"\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x11.kvstack.v1.Entry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\x0c\"-\n\x0bScanRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\x12\x0e\n\x06latest\x18\x02 \x01(\x08\x32\xac\x02\n\x08KeyValue\x12\x36\n\x03Put\x12\x16.kvstack.v1.PutRequest\x1a\x17.kvstack.v1.PutResponse\x12\x36\n\x03Get\x12\x16.kvstack.v1.GetRequest\x1a\x17.kvstack.v1.GetResponse\x12?\n\x06\x44\x65lete\x12\x19.kvstack.v1.DeleteRequest\x1a\x1a.kvstack.v1.DeleteResponse\x12\x39\n\x04List\x12\x17.kvstack.v1.ListRequest\x1a\x18.kvstack.v1.ListResponse\x12\x34\n\x04Scan\x12\x17.kvstack.v1.ScanRequest\x1a\x11.kvstack.v1.Entry0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,19 +38,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUTRESPONSE']._serialized_start=114
   _globals['_PUTRESPONSE']._serialized_end=144
   _globals['_GETREQUEST']._serialized_start=146
-  _globals['_GETREQUEST']._serialized_end=171
-  _globals['_GETRESPONSE']._serialized_start=173
-  _globals['_GETRESPONSE']._serialized_end=201
-  _globals['_DELETEREQUEST']._serialized_start=203
-  _globals['_DELETEREQUEST']._serialized_end=231
-  _globals['_DELETERESPONSE']._serialized_start=233
-  _globals['_DELETERESPONSE']._serialized_end=249
-  _globals['_LISTREQUEST']._serialized_start=251
-  _globals['_LISTREQUEST']._serialized_end=319
-  _globals['_LISTRESPONSE']._serialized_start=321
-  _globals['_LISTRESPONSE']._serialized_end=396
-  _globals['_SCANREQUEST']._serialized_start=398
-  _globals['_SCANREQUEST']._serialized_end=427
-  _globals['_KEYVALUE']._serialized_start=430
-  _globals['_KEYVALUE']._serialized_end=730
+  _globals['_GETREQUEST']._serialized_end=187
+  _globals['_GETRESPONSE']._serialized_start=189
+  _globals['_GETRESPONSE']._serialized_end=217
+  _globals['_DELETEREQUEST']._serialized_start=219
+  _globals['_DELETEREQUEST']._serialized_end=247
+  _globals['_DELETERESPONSE']._serialized_start=249
+  _globals['_DELETERESPONSE']._serialized_end=265
+  _globals['_LISTREQUEST']._serialized_start=267
+  _globals['_LISTREQUEST']._serialized_end=351
+  _globals['_LISTRESPONSE']._serialized_start=353
+  _globals['_LISTRESPONSE']._serialized_end=428
+  _globals['_SCANREQUEST']._serialized_start=430
+  _globals['_SCANREQUEST']._serialized_end=475
+  _globals['_KEYVALUE']._serialized_start=478
+  _globals['_KEYVALUE']._serialized_end=778
 # @@protoc_insertion_point(module_scope)

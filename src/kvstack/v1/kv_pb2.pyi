@@ -29,10 +29,12 @@ class PutResponse(_message.Message):
     def __init__(self, created: _Optional[bool] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("key",)
+    __slots__ = ("key", "latest")
     KEY_FIELD_NUMBER: _ClassVar[int]
+    LATEST_FIELD_NUMBER: _ClassVar[int]
     key: bytes
-    def __init__(self, key: _Optional[bytes] = ...) -> None: ...
+    latest: bool
+    def __init__(self, key: _Optional[bytes] = ..., latest: _Optional[bool] = ...) -> None: ...
 
 class GetResponse(_message.Message):
     __slots__ = ("value",)
@@ -51,14 +53,16 @@ class DeleteResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ListRequest(_message.Message):
-    __slots__ = ("prefix", "page_size", "page_token")
+    __slots__ = ("prefix", "page_size", "page_token", "latest")
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LATEST_FIELD_NUMBER: _ClassVar[int]
     prefix: bytes
     page_size: int
     page_token: bytes
-    def __init__(self, prefix: _Optional[bytes] = ..., page_size: _Optional[int] = ..., page_token: _Optional[bytes] = ...) -> None: ...
+    latest: bool
+    def __init__(self, prefix: _Optional[bytes] = ..., page_size: _Optional[int] = ..., page_token: _Optional[bytes] = ..., latest: _Optional[bool] = ...) -> None: ...
 
 class ListResponse(_message.Message):
     __slots__ = ("entries", "next_page_token")
@@ -69,7 +73,9 @@ class ListResponse(_message.Message):
     def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., next_page_token: _Optional[bytes] = ...) -> None: ...
 
 class ScanRequest(_message.Message):
-    __slots__ = ("prefix",)
+    __slots__ = ("prefix", "latest")
     PREFIX_FIELD_NUMBER: _ClassVar[int]
+    LATEST_FIELD_NUMBER: _ClassVar[int]
     prefix: bytes
-    def __init__(self, prefix: _Optional[bytes] = ...) -> None: ...
+    latest: bool
+    def __init__(self, prefix: _Optional[bytes] = ..., latest: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,333 @@
+"""Replication: the primary streams its change log to read replicas (see docs/architecture.md).
+
+- The primary records every change in its LMDB log in the same transaction as the change.
+- A replica opens Replication.Stream with its position; the primary sends every logged change
+  after it, then new ones as they commit (and a heartbeat each second when idle). The replica
+  applies each batch and its new position in one transaction, then acknowledges.
+- A replica whose position is no longer in the primary's log (new, trimmed, or ahead of a primary
+  that lost its data) first copies a consistent snapshot.
+- Semi-synchronous acknowledgement: with a replica connected and caught up, the primary
+  acknowledges a write only once a replica has acknowledged it. When none does within
+  KVSTACK_SEMISYNC_TIMEOUT, the primary acknowledges alone ("degraded"), says so in its logs and
+  metrics, and returns to semi-sync as soon as a replica has caught up again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal, cast
+
+from grpc import aio
+from prometheus_client import Counter, Gauge, Histogram
+
+from kvstack.backend.store import Store
+from kvstack.directory import Directory, Member
+from kvstack.runtime import fields
+from kvstack.v1 import kv_pb2, replication_pb2, replication_pb2_grpc
+
+log = logging.getLogger("kvstack.backend.replication")
+Context = aio.ServicerContext[Any, Any]
+Mode = Literal["alone", "semi-sync", "degraded"]
+
+SEMISYNC = Gauge(
+    "kvstack_replication_semisync", "1 while the primary waits for a replica before acknowledging"
+)
+REPLICAS = Gauge("kvstack_replication_replicas", "replicas streaming from this primary")
+DEGRADED = Counter(
+    "kvstack_replication_degraded_total", "times the primary fell back to acknowledging alone"
+)
+LAG = Gauge("kvstack_replication_lag_changes", "changes this replica is behind its primary")
+LAG_SECONDS = Histogram(
+    "kvstack_replication_lag_seconds",
+    "from the primary's commit to this replica's commit of the same change",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+
+BATCH_CHANGES = 500
+HEARTBEAT_S = 1.0
+
+
+class PrimaryState:
+    """The primary's view of its replicas: who is connected, what each has acknowledged, and
+    whether writes wait for them (semi-sync) or not."""
+
+    def __init__(self, last_seq: int, timeout: float) -> None:
+        self.last_seq = last_seq
+        self.timeout = timeout
+        self.acked: dict[str, int] = {}
+        self.mode: Mode = "alone"
+        # Writes waiting for a replica: (position, tie-breaker, resolved with True when a replica
+        # has it, False when the primary stops waiting and acknowledges alone).
+        self._waiters: list[tuple[int, int, asyncio.Future[bool]]] = []
+        self._ids = itertools.count()
+        self._commit = asyncio.Event()
+        SEMISYNC.set(0)
+
+    # -- commits and the stream ----------------------------------------------------------------
+
+    def committed(self, seq: int) -> None:
+        """Called on the event loop after each commit with the batch's last position."""
+        self.last_seq = max(self.last_seq, seq)
+        event, self._commit = self._commit, asyncio.Event()
+        event.set()
+
+    async def wait_commit(self, after: int, timeout: float) -> None:
+        if self.last_seq > after:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._commit.wait(), timeout)
+
+    # -- replicas --------------------------------------------------------------------------------
+
+    def connect(self, replica: str, seq: int) -> None:
+        self.acked[replica] = seq
+        REPLICAS.set(len(self.acked))
+        log.info("replica connected", extra=fields(replica=replica, seq=seq, primary=self.last_seq))
+        self._switch("semi-sync" if seq >= self.last_seq else "degraded", f"{replica} connected")
+
+    def disconnect(self, replica: str) -> None:
+        self.acked.pop(replica, None)
+        REPLICAS.set(len(self.acked))
+        log.warning("replica disconnected", extra=fields(replica=replica))
+        if not self.acked:
+            self._switch("alone", "no replica connected")
+            self._release_all()
+
+    def ack(self, replica: str, seq: int) -> None:
+        self.acked[replica] = max(seq, self.acked.get(replica, 0))
+        best = max(self.acked.values())
+        while self._waiters and self._waiters[0][0] <= best:
+            _, _, future = heapq.heappop(self._waiters)
+            if not future.done():
+                future.set_result(True)
+        if self.mode == "degraded" and best >= self.last_seq:
+            self._switch("semi-sync", f"{replica} caught up")
+
+    async def replicated(self, seq: int) -> bool:
+        """Wait, in semi-sync mode, until a replica has `seq` on disk. Return whether one has;
+        False means the write is acknowledged by the primary alone."""
+        if self.mode != "semi-sync":
+            return False
+        if self.acked and max(self.acked.values()) >= seq:
+            return True
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (seq, next(self._ids), future))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
+        except TimeoutError:
+            if self.mode == "semi-sync":
+                DEGRADED.inc()
+                self._switch(
+                    "degraded",
+                    f"no replica acknowledged within {self.timeout}s "
+                    "(KVSTACK_SEMISYNC_TIMEOUT); acknowledging writes alone until one catches up",
+                )
+                self._release_all()
+            return False
+
+    def _release_all(self) -> None:
+        for _, _, future in self._waiters:
+            if not future.done():
+                future.set_result(False)
+        self._waiters.clear()
+
+    def _switch(self, mode: Mode, why: str) -> None:
+        if mode == self.mode:
+            return
+        self.mode = mode
+        SEMISYNC.set(1 if mode == "semi-sync" else 0)
+        level = logging.WARNING if mode == "degraded" else logging.INFO
+        log.log(level, "replication mode", extra=fields(mode=mode, reason=why))
+
+
+class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
+    """Replication's RPCs. Role answers on every backend; Stream and Snapshot on the primary."""
+
+    def __init__(self, backend: Any) -> None:
+        # The backend (kvstack.backend.Backend): its store, role and state appear at start-up.
+        self.backend = backend
+
+    async def Role(
+        self, request: replication_pb2.RoleRequest, context: Context
+    ) -> replication_pb2.RoleResponse:
+        backend = self.backend
+        store = backend.store
+        if store is None:
+            role = replication_pb2.BACKEND_ROLE_UNSPECIFIED
+            return replication_pb2.RoleResponse(role=role, ordinal=backend.ordinal)
+        follower = backend.follower
+        return replication_pb2.RoleResponse(
+            role=replication_pb2.BACKEND_ROLE_REPLICA
+            if follower
+            else replication_pb2.BACKEND_ROLE_PRIMARY,
+            seq=follower.applied if follower else backend.primary.last_seq,
+            readable=follower.readable if follower else True,
+            ordinal=backend.ordinal,
+        )
+
+    async def _primary(self, context: Context) -> tuple[Store, PrimaryState]:
+        backend = self.backend
+        if backend.store is None or backend.primary is None:
+            from grpc import StatusCode
+
+            await context.abort(
+                StatusCode.FAILED_PRECONDITION,
+                f"backend ordinal {backend.ordinal} is not the primary (or not open yet); "
+                "replicate from the primary",
+            )
+        return backend.store, backend.primary
+
+    async def Stream(
+        self, request_iterator: AsyncIterator[replication_pb2.ReplicaAck], context: Context
+    ) -> AsyncIterator[replication_pb2.ChangeBatch]:
+        store, state = await self._primary(context)
+        requests = aiter(request_iterator)
+        hello = await anext(requests)
+        replica = hello.replica or context.peer()
+        if not store.can_stream_from(hello.applied_seq):
+            log.info(
+                "replica needs a snapshot",
+                extra=fields(replica=replica, seq=hello.applied_seq, first=store.first_logged()),
+            )
+            yield replication_pb2.ChangeBatch(snapshot_required=True, primary_seq=state.last_seq)
+            return
+        state.connect(replica, hello.applied_seq)
+
+        async def acks() -> None:
+            async for ack in requests:
+                state.ack(replica, ack.applied_seq)
+
+        reader = asyncio.create_task(acks())
+        after = hello.applied_seq
+        try:
+            while not reader.done():
+                changes = store.changes_after(after, BATCH_CHANGES)
+                if changes:
+                    after = changes[-1].seq
+                    yield replication_pb2.ChangeBatch(
+                        changes=changes, primary_seq=max(state.last_seq, after)
+                    )
+                    continue
+                await state.wait_commit(after, HEARTBEAT_S)
+                if state.last_seq <= after:  # idle: a heartbeat tells the replica it is current
+                    yield replication_pb2.ChangeBatch(primary_seq=state.last_seq)
+        finally:
+            reader.cancel()
+            state.disconnect(replica)
+
+    async def Snapshot(
+        self, request: replication_pb2.SnapshotRequest, context: Context
+    ) -> AsyncIterator[replication_pb2.SnapshotChunk]:
+        store, _ = await self._primary(context)
+        # One read transaction for the whole copy: consistent, and LMDB readers never block
+        # the writer.
+        for seq, entries in store.snapshot():
+            yield replication_pb2.SnapshotChunk(
+                seq=seq, entries=[kv_pb2.Entry(key=k, value=v) for k, v in entries]
+            )
+
+
+class Follower:
+    """A replica's loop: find the primary, copy a snapshot if needed, stream and apply."""
+
+    def __init__(
+        self,
+        store: Store,
+        directory: Directory,
+        name: str,
+        max_lag: int,
+        on_readable: Callable[[bool], Any],
+    ) -> None:
+        self.store = store
+        self.directory = directory
+        self.name = name
+        self.max_lag = max_lag
+        self.on_readable = on_readable
+        self.applied = store.seq()
+        self.readable = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="follower")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def _set_readable(self, readable: bool) -> None:
+        if readable != self.readable:
+            self.readable = readable
+            log.info("readable" if readable else "not readable", extra=fields(seq=self.applied))
+            self.on_readable(readable)
+
+    async def _run(self) -> None:
+        waited = 0.0
+        while True:
+            primary = self.directory.primary()
+            if primary is None:
+                if waited % 10 < 0.5:
+                    log.info(
+                        "waiting for the primary", extra=fields(backends=self.directory.describe())
+                    )
+                await self.directory.wait_changed(0.5)
+                waited += 0.5
+                continue
+            waited = 0.0
+            try:
+                await self._follow(primary)
+            except (aio.AioRpcError, TimeoutError, StopAsyncIteration) as err:
+                detail = err.details() if isinstance(err, aio.AioRpcError) else type(err).__name__
+                log.warning("lost the primary", extra=fields(primary=primary.address, error=detail))
+            # Stay readable if caught up: while the primary is down it takes no writes, so this
+            # copy is current. The server's own check (Directory.readers) stops reads here if
+            # the primary is up and this replica falls behind (a network partition).
+            await asyncio.sleep(0.5)
+
+    async def _follow(self, primary: Member) -> None:
+        call = primary.replication.Stream()
+        try:
+            await call.write(
+                replication_pb2.ReplicaAck(applied_seq=self.applied, replica=self.name)
+            )
+            log.info(
+                "streaming from the primary",
+                extra=fields(primary=primary.address, seq=self.applied),
+            )
+            while True:
+                received = await asyncio.wait_for(call.read(), timeout=5 * HEARTBEAT_S)
+                if received is aio.EOF:
+                    return
+                batch = cast(replication_pb2.ChangeBatch, received)
+                if batch.snapshot_required:
+                    await self._snapshot(primary)
+                    return  # stream again from the snapshot's position
+                if batch.changes:
+                    changes = list(batch.changes)
+                    self.applied = await asyncio.to_thread(self.store.apply_changes, changes)
+                    LAG_SECONDS.observe(max(0.0, time.time() - changes[-1].committed_at))
+                    await call.write(
+                        replication_pb2.ReplicaAck(applied_seq=self.applied, replica=self.name)
+                    )
+                lag = max(0, batch.primary_seq - self.applied)
+                LAG.set(lag)
+                self._set_readable(lag <= self.max_lag)
+        finally:
+            call.cancel()
+
+    async def _snapshot(self, primary: Member) -> None:
+        log.info("copying a snapshot from the primary", extra=fields(primary=primary.address))
+        entries: list[tuple[bytes, bytes]] = []
+        seq = 0
+        async for chunk in primary.replication.Snapshot(replication_pb2.SnapshotRequest()):
+            seq = chunk.seq
+            entries.extend((e.key, e.value) for e in chunk.entries)
+        await asyncio.to_thread(self.store.load_snapshot, seq, entries)
+        self.applied = seq
+        log.info("snapshot loaded", extra=fields(seq=seq, entries=len(entries)))
