@@ -67,5 +67,7 @@ def test_stack_publishes_at_most_the_server_and_keeps_jobs_out(
     assert published == {"server": [{"target": 50051, "protocol": "tcp", "mode": "host"}]}
     assert spec["services"]["backend"]["volumes"] == ["backend-data:/data"]
     assert spec["services"]["backend"]["deploy"]["update_config"]["order"] == "stop-first"
-    assert spec["volumes"] == {"backend-data": {}}
+    # One volume per task slot (Swarm expands the template), named after the stack.
+    assert spec["volumes"] == {"backend-data": {"name": "kvstack_backend-data-{{.Task.Slot}}"}}
+    assert spec["services"]["backend"]["environment"]["KVSTACK_ORDINAL"] == "{{.Task.Slot}}"
     assert spec["networks"][local.NETWORK]["attachable"] is True

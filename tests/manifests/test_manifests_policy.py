@@ -25,13 +25,6 @@ Docs = list[Doc]
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job")
 LONG_RUNNING_KINDS = ("Deployment", "StatefulSet")
 MIN_REPLICAS = 2
-# Long-running services allowed fewer than MIN_REPLICAS, each tied to the registry's figure and
-# to why. The LMDB backend has no replication yet: a second pod would be a second, divergent
-# store. When the replication issue raises `replicas` in services.toml, test_replicas fails until
-# the entry below is deleted, so the exception cannot outlive its reason.
-SINGLE_REPLICA_EXCEPTIONS = {
-    "backend": "LMDB backend without replication (services.toml: replicas = 1)",
-}
 
 
 def services() -> dict[str, Service]:
@@ -55,20 +48,11 @@ def env_of(container: Doc) -> dict[str, str]:
 
 
 def check_replicas(docs: Docs) -> list[str]:
-    """Long-running services run >= 2 replicas, except the registry-backed exceptions."""
+    """Long-running services (the replicated backend included) run >= 2 replicas."""
     out = []
     for w in workloads(docs, LONG_RUNNING_KINDS):
         name, replicas = w["metadata"]["name"], w["spec"].get("replicas", 1)
-        if name in SINGLE_REPLICA_EXCEPTIONS:
-            wanted = services()[name].replicas
-            if wanted >= MIN_REPLICAS:
-                out.append(
-                    f"{name}: services.toml now asks for {wanted} replicas; delete its entry "
-                    f"from SINGLE_REPLICA_EXCEPTIONS ({SINGLE_REPLICA_EXCEPTIONS[name]})"
-                )
-            elif replicas != wanted:
-                out.append(f"{name}: {replicas} replicas, the registry says {wanted}")
-        elif replicas < MIN_REPLICAS:
+        if replicas < MIN_REPLICAS:
             out.append(f"{w['kind']}/{name}: {replicas} replicas, want >= {MIN_REPLICAS}")
     return out
 
@@ -278,23 +262,6 @@ def test_policies_can_fail(
     docs = copy.deepcopy(shipped["gke"].docs)
     BREAKERS[policy.__name__](docs)
     assert policy(docs) != []
-
-
-def test_backend_exception_follows_the_registry(shipped: dict[str, Rendered]) -> None:
-    """Raising the backend's replicas in the registry flips check_replicas until the exception
-    is removed: the single-replica allowance is tied to services.toml, not hard-coded."""
-    docs = copy.deepcopy(shipped["gke"].docs)
-    backend = registry.services()["backend"]
-    raised = {**registry.services(), "backend": Service(**{**vars(backend), "replicas": 2})}
-    original = registry.services
-    try:
-        registry.services = lambda: raised  # type: ignore[assignment]  # stand-in registry
-        problems = check_replicas(docs)
-    finally:
-        registry.services = original
-    if backend.replicas >= MIN_REPLICAS:
-        pytest.fail("the backend replicates now: delete it from SINGLE_REPLICA_EXCEPTIONS")
-    assert any("SINGLE_REPLICA_EXCEPTIONS" in p for p in problems)
 
 
 def test_every_long_running_service_has_a_workload(shipped: dict[str, Rendered]) -> None:

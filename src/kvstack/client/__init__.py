@@ -35,6 +35,15 @@ def default_target() -> str:
     return os.environ.get("KVSTACK_SERVER_TARGET", f"localhost:{registry.get('server').port}")
 
 
+# Balance over every address the server's name resolves to, and re-resolve at most once a
+# second (gRPC's default is 30 s): after a rolling update the old addresses are gone, and the
+# client must learn the new ones before its retries run out.
+CHANNEL_OPTIONS = [
+    ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
+    ("grpc.dns_min_time_between_resolutions_ms", 1000),
+]
+
+
 class Unreachable(Exception):
     """The server did not answer within the retry budget."""
 
@@ -50,7 +59,7 @@ class Client:
     verbose: bool = True
 
     def __post_init__(self) -> None:
-        self.channel = grpc.insecure_channel(self.target)
+        self.channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self.stub = kv_pb2_grpc.KeyValueStub(self.channel)
         self.retries = 0
 

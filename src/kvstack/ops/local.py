@@ -37,11 +37,16 @@ HEALTHY_TIMEOUT_S = 180.0
 # KVSTACK_SERVICE); it exits 0 only on SERVING.
 PROBE = ["CMD", "/opt/venv/bin/python", "-m", "kvstack.probe"]
 # Between two replicas of a rolling update or rollback of a stateless service. Callers balance
-# over the tasks' addresses from DNS (dnsrr) and a gRPC channel with default settings re-resolves
-# at most every 30 s; replacing every replica faster than that left a caller with only dead
-# addresses and failed calls (measured: 8 of 340 calls during a 24 s update). Costs ~30 s per
-# replica after the first.
-UPDATE_DELAY = "31s"
+# over the tasks' addresses from DNS (dnsrr) and re-resolve at most once a second (the client's
+# and the server's channel options); with gRPC's default of 30 s, replacing every replica faster
+# than that left a caller with only dead addresses (measured: 8 of 340 calls failed in a 24 s
+# update). A short pause lets callers learn the new task before the next old one goes.
+UPDATE_DELAY = "2s"
+# Swarm numbers the tasks of a service from 1 (its slot); each task of a stateful service gets
+# the volume and the ordinal of its slot, and slot 1 is the primary. Swarm scales down from the
+# highest slot, so the primary and its volume stay.
+SLOT = "{{.Task.Slot}}"
+PRIMARY_SLOT = 1
 
 
 def network_name(stack: str) -> str:
@@ -54,6 +59,11 @@ def service_name(stack: str, service: registry.Service) -> str:
 
 def volume_name(service: registry.Service) -> str:
     return f"{service.name}-data"
+
+
+def slot_volume(stack: str, service: registry.Service) -> str:
+    """The engine's name of each task's volume: one per slot, e.g. kvstack_backend-data-1."""
+    return f"{stack}_{volume_name(service)}-{SLOT}"
 
 
 def callee_targets(service: registry.Service) -> dict[str, str]:
@@ -76,7 +86,14 @@ def _service_spec(
     stateful = service.kind == "stateful"
     spec: dict[str, Any] = {
         "image": image or images.image_ref(service, tag),
-        "environment": callee_targets(service),
+        "environment": {
+            **callee_targets(service),
+            **(
+                {"KVSTACK_ORDINAL": SLOT, "KVSTACK_PRIMARY_ORDINAL": str(PRIMARY_SLOT)}
+                if stateful
+                else {}
+            ),
+        },
         "networks": [NETWORK],
         "healthcheck": {
             "test": PROBE,
@@ -118,7 +135,9 @@ def _service_spec(
     return spec
 
 
-def stack_spec(tag: str, services: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def stack_spec(
+    tag: str, services: dict[str, dict[str, Any]] | None = None, stack: str = DEFAULT_STACK
+) -> dict[str, Any]:
     """The compose v3.8 stack of every long-running service in the registry (`services`: ready
     service entries by name, as the local target's deploy computes them)."""
     long_running = [s for s in registry.services().values() if s.long_running]
@@ -127,7 +146,11 @@ def stack_spec(tag: str, services: dict[str, dict[str, Any]] | None = None) -> d
         "version": "3.8",
         "services": {s.name: given.get(s.name) or _service_spec(s, tag) for s in long_running},
         "networks": {NETWORK: {"driver": "overlay", "attachable": True}},
-        "volumes": {volume_name(s): {} for s in long_running if s.kind == "stateful"},
+        "volumes": {
+            volume_name(s): {"name": slot_volume(stack, s)}
+            for s in long_running
+            if s.kind == "stateful"
+        },
     }
 
 
@@ -137,7 +160,7 @@ def write_stack_file(
     # JSON is YAML, and needs no YAML library in the ops CLI.
     BUILD_DIR.mkdir(exist_ok=True)
     path = BUILD_DIR / f"{stack}.stack.json"
-    path.write_text(json.dumps(stack_spec(tag, services), indent=2) + "\n")
+    path.write_text(json.dumps(stack_spec(tag, services, stack), indent=2) + "\n")
     return path
 
 

@@ -120,7 +120,7 @@ def container_security_context() -> dict[str, Any]:
 
 
 def container(svc: Service, services: Mapping[str, Service]) -> dict[str, Any]:
-    env: list[dict[str, str]] = []
+    env: list[dict[str, Any]] = []
     mounts = [{"name": "tmp", "mountPath": "/tmp"}]  # noqa: S108  # the pod's own emptyDir
     if svc.long_running:
         env += [
@@ -130,6 +130,15 @@ def container(svc: Service, services: Mapping[str, Service]) -> dict[str, Any]:
         ]
     if svc.kind == "stateful":
         env.append({"name": "KVSTACK_DATA_DIR", "value": DATA_DIR})
+        # Pod 0 is the primary; the StatefulSet labels each pod with its ordinal.
+        env.append(
+            {
+                "name": "KVSTACK_ORDINAL",
+                "valueFrom": {
+                    "fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}
+                },
+            }
+        )
         mounts.append({"name": "data", "mountPath": DATA_DIR})
     env += [target_env(services[callee]) for callee in svc.calls]
     spec: dict[str, Any] = {
