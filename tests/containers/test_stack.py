@@ -21,19 +21,34 @@ def test_client_batch_succeeds_through_server_to_backend(stack: StackUnderTest) 
     assert "->" in result.stdout
 
 
+def primary_container(stack: StackUnderTest) -> str:
+    """The container of the backend's slot 1: the primary (see kvstack.ops.local.PRIMARY_SLOT)."""
+    ids = [
+        cid
+        for cid in stack.containers("backend")
+        if docker("inspect", "--format", "{{.Name}}", cid)
+        .strip()
+        .lstrip("/")
+        .startswith(f"{stack.name}_backend.1.")
+    ]
+    assert len(ids) == 1, f"want one running primary (slot 1), found {ids}"
+    return ids[0]
+
+
 def test_backend_sigkill_loses_no_acknowledged_write(
     stack: StackUnderTest, start_load: StartLoad
 ) -> None:
-    """`docker kill -s KILL` of the backend during writes: every acknowledged write survives.
+    """`docker kill -s KILL` of the primary backend during writes: every acknowledged write
+    survives.
 
-    A client container writes unique keys and prints each acknowledgement; the backend is killed
+    A client container writes unique keys and prints each acknowledgement; the primary is killed
     mid-run, Swarm restarts it on the same volume, and every acknowledged key reads back with
-    its value.
+    its value (writes fail fast while it is down; those are not acknowledged).
     """
     prefix = f"kill/{uuid.uuid4().hex[:8]}/"
     load = start_load("--count", "4000", "--concurrency", "8", "--prefix", prefix)
     load.wait_acks(200)
-    (backend,) = stack.containers("backend")
+    backend = primary_container(stack)
     docker("kill", "--signal", "KILL", backend)
     assert load.running(), "the writes ended before the kill: raise --count"
     load.finish()
@@ -41,7 +56,7 @@ def test_backend_sigkill_loses_no_acknowledged_write(
     stack.wait_healthy()
     assert backend not in stack.containers("backend"), "Swarm did not replace the backend"
 
-    listing = stack.run_job("client", "list", prefix)
+    listing = stack.run_job("client", "--latest", "list", prefix)
     assert listing.returncode == 0, listing.stderr
     stored = dict(line.split("=", 1) for line in listing.stdout.splitlines() if "=" in line)
     lost = {key for key, value in acked.items() if stored.get(key) != value}

@@ -57,6 +57,8 @@ class Client:
     attempts: int = 5
     backoff: float = 0.1
     verbose: bool = True
+    # Read from the primary, so every acknowledged write is seen (replicas may lag a little).
+    latest: bool = False
 
     def __post_init__(self) -> None:
         self.channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
@@ -100,7 +102,9 @@ class Client:
         return reply.created
 
     def get(self, key: bytes) -> bytes:
-        reply: kv_pb2.GetResponse = self.call(self.stub.Get, kv_pb2.GetRequest(key=key))
+        reply: kv_pb2.GetResponse = self.call(
+            self.stub.Get, kv_pb2.GetRequest(key=key, latest=self.latest)
+        )
         return reply.value
 
     def delete(self, key: bytes) -> None:
@@ -112,7 +116,9 @@ class Client:
         while True:
             reply: kv_pb2.ListResponse = self.call(
                 self.stub.List,
-                kv_pb2.ListRequest(prefix=prefix, page_size=page_size, page_token=token),
+                kv_pb2.ListRequest(
+                    prefix=prefix, page_size=page_size, page_token=token, latest=self.latest
+                ),
             )
             yield from reply.entries
             token = reply.next_page_token
@@ -226,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per call")
     parser.add_argument(
+        "--latest",
+        action="store_true",
+        help="read from the primary: see every acknowledged write (replicas may lag a little)",
+    )
+    parser.add_argument(
         "--attempts", type=int, default=5, help="tries per call when the server is unavailable"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -248,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    client = Client(args.target, timeout=args.timeout, attempts=max(1, args.attempts))
+    client = Client(
+        args.target, timeout=args.timeout, attempts=max(1, args.attempts), latest=args.latest
+    )
     try:
         if args.command is None:
             return run_batch(client)

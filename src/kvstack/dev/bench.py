@@ -144,6 +144,23 @@ def commit_writes(metrics_url: str) -> tuple[float, float]:
     return values["sum"], values["count"]
 
 
+def histogram_quantile(metrics_url: str, name: str, q: float) -> float | None:
+    """The upper bound of the bucket holding quantile q of a Prometheus histogram (as
+    histogram_quantile does, without interpolation), or None when it has no observations."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as reply:  # noqa: S310 - our own http URL
+        text = reply.read().decode()
+    buckets: list[tuple[float, float]] = []
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket{{"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((math.inf if bound == "+Inf" else float(bound), float(line.split()[-1])))
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0.0
+    if total == 0:
+        return None
+    return next(bound for bound, count in buckets if count >= q * total)
+
+
 @dataclass
 class Sample:
     at: float
@@ -288,6 +305,7 @@ def all_cells(concurrency: Sequence[int] = (1, 32)) -> list[Cell]:
     cells += [
         Cell(f"{op}-{c}", "stack", op, c) for op in ("put", "get", "list") for c in concurrency
     ]
+    cells += [Cell(f"semisync-put-{c}", "replicated", "put", c) for c in concurrency]
     cells += [
         Cell("durable-group-32", "durable", "put", 32, group_commit=True),
         Cell("durable-single-32", "durable", "put", 32, group_commit=False),
@@ -306,6 +324,7 @@ class Result:
     p99_ms: float
     cpu_pct: dict[str, float]
     writes_per_commit: float | None = None
+    lag_p99_ms: float | None = None  # replicated cells: primary commit -> replica commit
 
 
 @dataclass
@@ -389,6 +408,17 @@ def _loadgen(
     return result
 
 
+def _wait_semisync(metrics_url: str, timeout: float = 20.0) -> None:
+    """Wait until the primary reports semi-synchronous mode (its replica connected, caught up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(metrics_url, timeout=5) as reply:  # noqa: S310 - ours
+            if "kvstack_replication_semisync 1.0" in reply.read().decode():
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"the primary did not reach semi-sync within {timeout:g} s")
+
+
 def _echo_process(port: int, log: Path, observed: bool) -> subprocess.Popen[bytes]:
     from kvstack.probe import check
 
@@ -460,6 +490,53 @@ def run_cells(cells: Sequence[Cell], run: Run, work: Path) -> None:
         finally:
             server.stop()
             backend.stop()
+
+    replicated = [c for c in cells if c.group == "replicated"]
+    if replicated:
+        ports = [free_port(), free_port()]
+        peers = ",".join(f"127.0.0.1:{p}" for p in ports)
+        replica_metrics = [free_port(), free_port()]
+        backends = [
+            service_process(
+                "backend",
+                ports[i],
+                work / f"backend-{i}.log",
+                _service_env(
+                    KVSTACK_DATA_DIR=str(run.data_dir / f"replicated-{i}"),
+                    KVSTACK_METRICS_PORT=str(replica_metrics[i]),
+                    KVSTACK_ORDINAL=str(i),
+                    KVSTACK_BACKEND_TARGET=peers,
+                ),
+            )
+            for i in range(2)
+        ]
+        server = service_process(
+            "server",
+            free_port(),
+            work / "server-replicated.log",
+            _service_env(KVSTACK_BACKEND_TARGET=peers),
+        )
+        try:
+            for backend in backends:
+                backend.start().wait_serving()
+            server.start().wait_serving()
+            _wait_semisync(f"http://127.0.0.1:{replica_metrics[0]}/metrics")
+            watch = {"server": _pid(server), "primary": _pid(backends[0])}
+            watch["replica"] = _pid(backends[1])
+            for cell in replicated:
+                url = f"http://127.0.0.1:{replica_metrics[0]}/metrics"
+                result = _loadgen(cell, server.target, run, log, watch, url)
+                lag = histogram_quantile(
+                    f"http://127.0.0.1:{replica_metrics[1]}/metrics",
+                    "kvstack_replication_lag_seconds",
+                    0.99,
+                )
+                result.lag_p99_ms = None if lag is None else lag * 1000
+                run.results.append(result)
+        finally:
+            server.stop()
+            for backend in backends:
+                backend.stop()
 
     for cell in (c for c in cells if c.group == "durable"):
         metrics = free_port()
@@ -647,6 +724,16 @@ def reading(run: Run) -> list[str]:
                 "takes with group commit"
                 + (": the extra hop, not the disk, is the narrower part." if share < 0.9 else ".")
             )
+    semi32 = run.get("semisync-put-32")
+    if semi32 and put32:
+        lines.append(
+            f"- **The price of replication.** At 32 in flight, durable puts through the server "
+            f"do {semi32.qps:,.0f}/s with a replica in semi-sync against {put32.qps:,.0f}/s "
+            f"with one backend ({semi32.qps / put32.qps:.2f}x), p99 {semi32.p99_ms:.1f} ms "
+            f"against {put32.p99_ms:.1f} ms; the replica applied each change "
+            f"{_fmt(semi32.lag_p99_ms, 1)} ms (p99) after the primary committed it. Every "
+            "acknowledged put was then on two disks."
+        )
     observed = run.get("echo-observed-32")
     if echo32 and observed:
         lines.append(
@@ -705,6 +792,32 @@ def render(run: Run, info: dict[str, str]) -> str:
                 f"| {path} | {call} | {r.cell.concurrency} | {_fmt(r.qps)} | "
                 f"{_fmt(r.p50_ms, 2)} | {_fmt(r.p99_ms, 2)} | {_errors(r)} | {cpu} "
                 f"| {other_cpu(r):.0f} |"
+            )
+        out.append("")
+    replicated = [r for r in run.results if r.cell.group == "replicated"]
+    if replicated:
+        out += [
+            "## Durable puts through the server: 1 backend against 2 in semi-sync",
+            "",
+            "| backends | in flight | puts/s | p50 ms | p99 ms | replication lag p99 ms "
+            "| writes per commit | errors | CPU % of one core: loadgen / server / primary / "
+            "replica | other processes |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        ]
+        for r in replicated:
+            single = run.get(f"put-{r.cell.concurrency}")
+            if single:
+                out.append(
+                    f"| 1 (alone) | {single.cell.concurrency} | {_fmt(single.qps)} | "
+                    f"{_fmt(single.p50_ms, 2)} | {_fmt(single.p99_ms, 2)} | - | "
+                    f"{_fmt(single.writes_per_commit, 1)} | {_errors(single)} | "
+                    f"{_cpu(single, 'loadgen', 'server', 'backend')} | {other_cpu(single):.0f} |"
+                )
+            out.append(
+                f"| 2 (semi-sync) | {r.cell.concurrency} | {_fmt(r.qps)} | {_fmt(r.p50_ms, 2)} | "
+                f"{_fmt(r.p99_ms, 2)} | {_fmt(r.lag_p99_ms, 1)} | "
+                f"{_fmt(r.writes_per_commit, 1)} | {_errors(r)} | "
+                f"{_cpu(r, 'loadgen', 'server', 'primary', 'replica')} | {other_cpu(r):.0f} |"
             )
         out.append("")
     durable = [r for r in run.results if r.cell.group == "durable"]
@@ -766,8 +879,15 @@ def render(run: Run, info: dict[str, str]) -> str:
         "'other processes' is the machine's busy time from /proc/stat over the same window "
         "minus the cell's own processes: anything else running on the machine (a shared "
         "machine is rarely idle; a high figure means the cell was slowed down by others).",
+        "- The semi-sync cells run a primary (ordinal 0) and one replica (ordinal 1) behind "
+        "the server; they start once the primary reports semi-sync, so every acknowledged Put "
+        "waited for the replica's commit. Replication lag p99 is read from the replica's "
+        "`kvstack_replication_lag_seconds` histogram (primary commit to replica commit, same "
+        "machine clock) over the whole cell, warm-up included: the upper bound of the bucket "
+        "holding the 99th percentile.",
         "- Only the processes of a group run at a time: the echo server alone, then backend + "
-        "server for the Put/Get/List cells, then a fresh backend per durable cell.",
+        "server for the Put/Get/List cells, then primary + replica + server for the semi-sync "
+        "cells, then a fresh backend per durable cell.",
         "",
         "## Machine",
         "",
