@@ -1,0 +1,417 @@
+"""Replication under faults, on the real engine: no acknowledged write lost, replicas converge.
+
+One stack for the module (kvtest-rf-XXXXXX, removed with its volumes afterwards), with the
+backend's change log kept short (KVSTACK_LOG_RETAIN) so that a replica that falls far enough
+behind, and every replica added by a scale-out, bootstraps from a snapshot rather than the log.
+
+Each test runs a workload on the stack's network while it injects one fault:
+
+- a writer: the client's `load` (unique keys under a prefix of the test's own, a value unique to
+  the run) prints one JSON line per acknowledged write;
+- a reader: gets of the writer's recent keys through the server (so from the primary and from
+  replicas), printing every value it saw.
+
+Then the checker reads every backend DIRECTLY (each task's address on the stack network, port
+50061: backends serve the KeyValue API too) and asserts that every acknowledged write is on the
+primary and, once the replicas have caught up, that every replica holds exactly the primary's
+contents under the prefix; and that no read (through the server) or stored value is a value the
+writer never attempted. Writes failing while a backend is down are allowed; losing an
+acknowledged one is not. Each test leaves the stack healthy with 2 converged backends.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from kvstack import registry
+from kvstack.ops import images, local
+from kvstack.ops.shell import Runner
+
+from .conftest import StackUnderTest, docker
+
+pytestmark = pytest.mark.containers
+
+RUNNER = Runner()
+BACKEND = registry.get("backend")
+PRIMARY_SLOT = local.PRIMARY_SLOT
+BACKENDS = 2  # the stack's default backend count
+LOG_RETAIN = 1500  # a few seconds of writes: a partitioned or new replica needs a snapshot
+VALUE_BYTES = 64  # the client's default; the value is f"{run}-{i}-" + "x" * (VALUE_BYTES - 20)
+WRITER_COUNT = 30_000  # an upper bound; each test stops its writer long before
+CONVERGE_S = 90
+
+# Gets of the writer's keys through the server until SIGTERM or argv[2] seconds. It follows the
+# writer's frontier: it reads keys near the highest index found so far. One JSON line per value
+# seen, a summary at the end.
+READER = """
+import json, random, signal, sys, time
+import grpc
+from kvstack.client import Client, Unreachable, default_target
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+prefix, end = sys.argv[1], time.monotonic() + float(sys.argv[2])
+client = Client(default_target(), attempts=2, verbose=False)
+top = found = missing = errors = 0
+while not stop and time.monotonic() < end:
+    i = random.randint(max(0, top - 300), top + 20)
+    key = f"{prefix}{i:08d}"
+    try:
+        value = client.get(key.encode()).decode()
+    except grpc.RpcError as err:
+        if err.code() == grpc.StatusCode.NOT_FOUND:
+            missing += 1
+        else:
+            errors += 1
+        time.sleep(0.05)
+        continue
+    except Unreachable:
+        errors += 1
+        time.sleep(0.2)
+        continue
+    found += 1
+    top = max(top, i)
+    print(json.dumps({"key": key, "value": value}), flush=True)
+    time.sleep(0.005)
+summary = {"summary": True, "found": found, "missing": missing, "errors": errors}
+print(json.dumps(summary), flush=True)
+"""
+
+# Every entry under argv[1] of each backend in argv[2:] (HOST:PORT, called directly), as one
+# JSON object {target: {key: value}} or {target: {"__error__": why}}.
+LISTER = """
+import json, sys
+from kvstack.client import Client
+out = {}
+for target in sys.argv[2:]:
+    client = Client(target, attempts=3, verbose=False)
+    try:
+        out[target] = {e.key.decode(): e.value.decode() for e in client.list(sys.argv[1].encode())}
+    except Exception as err:
+        out[target] = {"__error__": str(err)[:300]}
+    finally:
+        client.close()
+print(json.dumps(out))
+"""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One running backend task: its Swarm slot, container and address on the stack network."""
+
+    slot: int
+    container: str
+    ip: str
+
+    @property
+    def target(self) -> str:
+        return f"{self.ip}:{BACKEND.port}"
+
+
+@pytest.fixture(scope="module")
+def rstack(tag: str) -> Iterator[StackUnderTest]:
+    """This module's stack, with a short change log on the backend (see LOG_RETAIN)."""
+    stack = StackUnderTest(f"kvtest-rf-{uuid.uuid4().hex[:6]}", tag)
+    spec = local._service_spec(BACKEND, tag)
+    spec["environment"]["KVSTACK_LOG_RETAIN"] = str(LOG_RETAIN)
+    try:
+        local.deploy(RUNNER, stack.name, tag, services={BACKEND.name: spec})
+        stack.wait_healthy(timeout=180)
+        wait_backends(stack, BACKENDS)
+        yield stack
+    finally:
+        local.remove(RUNNER, stack.name, volumes=True)
+        (local.BUILD_DIR / f"{stack.name}.stack.json").unlink(missing_ok=True)
+
+
+def python_job(stack: StackUnderTest, script: str, *args: str, detach: bool) -> list[str]:
+    """docker run arguments for a Python script in the client image on the stack's network."""
+    argv = stack.job_argv("client", "-c", script, *args, detach=detach)
+    argv.insert(argv.index(images.image_ref(registry.get("client"), stack.tag)), "--entrypoint")
+    argv.insert(argv.index("--entrypoint") + 1, "/opt/venv/bin/python")
+    return argv
+
+
+def backends(stack: StackUnderTest) -> dict[int, Task]:
+    """The running backend tasks by slot (a task cut off from the network has no ip)."""
+    found: dict[int, Task] = {}
+    template = (
+        '{{index .Config.Labels "com.docker.swarm.task.name"}} {{json .NetworkSettings.Networks}}'
+    )
+    for cid in stack.containers(BACKEND.name):
+        out = docker("inspect", "--format", template, cid, check=False).strip()
+        if not out:
+            continue  # gone between ps and inspect
+        name, _, networks = out.partition(" ")
+        slot = int(name.split(".")[1])
+        ip = (json.loads(networks).get(stack.network) or {}).get("IPAddress", "")
+        found[slot] = Task(slot, cid, ip)
+    return found
+
+
+def wait_backends(stack: StackUnderTest, count: int, timeout: float = 120) -> dict[int, Task]:
+    """Wait until exactly `count` backend tasks run, every one healthy and on the network."""
+    label = f"label=com.docker.swarm.service.name={stack.name}_{BACKEND.name}"
+    deadline = time.monotonic() + timeout
+    while True:
+        healthy = docker("ps", "-q", "--filter", label, "--filter", "health=healthy").split()
+        tasks = backends(stack)
+        if (
+            len(healthy) == count
+            and sorted(tasks) == list(range(1, count + 1))
+            and all(t.ip for t in tasks.values())
+        ):
+            return tasks
+        if time.monotonic() > deadline:
+            pytest.fail(f"{len(healthy)} of {count} backends healthy after {timeout} s: {tasks}")
+        time.sleep(1)
+
+
+def listings(
+    stack: StackUnderTest, prefix: str, tasks: dict[int, Task]
+) -> dict[int, dict[str, str]]:
+    """Each backend's entries under prefix, read from the backend itself."""
+    argv = python_job(stack, LISTER, prefix, *(t.target for t in tasks.values()), detach=False)
+    out = docker(*argv, timeout=120)
+    by_target = json.loads(out.strip().splitlines()[-1])
+    return {slot: by_target[t.target] for slot, t in tasks.items()}
+
+
+def logs(container: str) -> list[dict[str, object]]:
+    out = docker("logs", container, check=False)
+    lines = []
+    for line in out.splitlines():
+        if line.startswith("{"):
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by the stop
+    return lines
+
+
+class Workload:
+    """A writer (`load`) and a reader through the server, in the background."""
+
+    def __init__(self, stack: StackUnderTest, name: str) -> None:
+        self.stack = stack
+        self.prefix = f"rf/{name}/{uuid.uuid4().hex[:6]}/"
+        self.writer = docker(
+            *stack.job_argv(
+                "client",
+                "load",
+                "--count",
+                str(WRITER_COUNT),
+                "--concurrency",
+                "4",
+                "--prefix",
+                self.prefix,
+                detach=True,
+            )
+        ).strip()
+        self.reader = docker(*python_job(stack, READER, self.prefix, "240", detach=True)).strip()
+        self.writer_lines: list[dict[str, object]] = []
+        self.reader_lines: list[dict[str, object]] = []
+
+    def acked(self) -> dict[str, str]:
+        lines = self.writer_lines or logs(self.writer)
+        return {str(r["key"]): str(r["value"]) for r in lines if r.get("ack")}
+
+    def wait_acks(self, more: int, timeout: float = 90) -> None:
+        """Wait for `more` acknowledged writes beyond those seen so far."""
+        target = len(self.acked()) + more
+        deadline = time.monotonic() + timeout
+        while len(self.acked()) < target:
+            running = docker("inspect", "--format", "{{.State.Running}}", self.writer).strip()
+            assert running == "true", (
+                f"the writer ended early: {docker('logs', self.writer)[-2000:]}"
+            )
+            if time.monotonic() > deadline:
+                pytest.fail(f"fewer than {more} more acknowledged writes in {timeout} s")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Stop both (the writer mid-run: every acknowledgement it printed counts)."""
+        docker("stop", "--time", "10", self.writer, self.reader, check=False)
+        self.writer_lines = logs(self.writer)
+        self.reader_lines = logs(self.reader)
+
+    def remove(self) -> None:
+        docker("rm", "-f", self.writer, self.reader, check=False)
+
+    def attempted(self, key: str) -> str | None:
+        """The one value the writer ever sent for key (None: not one of its keys)."""
+        if not key.startswith(self.prefix) or not key[len(self.prefix) :].isdigit():
+            return None
+        runs = {v.split("-", 1)[0] for v in self.acked().values()}
+        assert len(runs) == 1, f"expected one writer run, saw {runs}"
+        (run,) = runs
+        return f"{run}-{int(key[len(self.prefix) :])}-" + "x" * (VALUE_BYTES - 20)
+
+    def check(self, expected_backends: int = BACKENDS) -> dict[str, object]:
+        """The checker (after stop()): see the module docstring. Returns figures for the log."""
+        acked = self.acked()
+        assert acked, "no write was acknowledged"
+        reads = [r for r in self.reader_lines if "value" in r]
+        bad_reads = [r for r in reads if r["value"] != self.attempted(str(r["key"]))]
+        assert not bad_reads, f"reads returned values never written: {bad_reads[:3]}"
+
+        tasks = wait_backends(self.stack, expected_backends)
+        deadline = time.monotonic() + CONVERGE_S
+        while True:
+            held = listings(self.stack, self.prefix, tasks)
+            primary = held[PRIMARY_SLOT]
+            behind = {s: len(primary) - len(h) for s, h in held.items() if h != primary}
+            if not behind and "__error__" not in primary:
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"replicas differ from the primary after {CONVERGE_S} s "
+                    f"(slot: entries behind, or an error): "
+                    f"{ {s: held[s].get('__error__', n) for s, n in behind.items()} }"
+                )
+            time.sleep(2)
+            tasks = wait_backends(self.stack, expected_backends)
+
+        lost = sorted(k for k, v in acked.items() if primary.get(k) != v)
+        assert not lost, f"{len(lost)} of {len(acked)} acknowledged writes lost: {lost[:3]}"
+        bogus = sorted(k for k, v in primary.items() if v != self.attempted(k))
+        assert not bogus, f"values never written are stored: {bogus[:3]}"
+        for slot, entries in held.items():  # equal to the primary, so this holds; say it plainly
+            missing = [k for k in acked if k not in entries]
+            assert not missing, f"slot {slot} misses {len(missing)} acknowledged writes"
+        summary = [r for r in self.reader_lines if r.get("summary")]
+        return {
+            "acked": len(acked),
+            "stored": len(primary),
+            "reads": len(reads),
+            "reader": summary[-1] if summary else None,
+        }
+
+
+@pytest.fixture
+def workload(rstack: StackUnderTest) -> Iterator[Callable[[str], Workload]]:
+    started: list[Workload] = []
+
+    def start(name: str) -> Workload:
+        started.append(Workload(rstack, name))
+        return started[-1]
+
+    yield start
+    for run in started:
+        run.remove()
+
+
+StartWorkload = Callable[[str], Workload]
+
+
+def kill_and_wait(stack: StackUnderTest, slot: int) -> None:
+    """SIGKILL the backend task of `slot`; wait until Swarm has a new healthy one there."""
+    victim = backends(stack)[slot].container
+    docker("kill", "--signal", "KILL", victim)
+    deadline = time.monotonic() + 120
+    while (tasks := wait_backends(stack, BACKENDS))[slot].container == victim:
+        assert time.monotonic() < deadline, f"Swarm did not replace slot {slot}"
+        time.sleep(1)
+    assert victim not in {t.container for t in tasks.values()}
+
+
+def test_primary_sigkill_loses_no_acknowledged_write(
+    rstack: StackUnderTest, workload: StartWorkload
+) -> None:
+    """`docker kill -s KILL` of the primary (slot 1) during writes; Swarm restarts it on its own
+    volume. Writes may fail while it is down; none acknowledged is lost, the replica converges,
+    and no read saw a value that was never written."""
+    wait_backends(rstack, BACKENDS)
+    run = workload("kill-primary")
+    run.wait_acks(500)
+    kill_and_wait(rstack, PRIMARY_SLOT)
+    run.wait_acks(500)  # writes resume on the restarted primary
+    run.stop()
+    print(run.check())
+
+
+def test_replica_sigkill_loses_no_acknowledged_write(
+    rstack: StackUnderTest, workload: StartWorkload
+) -> None:
+    """`docker kill -s KILL` of the replica (slot 2) during writes; Swarm restarts it on its own
+    volume and it catches up from where it was: identical to the primary, nothing lost."""
+    wait_backends(rstack, BACKENDS)
+    run = workload("kill-replica")
+    run.wait_acks(500)
+    kill_and_wait(rstack, PRIMARY_SLOT + 1)
+    run.wait_acks(500)
+    run.stop()
+    print(run.check())
+
+
+def test_partitioned_replica_converges_after_reconnect(
+    rstack: StackUnderTest, workload: StartWorkload
+) -> None:
+    """The replica is cut off the stack network (`docker network disconnect`) while writes go on
+    (the primary stops waiting for it and acknowledges alone), long enough to fall out of the
+    primary's log; reconnected, it copies a snapshot and converges. Nothing acknowledged lost."""
+    replica = wait_backends(rstack, BACKENDS)[PRIMARY_SLOT + 1].container
+    run = workload("partition")
+    run.wait_acks(300)
+    docker("network", "disconnect", rstack.network, replica)
+    try:
+        run.wait_acks(LOG_RETAIN + 500)  # beyond the primary's log: the replica needs a snapshot
+    finally:
+        docker("network", "connect", rstack.network, replica)
+    run.wait_acks(300)
+    run.stop()
+    print(run.check())
+    assert replica == backends(rstack)[PRIMARY_SLOT + 1].container, "the replica was replaced"
+    snapshots = [r for r in logs(replica) if r.get("msg") == "snapshot loaded"]
+    assert snapshots, "the reconnected replica did not copy a snapshot"
+
+
+def test_rolling_restart_of_every_backend(rstack: StackUnderTest, workload: StartWorkload) -> None:
+    """`docker service update --force` restarts every backend, one at a time (stop-first),
+    while the workload runs: nothing acknowledged lost, the new tasks converge."""
+    before = {t.container for t in wait_backends(rstack, BACKENDS).values()}
+    run = workload("rolling")
+    run.wait_acks(300)
+    service = f"{rstack.name}_{BACKEND.name}"
+    docker("service", "update", "--force", "--detach=false", service, timeout=300)
+    after = {t.container for t in wait_backends(rstack, BACKENDS).values()}
+    assert not before & after, "a backend was not restarted"
+    run.wait_acks(300)
+    run.stop()
+    print(run.check())
+
+
+def test_scale_out_to_five_and_back(rstack: StackUnderTest, workload: StartWorkload) -> None:
+    """Scale the backend 2 -> 5 during writes: the new replicas copy a snapshot and converge;
+    then 5 -> 2 during writes. The primary's task is never touched, nothing acknowledged lost."""
+    service = f"{rstack.name}_{BACKEND.name}"
+    primary = wait_backends(rstack, BACKENDS)[PRIMARY_SLOT].container
+    try:
+        run = workload("scale-out")
+        run.wait_acks(
+            LOG_RETAIN + 300
+        )  # the log no longer starts at 0: new replicas need a snapshot
+        docker("service", "scale", "--detach", f"{service}=5")
+        tasks = wait_backends(rstack, 5, timeout=180)
+        run.wait_acks(300)
+        run.stop()
+        print(run.check(expected_backends=5))
+        for slot in range(BACKENDS + 1, 6):
+            loaded = [r for r in logs(tasks[slot].container) if r.get("msg") == "snapshot loaded"]
+            assert loaded, f"the new replica in slot {slot} did not start from a snapshot"
+
+        run = workload("scale-in")
+        run.wait_acks(300)
+        docker("service", "scale", "--detach", f"{service}={BACKENDS}")
+        wait_backends(rstack, BACKENDS, timeout=180)
+        run.wait_acks(300)
+        run.stop()
+        print(run.check())
+    finally:
+        docker("service", "scale", "--detach", f"{service}={BACKENDS}", check=False)
+    assert backends(rstack)[PRIMARY_SLOT].container == primary, "the primary was restarted"
