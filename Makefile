@@ -40,6 +40,10 @@ images: $(PY) ## Build every service's image (one Dockerfile)
 up: $(PY) ## Run the whole system on the local Docker engine (Swarm) and run the client
 	$(KVSTACK) up
 
+.PHONY: dev
+dev: $(PY) ## On every saved change: test, rebuild and roll out the affected services (local stack)
+	$(KVSTACK) dev
+
 .PHONY: down
 down: $(PY) ## Remove the local stack, keeping its data (make down VOLUMES=1 removes that too)
 	$(KVSTACK) down $(if $(VOLUMES),--volumes)

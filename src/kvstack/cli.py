@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "kvstack.ops.pipeline",
     "kvstack.ops.targets",
     "kvstack.ops.scaffold",
+    "kvstack.ops.dev",
 )
 
 

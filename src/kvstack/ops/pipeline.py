@@ -54,6 +54,27 @@ def service_pathspec(svc: registry.Service, services: list[registry.Service]) ->
     return [*images.BUILD_INPUTS, *(f":(exclude){p}" for p in excluded)]
 
 
+def in_pathspec(path: str, pathspec: list[str]) -> bool:
+    """Whether a repository-relative path is selected by a pathspec of service_pathspec's form
+    (literal paths, each naming a file or a directory; `:(exclude)P` removes P), as git reads it."""
+
+    def under(entry: str) -> bool:
+        return path == entry or path.startswith(entry.rstrip("/") + "/")
+
+    excluded = [p.removeprefix(":(exclude)") for p in pathspec if p.startswith(":(exclude)")]
+    included = [p for p in pathspec if not p.startswith(":")]
+    return any(under(p) for p in included) and not any(under(p) for p in excluded)
+
+
+def affected_by(paths: list[str]) -> list[registry.Service]:
+    """The services whose image inputs include one of these repository-relative paths (the
+    same rule as `changed`, for a list of paths instead of a git range)."""
+    services = list(registry.services().values())
+    return [
+        s for s in services if any(in_pathspec(p, service_pathspec(s, services)) for p in paths)
+    ]
+
+
 def service_version(svc: registry.Service, root: Path = ROOT) -> str:
     """The full SHA of the last commit that changed svc's image inputs."""
     services = list(registry.services().values())
