@@ -405,13 +405,23 @@ class Lifecycle:
         log.info("stopped")
 
 
-def run(name: str, build: Callable[[], Service]) -> int:
+def run(name: str, argv: list[str], build: Callable[[], Service]) -> int:
     """Serve until SIGTERM or SIGINT, drain, and return the exit code (0 after a clean drain).
+
+    A long-running service takes no arguments (`argv` must be empty): everything is
+    configuration from the environment, so the same image runs unchanged everywhere.
 
     `build` makes the service from its own settings, inside the event loop (gRPC's aio channels
     belong to the loop that made them). A ConfigError or OSError at start-up ends the process
     with exit code 2 and one log line that names what to fix, not a traceback.
     """
+    if argv:
+        print(
+            f"usage: the {name} takes no arguments ({' '.join(argv)}); configure it with KVSTACK_* "
+            "variables (see docs/configuration.md)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         config = load(RuntimeConfig)
         configure_logging(name, config.log_level)

@@ -105,3 +105,14 @@ def test_json_log_lines_carry_fields(capsys: pytest.CaptureFixture[str]) -> None
     assert line["service"] == "unit"
     assert (line["msg"], line["key"], line["bytes"]) == ("saved", "k", 3)
     logging.getLogger().handlers.clear()
+
+
+def test_services_refuse_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    """A long-running service given arguments exits 2 pointing at the environment variables,
+    without building or starting anything."""
+
+    def build() -> runtime.Service:
+        raise AssertionError("must not be built")
+
+    assert runtime.run("backend", ["--port", "1"], build) == 2
+    assert "KVSTACK_*" in capsys.readouterr().err

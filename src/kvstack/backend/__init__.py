@@ -266,10 +266,4 @@ class Backend:
 
 
 def main(argv: list[str]) -> int:
-    if argv:
-        print(
-            "usage: the backend takes no arguments; configure it with KVSTACK_* variables "
-            "(see docs/configuration.md)"
-        )
-        return 2
-    return runtime.run(NAME, lambda: Backend(runtime.load(BackendConfig)))
+    return runtime.run(NAME, argv, lambda: Backend(runtime.load(BackendConfig)))

@@ -248,3 +248,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--tag", help="the version tag (default: from git describe)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run none")
     p.set_defaults(func=_cmd_images)
+
+
+def local_id(runner: Runner, ref: str) -> str | None:
+    """The local engine's ID of image ref, or None when it does not have it."""
+    result = runner.query(docker("image", "inspect", "--format", "{{.Id}}", ref))
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def require_local(runner: Runner, svc: registry.Service, version: str) -> str:
+    """kvstack-NAME:VERSION, which the local engine must have (a dry run only says so)."""
+    ref = image_ref(svc, version)
+    if local_id(runner, ref) is None:
+        if runner.dry_run:
+            say(f"(dry run) image {ref} is missing; a real run stops here")
+            return ref
+        raise CommandError(
+            f"image {ref} is missing from the local Docker engine; build it with "
+            f"`kvstack images --tag {version}` from a checkout of {version} (or deploy "
+            "without --version to build this tree's)"
+        )
+    return ref

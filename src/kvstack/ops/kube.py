@@ -154,20 +154,6 @@ class KubeTarget:
     def context_hint(self) -> str:
         return "point kubectl at the cluster and retry"
 
-    def local_image(self, runner: Runner, svc: registry.Service, version: str) -> str:
-        """The local image kvstack-NAME:VERSION; raise when the engine does not have it."""
-        ref = images.image_ref(svc, version)
-        if runner.query(docker("image", "inspect", "--format", "{{.Id}}", ref)).returncode != 0:
-            if runner.dry_run:
-                say(f"(dry run) image {ref} is missing; a real deploy stops here")
-                return ref
-            raise CommandError(
-                f"image {ref} is missing from the local Docker engine; build it with "
-                f"`kvstack images --tag {version}` (or deploy without --version to build this "
-                "tree's)"
-            )
-        return ref
-
     def build_or_reuse(self, runner: Runner, request: DeployRequest) -> str:
         """The version to deploy; this tree's images are built unless already current."""
         if request.version:
@@ -439,7 +425,7 @@ class Minikube(KubeTarget):
     def ship(self, runner: Runner, version: str, request: DeployRequest) -> list[dict[str, str]]:
         entries = []
         for svc in registry.services().values():
-            ref = self.local_image(runner, svc, version)
+            ref = images.require_local(runner, svc, version)
             say(f"loading {ref} into minikube")
             runner.run(["minikube", "image", "load", ref])
             entries.append({"name": svc.image, "newTag": version})

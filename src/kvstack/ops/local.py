@@ -399,9 +399,7 @@ def inspect_service(runner: Runner, name: str) -> Live | None:
     )
 
 
-def image_id(runner: Runner, ref: str) -> str | None:
-    result = runner.query(docker("image", "inspect", "--format", "{{.Id}}", ref))
-    return result.stdout.strip() if result.returncode == 0 else None
+image_id = images.local_id  # the local engine's ID of an image, or None
 
 
 def spec_hash(entry: dict[str, Any]) -> str:
@@ -569,24 +567,11 @@ class Local:
                 return f"the smoke test ({job.name}) exited {code} (its output is above)"
         return None
 
-    def require_image(self, runner: Runner, svc: registry.Service, version: str) -> str:
-        ref = images.image_ref(svc, version)
-        if image_id(runner, ref) is None:
-            if runner.dry_run:
-                say(f"(dry run) image {ref} is missing; a real run stops here")
-                return ref
-            raise CommandError(
-                f"image {ref} is missing from the local Docker engine; build it with "
-                f"`kvstack images --tag {version}` from a checkout of {version} (or deploy "
-                "without --version to build this tree's)"
-            )
-        return ref
-
     def version_to_deploy(self, runner: Runner, request: DeployRequest) -> str:
         current = images.version()
         if request.version and request.version != current:
             for svc in registry.services().values():
-                self.require_image(runner, svc, request.version)
+                images.require_local(runner, svc, request.version)
             return request.version
         services = list(registry.services().values())
         images.build(runner, services, current, only_if_changed=True)
@@ -765,7 +750,7 @@ class Local:
         for svc in targets:
             live = self.require_live(runner, svc)
             if version:
-                image = self.require_image(runner, svc, version)
+                image = images.require_local(runner, svc, version)
                 release = version
             else:
                 earlier = [r for r in live.releases if r.get("image") != live.image]

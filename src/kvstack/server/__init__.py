@@ -257,10 +257,4 @@ class Server:
 
 
 def main(argv: list[str]) -> int:
-    if argv:
-        print(
-            "usage: the server takes no arguments; configure it with KVSTACK_* variables "
-            "(see docs/configuration.md)"
-        )
-        return 2
-    return runtime.run(NAME, lambda: Server(runtime.load(ServerConfig)))
+    return runtime.run(NAME, argv, lambda: Server(runtime.load(ServerConfig)))
