@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from kvstack import client as client_cli
 from kvstack.probe import check
 from kvstack.v1 import kv_pb2, kv_pb2_grpc, replication_pb2, replication_pb2_grpc
 from tests.conftest import ServiceProcess, Spawn, free_port
@@ -222,3 +223,10 @@ def test_reads_spread_over_every_backend(cluster: Cluster) -> None:
         return all(gets(b) >= 10 + 5 if b is backends[0] else gets(b) >= 5 for b in backends)
 
     eventually(every_backend_reads, what="plain reads spread over every backend")
+
+    # The client's reads default to the latest write: all of them go to the primary.
+    before = [gets(b) for b in backends]
+    for _ in range(6):
+        assert client_cli.main(["--target", server.target, "get", "spread"]) == 0
+    time.sleep(0.3)
+    assert [gets(b) - n for b, n in zip(backends, before, strict=True)] == [6, 0, 0]

@@ -57,8 +57,10 @@ class Client:
     attempts: int = 5
     backoff: float = 0.1
     verbose: bool = True
-    # Read from the primary, so every acknowledged write is seen (replicas may lag a little).
-    latest: bool = False
+    # Read from the primary, so every acknowledged write is seen: what a person (or the batch)
+    # expects right after a put. False lets the server answer from any caught-up backend, which
+    # spreads the load but may be a moment behind (see docs/architecture.md, Reads).
+    latest: bool = True
 
     def __post_init__(self) -> None:
         self.channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
@@ -231,10 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="server address (default: $KVSTACK_SERVER_TARGET or %(default)s)",
     )
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per call")
-    parser.add_argument(
+    reads = parser.add_mutually_exclusive_group()
+    reads.add_argument(
         "--latest",
+        dest="latest",
         action="store_true",
-        help="read from the primary: see every acknowledged write (replicas may lag a little)",
+        default=True,
+        help="read from the primary: see every acknowledged write (the default)",
+    )
+    reads.add_argument(
+        "--any-backend",
+        dest="latest",
+        action="store_false",
+        help="let the server answer reads from any caught-up replica (spreads the load; may be "
+        "a moment behind the latest write)",
     )
     parser.add_argument(
         "--attempts", type=int, default=5, help="tries per call when the server is unavailable"
