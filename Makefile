@@ -62,7 +62,7 @@ lint: $(PY) ## ruff, mypy, hadolint, shellcheck
 	$(VENV)/bin/ruff format --check src tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile
-	$(VENV)/bin/shellcheck .ci/run
+	$(VENV)/bin/shellcheck .ci/run test/*.sh
 
 # CI (.github/workflows) calls these too; see docs/automation.md.
 .PHONY: generate
