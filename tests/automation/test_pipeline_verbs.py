@@ -159,3 +159,19 @@ def test_release_refuses_a_digest_other_than_the_tested_one(
 def test_sign_refuses_tags() -> None:
     """Signatures go on digests; a tag could be moved after signing."""
     assert cli.main(["pipeline", "sign", f"{REGISTRY}/kvstack-server:abc", "--dry-run"]) == 1
+
+
+def test_release_into_the_staging_namespace(
+    fake_tools: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fake kubectl/gcloud on PATH, --dry-run: `pipeline release gke --namespace kvstack-staging`
+    sets Kustomize's `namespace:` in the release and names that namespace in every kubectl call
+    (the production job releases the same digests without it, into kvstack)."""
+    argv = ["pipeline", "release", "gke", "--registry", REGISTRY, "--dry-run"]
+    assert cli.main([*argv, "--namespace", "kvstack-staging"]) == 0
+    kustomization = capsys.readouterr().err.split("<<'EOF'\n", 1)[1].split("EOF", 1)[0]
+    assert "\nnamespace: kvstack-staging\n" in kustomization
+    calls = [json.loads(line) for line in fake_tools.read_text().splitlines()]
+    kubectl = [c for c in calls if c[0] == "kubectl" and c[1:3] != ["config", "current-context"]]
+    assert kubectl
+    assert all(c[1:3] == ["--namespace", "kvstack-staging"] for c in kubectl)

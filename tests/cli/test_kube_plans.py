@@ -477,3 +477,104 @@ def test_status_and_history(fake: FakeTools) -> None:
         ["rollout", "history", "statefulset/backend"],
         ["rollout", "history", "deployment/server"],
     ]
+
+
+# -- --namespace --------------------------------------------------------------------------------
+
+STAGING = "kvstack-staging"
+CLUSTER_SCOPED = {"Namespace"}
+
+
+def outside(fake: FakeTools, namespace: str) -> list[list[str]]:
+    """kubectl calls that are not `kubectl --namespace NAMESPACE ...` (bar the context check)."""
+    return [
+        c
+        for c in fake.calls("kubectl")
+        if c[1:3] != ["--namespace", namespace] and c[1:3] != ["config", "current-context"]
+    ]
+
+
+def test_deploy_into_another_namespace(fake: FakeTools) -> None:
+    """Fake tools: `kvstack deploy gke --namespace kvstack-staging` names that namespace in every
+    kubectl call, and the release (rendered with the real kubectl) puts every namespaced object
+    in it: Kustomize's `namespace:` renames the base's Namespace object, which keeps its Pod
+    Security labels; network policies still let DNS (kube-system) and the collectors (gmp-system)
+    in, and select pods by label as before; the PodMonitoring sits in, and scrapes, the new one."""
+    gke_context(fake)
+    argv = ["deploy", "gke", "--namespace", STAGING, "--version", "v1", "--registry", REGISTRY]
+    assert cli.main(argv) == 0
+    assert outside(fake, STAGING) == []
+    (apply,) = [c for c in fake.calls("kubectl") if "apply" in c]
+    docs = render(Path(apply[-1]))
+    namespaced_docs = [d for d in docs if d["kind"] not in CLUSTER_SCOPED]
+    assert namespaced_docs
+    assert {d["metadata"].get("namespace") for d in namespaced_docs} == {STAGING}
+    (ns,) = [d for d in docs if d["kind"] == "Namespace"]
+    assert ns["metadata"]["name"] == STAGING
+    labels = ns["metadata"]["labels"]
+    for mode in ("enforce", "audit", "warn"):
+        assert labels[f"pod-security.kubernetes.io/{mode}"] == "restricted"
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    selected = {
+        peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for p in policies
+        for rule in p["spec"].get("ingress", []) + p["spec"].get("egress", [])
+        for peer in rule.get("from", []) + rule.get("to", [])
+        if "namespaceSelector" in peer
+    }
+    assert selected == {"kube-system", manifests.GMP_NAMESPACE}
+    (monitor,) = [d for d in docs if d["kind"] == "PodMonitoring"]
+    assert monitor["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/part-of": manifests.PART_OF
+    }
+    causes = {d["metadata"]["annotations"]["kubernetes.io/change-cause"] for d in docs
+              if d["kind"] in ("Deployment", "StatefulSet", "Job")}  # fmt: skip
+    assert causes == {f"kvstack deploy gke --namespace {STAGING} --version v1"}
+
+
+def test_default_namespace_release_is_unchanged(fake: FakeTools) -> None:
+    """Fake tools: without --namespace the release kustomization sets no `namespace:` (the
+    base's own, kvstack, applies) and every kubectl call names kvstack, as before. The
+    components' objects (network policies) carry no namespace there: `kubectl --namespace
+    kvstack apply` places them."""
+    minikube_context(fake)
+    assert cli.main(["deploy", "minikube", "--version", "v1"]) == 0
+    assert outside(fake, manifests.NAMESPACE) == []
+    text = (release_from(fake.calls()) / "kustomization.yaml").read_text()
+    assert "namespace" not in yaml.safe_load(text)
+    assert {d["metadata"].get("namespace") for d in render(release_from(fake.calls()))
+            if d["kind"] != "Namespace"} <= {manifests.NAMESPACE, None}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["scale", "gke", "server", "3"],
+        ["status", "gke"],
+        ["history", "minikube"],
+        ["rollback", "gke"],
+        ["rollback", "minikube", "server", "--to", "v1"],
+    ],
+    ids=" ".join,
+)
+def test_every_verb_works_in_the_namespace_given(fake: FakeTools, argv: list[str]) -> None:
+    """Fake tools: scale, status, history and rollback with --namespace kvstack-staging name
+    that namespace in every kubectl call they make."""
+    gke_context(fake) if argv[1] == "gke" else minikube_context(fake)
+    fake.rule("kubectl", "get replicasets", stdout="4\n")
+    assert cli.main([*argv, "--namespace", STAGING]) == 0
+    assert len(fake.calls("kubectl")) > 1
+    assert outside(fake, STAGING) == []
+
+
+def test_namespace_errors(fake: FakeTools, capsys: pytest.CaptureFixture[str]) -> None:
+    """Fake tools: hints in errors carry the namespace; `local` (Swarm) has no namespaces; a
+    name Kubernetes would refuse is refused before anything runs."""
+    minikube_context(fake)
+    fake.rule("kubectl", "get controllerrevisions", stdout="")
+    assert cli.main(["rollback", "minikube", "backend", "--to", "v0", "--namespace", STAGING]) == 1
+    assert f"kvstack history minikube --namespace {STAGING}" in capsys.readouterr().err
+    assert cli.main(["status", "local", "--namespace", STAGING]) == 1
+    assert "the local target has no namespaces" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["status", "gke", "--namespace", "Not_A_Namespace"])

@@ -14,6 +14,12 @@ They wrap kubectl (and minikube, gcloud, docker) and reimplement nothing:
   `kubectl scale` and wait.
 - status, history: kubectl get / rollout history; rollback: `kubectl rollout undo`, with
   `--to VERSION` mapped to the revision whose pods carry that version label.
+
+Every verb works in one namespace, `--namespace NS` (default NAMESPACE, `kvstack`, the one the
+generated manifests name): every kubectl call names it, and a deploy to another namespace sets
+Kustomize's `namespace:` in the release kustomization. That moves every namespaced object into NS
+and renames the base's Namespace object to NS (its Pod Security labels stay on it), so one
+cluster can hold several releases side by side (the pipeline: `kvstack-staging` and `kvstack`).
 """
 
 from __future__ import annotations
@@ -32,17 +38,19 @@ from kvstack.cli import CommandError
 from kvstack.ops import images, manifests
 from kvstack.ops.engine import docker
 from kvstack.ops.shell import Runner, say
-from kvstack.ops.targets import DeployRequest
+from kvstack.ops.targets import DEFAULT_NAMESPACE, DeployRequest
 
 NAMESPACE = manifests.NAMESPACE
+if NAMESPACE != DEFAULT_NAMESPACE:
+    raise AssertionError("--namespace's default must be the generated manifests' namespace")
 OVERLAYS = manifests.ROOT / manifests.DEPLOY / "overlays"
 VERSION_LABEL = "app.kubernetes.io/version"
 CHANGE_CAUSE = "kubernetes.io/change-cause"
 GKE_REGISTRY_ENV = "KVSTACK_GKE_REGISTRY"
 
 
-def kubectl(*args: str) -> list[str]:
-    return ["kubectl", "--namespace", NAMESPACE, *args]
+def kubectl(*args: str, namespace: str = NAMESPACE) -> list[str]:
+    return ["kubectl", "--namespace", namespace, *args]
 
 
 def resource(svc: registry.Service) -> str:
@@ -71,9 +79,9 @@ def jobs() -> list[registry.Service]:
     return [s for s in registry.services().values() if not s.long_running]
 
 
-def get_json(runner: Runner, what: str) -> dict[str, Any] | None:
-    """The live object (kind/name) as JSON, None when it does not exist."""
-    argv = kubectl("get", what, "--ignore-not-found", "--output", "json")
+def get_json(runner: Runner, what: str, namespace: str = NAMESPACE) -> dict[str, Any] | None:
+    """The live object (kind/name) in `namespace` as JSON, None when it does not exist."""
+    argv = kubectl("get", what, "--ignore-not-found", "--output", "json", namespace=namespace)
     result = runner.query(argv)
     if result.returncode != 0:
         if runner.dry_run:
@@ -103,16 +111,39 @@ def template_of(obj: dict[str, Any] | None) -> str:
     return json.dumps(obj["spec"]["template"], sort_keys=True) if obj else ""
 
 
-def rollout_status(runner: Runner, svc: registry.Service, timeout: int) -> bool:
+def rollout_status(
+    runner: Runner, svc: registry.Service, timeout: int, namespace: str = NAMESPACE
+) -> bool:
     say(f"waiting for {resource(svc)} (up to {timeout} s)")
-    argv = kubectl("rollout", "status", resource(svc), f"--timeout={timeout}s")
+    argv = kubectl("rollout", "status", resource(svc), f"--timeout={timeout}s", namespace=namespace)
     return runner.run(argv, check=False).returncode == 0
 
 
 class KubeTarget:
-    """A Kubernetes cluster reached through kubectl's current context."""
+    """A Kubernetes cluster reached through kubectl's current context, and the namespace there
+    the release lives in (default NAMESPACE, the generated manifests' own)."""
 
     name = "kube"
+
+    def __init__(self, namespace: str = NAMESPACE) -> None:
+        self.namespace = namespace
+
+    def kubectl(self, *args: str) -> list[str]:
+        return kubectl(*args, namespace=self.namespace)
+
+    @property
+    def cli_target(self) -> str:
+        """How the kvstack CLI names this target and namespace (`gke --namespace NS`)."""
+        if self.namespace == NAMESPACE:
+            return self.name
+        return f"{self.name} --namespace {self.namespace}"
+
+    @property
+    def where(self) -> str:
+        """This target and namespace, for messages."""
+        if self.namespace == NAMESPACE:
+            return self.name
+        return f"{self.name} (namespace {self.namespace})"
 
     @property
     def overlay(self) -> Path:
@@ -165,12 +196,12 @@ class KubeTarget:
     def snapshot(self, runner: Runner) -> Snapshot:
         snap = Snapshot()
         for svc in long_running():
-            live = get_json(runner, resource(svc))
+            live = get_json(runner, resource(svc), self.namespace)
             snap.templates[resource(svc)] = template_of(live)
             if live:
                 snap.replicas[svc.name] = int(live["spec"].get("replicas", svc.replicas))
             if svc.kind == "stateless":
-                hpa = get_json(runner, f"horizontalpodautoscaler/{svc.name}")
+                hpa = get_json(runner, f"horizontalpodautoscaler/{svc.name}", self.namespace)
                 if hpa:
                     snap.hpa_bounds[svc.name] = (
                         int(hpa["spec"].get("minReplicas", 1)),
@@ -182,7 +213,7 @@ class KubeTarget:
         self, directory: Path, version: str, image_entries: list[dict[str, str]], snap: Snapshot
     ) -> dict[str, Any]:
         """The release on top of the overlay: images, version label, change cause, scale."""
-        cause = f"kvstack deploy {self.name} --version {version}"
+        cause = f"kvstack deploy {self.cli_target} --version {version}"
         patches: list[dict[str, Any]] = [
             {
                 "target": {"kind": "(Deployment|StatefulSet|Job)"},
@@ -216,6 +247,13 @@ class KubeTarget:
         body: dict[str, Any] = {
             "apiVersion": "kustomize.config.k8s.io/v1beta1",
             "kind": "Kustomization",
+        }
+        if self.namespace != NAMESPACE:
+            # Kustomize moves every namespaced object into it and renames the one Namespace
+            # object (labels, Pod Security included, carried over); policies and monitoring
+            # select pods by label within their own namespace, so they follow as they are.
+            body["namespace"] = self.namespace
+        body |= {
             "resources": [os.path.relpath(self.overlay, directory)],
             "images": image_entries,
             "patches": patches,
@@ -245,14 +283,14 @@ class KubeTarget:
             before = snap.templates[resource(svc)]
             if not before:
                 continue  # created by this deploy: there is no earlier revision to return to
-            after = template_of(get_json(runner, resource(svc)))
+            after = template_of(get_json(runner, resource(svc), self.namespace))
             if after and after != before:
                 say(f"rolling back {resource(svc)}")
-                runner.run(kubectl("rollout", "undo", resource(svc)), check=False)
+                runner.run(self.kubectl("rollout", "undo", resource(svc)), check=False)
                 undone.append(resource(svc))
         for svc in long_running():
             if resource(svc) in undone:
-                rollout_status(runner, svc, timeout)
+                rollout_status(runner, svc, timeout, self.namespace)
         return undone
 
     def smoke_test(self, runner: Runner, timeout: int) -> str | None:
@@ -260,15 +298,15 @@ class KubeTarget:
         for svc in jobs():
             say(f"smoke test: running {resource(svc)}")
             runner.run(
-                kubectl(
+                self.kubectl(
                     "patch", resource(svc), "--type=merge", "--patch", '{"spec":{"suspend":false}}'
                 )
             )
-            wait = kubectl(
+            wait = self.kubectl(
                 "wait", "--for=condition=complete", resource(svc), f"--timeout={timeout}s"
             )
             if runner.run(wait, check=False).returncode != 0:
-                runner.run(kubectl("logs", resource(svc), "--tail=50"), check=False)
+                runner.run(self.kubectl("logs", resource(svc), "--tail=50"), check=False)
                 return f"the smoke test {resource(svc)} did not complete within {timeout} s"
         return None
 
@@ -277,7 +315,7 @@ class KubeTarget:
     def deploy(self, runner: Runner, request: DeployRequest) -> None:
         self.preflight(runner)
         version = self.build_or_reuse(runner, request)
-        say(f"deploying {version} to {self.name}")
+        say(f"deploying {version} to {self.where}")
         image_entries = self.ship(runner, version, request)
         snap = self.snapshot(runner)
         directory = self.write_release(
@@ -285,13 +323,13 @@ class KubeTarget:
         )
         # A Job's pod template is immutable: the smoke test is recreated (suspended) each time.
         for svc in jobs():
-            runner.run(kubectl("delete", resource(svc), "--ignore-not-found", "--wait=true"))
+            runner.run(self.kubectl("delete", resource(svc), "--ignore-not-found", "--wait=true"))
         failure = None
-        applied = runner.run(kubectl("apply", "--kustomize", str(directory)), check=False)
+        applied = runner.run(self.kubectl("apply", "--kustomize", str(directory)), check=False)
         if applied.returncode != 0:
             failure = f"kubectl apply of the release in {directory} failed (see above)"
         for svc in long_running() if failure is None else []:
-            if not rollout_status(runner, svc, request.timeout):
+            if not rollout_status(runner, svc, request.timeout, self.namespace):
                 failure = (
                     f"the rollout of {resource(svc)} did not finish within {request.timeout} s"
                 )
@@ -306,14 +344,14 @@ class KubeTarget:
                 else "nothing to roll back (no workload had an earlier release)"
             )
             raise CommandError(
-                f"{failure}; {what}. See `kubectl --namespace {NAMESPACE} get pods` and "
-                f"`kubectl --namespace {NAMESPACE} describe` / `logs` of the failing pods, fix, "
-                f"and deploy again"
+                f"{failure}; {what}. See `kubectl --namespace {self.namespace} get pods` and "
+                f"`kubectl --namespace {self.namespace} describe` / `logs` of the failing pods, "
+                "fix, and deploy again"
             )
         if runner.dry_run:
             say(f"(dry run) nothing was changed; the commands above would deploy {version}")
         else:
-            say(f"{version} is live on {self.name}; smoke test passed")
+            say(f"{version} is live on {self.where}; smoke test passed")
 
     def scale(self, runner: Runner, service: registry.Service, replicas: int, timeout: int) -> None:
         self.preflight(runner)
@@ -323,7 +361,7 @@ class KubeTarget:
                 "maxReplicas": max(replicas, manifests.HPA_MAX_REPLICAS),
             }
             runner.run(
-                kubectl(
+                self.kubectl(
                     "patch",
                     f"horizontalpodautoscaler/{service.name}",
                     "--type=merge",
@@ -331,11 +369,11 @@ class KubeTarget:
                     json.dumps({"spec": bounds}, separators=(",", ":")),
                 )
             )
-        runner.run(kubectl("scale", resource(service), f"--replicas={replicas}"))
-        if not rollout_status(runner, service, timeout):
+        runner.run(self.kubectl("scale", resource(service), f"--replicas={replicas}"))
+        if not rollout_status(runner, service, timeout, self.namespace):
             raise CommandError(
                 f"{resource(service)} did not reach {replicas} ready replicas within {timeout} s; "
-                f"see `kubectl --namespace {NAMESPACE} get pods` (Pending: the cluster needs "
+                f"see `kubectl --namespace {self.namespace} get pods` (Pending: the cluster needs "
                 "room; CrashLoopBackOff: the logs)"
             )
 
@@ -353,17 +391,17 @@ class KubeTarget:
             ]
         )
         selector = f"app.kubernetes.io/part-of={manifests.PART_OF}"
-        runner.run(kubectl("get", "deployments,statefulsets,jobs", "--selector", selector,
+        runner.run(self.kubectl("get", "deployments,statefulsets,jobs", "--selector", selector,
                            f"--output=custom-columns={columns}"))  # fmt: skip
-        runner.run(kubectl("get", "horizontalpodautoscalers,poddisruptionbudgets",
+        runner.run(self.kubectl("get", "horizontalpodautoscalers,poddisruptionbudgets",
                            "--selector", selector))  # fmt: skip
         for svc in long_running():
-            runner.run(kubectl("rollout", "history", resource(svc)))
+            runner.run(self.kubectl("rollout", "history", resource(svc)))
 
     def history(self, runner: Runner) -> None:
         self.preflight(runner)
         for svc in long_running():
-            runner.run(kubectl("rollout", "history", resource(svc)))
+            runner.run(self.kubectl("rollout", "history", resource(svc)))
 
     def revision_of(self, runner: Runner, svc: registry.Service, version: str) -> str:
         """The newest revision of svc whose pods run `version`."""
@@ -375,14 +413,14 @@ class KubeTarget:
         else:
             what = "controllerrevisions"
             path = '{range .items[*]}{.revision}{"\\n"}{end}'
-        argv = kubectl("get", what, "--selector", selector, f"--output=jsonpath={path}")
+        argv = self.kubectl("get", what, "--selector", selector, f"--output=jsonpath={path}")
         result = runner.query(argv)
         revisions = [int(r) for r in result.stdout.split() if r.isdigit()]
         if result.returncode != 0 or not revisions:
             raise CommandError(
                 f"no earlier release of {resource(svc)} runs version {version}; "
-                f"`kvstack history {self.name}` lists them (or deploy it: "
-                f"`kvstack deploy {self.name} --version {version}`)"
+                f"`kvstack history {self.cli_target}` lists them (or deploy it: "
+                f"`kvstack deploy {self.cli_target} --version {version}`)"
             )
         return str(max(revisions))
 
@@ -392,19 +430,21 @@ class KubeTarget:
         self.preflight(runner)
         chosen = [service] if service else long_running()
         for svc in chosen:
-            argv = kubectl("rollout", "undo", resource(svc))
+            argv = self.kubectl("rollout", "undo", resource(svc))
             if version:
                 argv.append(f"--to-revision={self.revision_of(runner, svc, version)}")
             if runner.run(argv, check=False).returncode != 0:
                 raise CommandError(
                     f"`kubectl rollout undo {resource(svc)}` failed (see above); a workload "
-                    f"deployed once has no earlier release: `kvstack history {self.name}`"
+                    f"deployed once has no earlier release: `kvstack history {self.cli_target}`"
                 )
-        failed = [resource(s) for s in chosen if not rollout_status(runner, s, timeout)]
+        failed = [
+            resource(s) for s in chosen if not rollout_status(runner, s, timeout, self.namespace)
+        ]
         if failed:
             raise CommandError(
                 f"rollback of {', '.join(failed)} did not finish within {timeout} s; see "
-                f"`kubectl --namespace {NAMESPACE} get pods` and their logs"
+                f"`kubectl --namespace {self.namespace} get pods` and their logs"
             )
         say("rolled back: " + ", ".join(resource(s) for s in chosen))
 

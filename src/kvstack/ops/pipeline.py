@@ -9,7 +9,8 @@ dry-run) by hand:
   its own package (src/kvstack/NAME). A change to one service's package gives only that service
   a new version; a change to shared code gives every service one.
 - credentials: point kubectl at a GKE cluster (gcloud container clusters get-credentials).
-- release: deploy every service at its own version to the GKE cluster kubectl points at,
+- release: deploy every service at its own version to a namespace (--namespace, default
+  kvstack) of the GKE cluster kubectl points at,
   referring to each image by the digest Artifact Registry holds for that tag. It is the `gke`
   target of `kvstack deploy` (same apply, rollout wait, smoke test and automatic rollback),
   with two differences: images by digest, and a version label per service, so a service whose
@@ -31,7 +32,13 @@ from kvstack import registry
 from kvstack.cli import CommandError
 from kvstack.ops import images, kube, manifests
 from kvstack.ops.shell import Runner, say
-from kvstack.ops.targets import DEFAULT_TIMEOUT_S, DeployRequest, positive
+from kvstack.ops.targets import (
+    DEFAULT_NAMESPACE,
+    DEFAULT_TIMEOUT_S,
+    DeployRequest,
+    namespace_name,
+    positive,
+)
 
 ROOT = images.ROOT
 PACKAGE = "src/kvstack"
@@ -149,7 +156,14 @@ def _credentials(args: argparse.Namespace) -> int:
 class PinnedGke(kube.Gke):
     """The gke target, each service at its own version and its image by digest."""
 
-    def __init__(self, versions: dict[str, str], expected: dict[str, str], identity: str | None):
+    def __init__(
+        self,
+        versions: dict[str, str],
+        expected: dict[str, str],
+        identity: str | None,
+        namespace: str = kube.NAMESPACE,
+    ):
+        super().__init__(namespace)
         self.versions = versions  # service -> version (full git SHA)
         self.expected = expected  # image -> digest the caller built/tested (empty: any)
         self.identity = identity  # cosign certificate identity regexp to verify, if any
@@ -242,7 +256,7 @@ def _release(args: argparse.Namespace) -> int:
     services = registry.services().values()
     versions = {s.name: service_version(s) for s in services}
     expected: dict[str, str] = json.loads(args.digests) if args.digests else {}
-    target = PinnedGke(versions, expected, args.verify_identity)
+    target = PinnedGke(versions, expected, args.verify_identity, args.namespace)
     request = DeployRequest(version=None, registry=args.registry, timeout=args.timeout)
     target.deploy(Runner(dry_run=args.dry_run), request)
     text = json.dumps(target.digests, separators=(",", ":"), sort_keys=True)
@@ -293,6 +307,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--github-output", metavar="NAME", help="also write NAME=digests JSON to $GITHUB_OUTPUT"
     )
+    p.add_argument("--namespace", type=namespace_name, default=DEFAULT_NAMESPACE, metavar="NS",
+                   help="the namespace to release into (default %(default)s)")  # fmt: skip
     p.add_argument("--timeout", type=positive, default=DEFAULT_TIMEOUT_S)
     p.add_argument("--dry-run", action="store_true", help="print what would change; change none")
     p.set_defaults(func=_release)

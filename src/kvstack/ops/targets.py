@@ -6,6 +6,9 @@ for `minikube` and `gke`). To add a target, implement the Target protocol and li
 (a zero-argument callable, as "module:attribute") in TARGETS; its module is imported only when
 the target is used.
 
+The Kubernetes targets take --namespace NS (default kvstack): the namespace every kubectl call
+names and a deploy puts every object in (kvstack.ops.kube); `local` has none and refuses it.
+
 Every verb takes --dry-run: commands that change something are printed and not run (read-only
 queries still run, since the next step depends on their answer; see kvstack.ops.shell).
 """
@@ -14,15 +17,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from kvstack import registry
 from kvstack.cli import CommandError
 from kvstack.ops.shell import Runner
 
 DEFAULT_TIMEOUT_S = 300
+DEFAULT_NAMESPACE = "kvstack"  # kvstack.ops.manifests.NAMESPACE, the generated manifests' own
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,13 @@ class Target(Protocol):
         """Print the releases (revisions and versions) of every long-running service."""
 
 
+@runtime_checkable
+class Namespaced(Protocol):
+    """A target that lives in a Kubernetes namespace (minikube, gke): `--namespace` sets it."""
+
+    namespace: str
+
+
 # name -> "module:factory". The local (Swarm) target lives in kvstack.ops.local.
 TARGETS: dict[str, str] = {
     "local": "kvstack.ops.local:target",
@@ -83,6 +96,29 @@ def get(name: str) -> Target:
             f"`{attribute}`); for the local stack use `kvstack up` / `kvstack down`"
         )
     return factory()
+
+
+def namespace_name(text: str) -> str:
+    """A Kubernetes namespace name (an RFC 1123 DNS label), for argparse."""
+    if not DNS_LABEL.match(text):
+        raise argparse.ArgumentTypeError(
+            "a namespace is 1-63 lowercase letters, digits and '-', starting and ending with a "
+            "letter or digit"
+        )
+    return text
+
+
+def target_for(args: argparse.Namespace) -> Target:
+    """The target a verb names, in the namespace --namespace names (Kubernetes targets only)."""
+    target = get(args.target)
+    if args.namespace is not None:
+        if not isinstance(target, Namespaced):
+            raise CommandError(
+                f"the {args.target} target has no namespaces; --namespace is for "
+                f"{', '.join(t for t in TARGETS if t != args.target)}"
+            )
+        target.namespace = args.namespace
+    return target
 
 
 def long_running_service(name: str) -> registry.Service:
@@ -107,29 +143,29 @@ def positive(text: str) -> int:
 
 def _deploy(args: argparse.Namespace) -> int:
     request = DeployRequest(version=args.version, registry=args.registry, timeout=args.timeout)
-    get(args.target).deploy(Runner(dry_run=args.dry_run), request)
+    target_for(args).deploy(Runner(dry_run=args.dry_run), request)
     return 0
 
 
 def _scale(args: argparse.Namespace) -> int:
     service = long_running_service(args.service)
-    get(args.target).scale(Runner(dry_run=args.dry_run), service, args.replicas, args.timeout)
+    target_for(args).scale(Runner(dry_run=args.dry_run), service, args.replicas, args.timeout)
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    get(args.target).status(Runner(dry_run=args.dry_run))
+    target_for(args).status(Runner(dry_run=args.dry_run))
     return 0
 
 
 def _rollback(args: argparse.Namespace) -> int:
     service = long_running_service(args.service) if args.service else None
-    get(args.target).rollback(Runner(dry_run=args.dry_run), service, args.to, args.timeout)
+    target_for(args).rollback(Runner(dry_run=args.dry_run), service, args.to, args.timeout)
     return 0
 
 
 def _history(args: argparse.Namespace) -> int:
-    get(args.target).history(Runner(dry_run=args.dry_run))
+    target_for(args).history(Runner(dry_run=args.dry_run))
     return 0
 
 
@@ -145,6 +181,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             action="store_true",
             help="print the commands that would change something; run none",
         )
+        parser.add_argument("--namespace", type=namespace_name, metavar="NS",
+                            help="minikube, gke: the namespace to work in "
+                            f"(default {DEFAULT_NAMESPACE})")  # fmt: skip
         parser.set_defaults(func=func)
         return parser
 
