@@ -30,10 +30,9 @@ resource "google_artifact_registry_repository" "images" {
   depends_on = [google_project_service.apis]
 }
 
-# One regional Autopilot cluster per environment.
-resource "google_container_cluster" "env" {
-  for_each            = var.environments
-  name                = "kvstack-${each.value}"
+# One regional Autopilot cluster; each environment is a namespace in it (var.namespaces).
+resource "google_container_cluster" "kvstack" {
+  name                = var.cluster_name
   location            = var.region
   enable_autopilot    = true
   deletion_protection = var.deletion_protection
@@ -70,29 +69,179 @@ resource "google_iam_workload_identity_pool_provider" "github" {
   }
 }
 
-# The deployer: pushes images, deploys to the clusters. Nothing else.
-resource "google_service_account" "deployer" {
-  account_id   = "kvstack-deployer"
-  display_name = "kvstack GitHub Actions deployer"
+# The builder: pushes images (deploy.yml's build job, which runs in no environment). Nothing else.
+resource "google_service_account" "builder" {
+  account_id   = "kvstack-builder"
+  display_name = "kvstack GitHub Actions image builder"
 }
 
-resource "google_service_account_iam_member" "deployer_from_github" {
-  service_account_id = google_service_account.deployer.name
+resource "google_service_account_iam_member" "builder_from_github" {
+  service_account_id = google_service_account.builder.name
   role               = "roles/iam.workloadIdentityUser"
   member             = "principalSet://iam.googleapis.com/${google_iam_workload_identity_pool.github.name}/attribute.repository/${var.github_repository}"
 }
 
 # Push and read images: on this repository only, not project-wide.
-resource "google_artifact_registry_repository_iam_member" "deployer_writer" {
+resource "google_artifact_registry_repository_iam_member" "builder_writer" {
   location   = google_artifact_registry_repository.images.location
   repository = google_artifact_registry_repository.images.name
   role       = "roles/artifactregistry.writer"
-  member     = "serviceAccount:${google_service_account.deployer.email}"
+  member     = "serviceAccount:${google_service_account.builder.email}"
 }
 
-# Kubernetes objects in the clusters (deployments, jobs, autoscalers...), no cluster admin.
-resource "google_project_iam_member" "deployer_gke" {
-  project = var.project
-  role    = "roles/container.developer"
-  member  = "serviceAccount:${google_service_account.deployer.email}"
+# One deployer per environment, usable only by this repository's jobs that run in that GitHub
+# environment (the token's subject names both): a staging job cannot act in production's
+# namespace, and production's deployer is reached only past the environment's reviewers.
+resource "google_service_account" "deployer" {
+  for_each     = var.namespaces
+  account_id   = "kvstack-deploy-${each.key}"
+  display_name = "kvstack GitHub Actions deployer (${each.key}: namespace ${each.value})"
+}
+
+resource "google_service_account_iam_member" "deployer_from_github" {
+  for_each           = var.namespaces
+  service_account_id = google_service_account.deployer[each.key].name
+  role               = "roles/iam.workloadIdentityUser"
+  member             = "principal://iam.googleapis.com/${google_iam_workload_identity_pool.github.name}/subject/repo:${var.github_repository}:environment:${each.key}"
+}
+
+# Read images (digests, cosign signatures) from the one repository; never write.
+resource "google_artifact_registry_repository_iam_member" "deployer_reader" {
+  for_each   = var.namespaces
+  location   = google_artifact_registry_repository.images.location
+  repository = google_artifact_registry_repository.images.name
+  role       = "roles/artifactregistry.reader"
+  member     = "serviceAccount:${google_service_account.deployer[each.key].email}"
+}
+
+# Find the cluster (get-credentials) and nothing more through IAM: IAM roles on GKE apply to
+# every namespace, so what a deployer may change is granted by Kubernetes RBAC below, in its
+# own namespace only.
+resource "google_project_iam_member" "deployer_cluster_viewer" {
+  for_each = var.namespaces
+  project  = var.project
+  role     = "roles/container.clusterViewer"
+  member   = "serviceAccount:${google_service_account.deployer[each.key].email}"
+}
+
+# -- Inside the cluster: the namespaces and what each deployer may do there -------------------
+
+# Made here so the role bindings have somewhere to live; `kvstack deploy` applies the same
+# object (same labels, from deploy/base/namespace.yaml renamed by Kustomize's `namespace:`).
+resource "kubernetes_namespace_v1" "env" {
+  for_each = var.namespaces
+  metadata {
+    name = each.value
+    labels = {
+      "app.kubernetes.io/part-of"                  = "kvstack"
+      "pod-security.kubernetes.io/enforce"         = "restricted"
+      "pod-security.kubernetes.io/audit"           = "restricted"
+      "pod-security.kubernetes.io/warn"            = "restricted"
+      "pod-security.kubernetes.io/enforce-version" = "latest"
+    }
+  }
+}
+
+# What `kvstack pipeline release gke` and the operations workflow do: the kinds the manifests
+# hold, rollouts (ReplicaSets, ControllerRevisions), scale, the smoke Job's pods and logs.
+resource "kubernetes_role_v1" "deployer" {
+  for_each = var.namespaces
+  metadata {
+    name      = "kvstack-deployer"
+    namespace = kubernetes_namespace_v1.env[each.key].metadata[0].name
+  }
+  rule {
+    api_groups = ["apps"]
+    resources  = ["deployments", "statefulsets", "deployments/scale", "statefulsets/scale"]
+    verbs      = ["get", "list", "watch", "create", "update", "patch", "delete"]
+  }
+  rule {
+    api_groups = ["apps"]
+    resources  = ["replicasets", "controllerrevisions"]
+    verbs      = ["get", "list", "watch"]
+  }
+  rule {
+    api_groups = ["batch"]
+    resources  = ["jobs"]
+    verbs      = ["get", "list", "watch", "create", "update", "patch", "delete"]
+  }
+  rule {
+    api_groups = [""]
+    resources  = ["services"]
+    verbs      = ["get", "list", "watch", "create", "update", "patch", "delete"]
+  }
+  rule {
+    api_groups = [""]
+    resources  = ["pods", "pods/log", "events"]
+    verbs      = ["get", "list", "watch"]
+  }
+  rule {
+    api_groups = ["autoscaling"]
+    resources  = ["horizontalpodautoscalers"]
+    verbs      = ["get", "list", "watch", "create", "update", "patch", "delete"]
+  }
+  rule {
+    api_groups = ["policy"]
+    resources  = ["poddisruptionbudgets"]
+    verbs      = ["get", "list", "watch", "create", "update", "patch", "delete"]
+  }
+  rule {
+    api_groups = ["networking.k8s.io"]
+    resources  = ["networkpolicies"]
+    verbs      = ["get", "list", "watch", "create", "update", "patch", "delete"]
+  }
+  rule {
+    api_groups = ["monitoring.googleapis.com"]
+    resources  = ["podmonitorings"]
+    verbs      = ["get", "list", "watch", "create", "update", "patch", "delete"]
+  }
+}
+
+resource "kubernetes_role_binding_v1" "deployer" {
+  for_each = var.namespaces
+  metadata {
+    name      = "kvstack-deployer"
+    namespace = kubernetes_namespace_v1.env[each.key].metadata[0].name
+  }
+  role_ref {
+    api_group = "rbac.authorization.k8s.io"
+    kind      = "Role"
+    name      = kubernetes_role_v1.deployer[each.key].metadata[0].name
+  }
+  subject {
+    api_group = "rbac.authorization.k8s.io"
+    kind      = "User"
+    name      = google_service_account.deployer[each.key].email
+  }
+}
+
+# The release applies its Namespace object too: read and patch that one namespace, by name.
+resource "kubernetes_cluster_role_v1" "deployer_namespace" {
+  for_each = var.namespaces
+  metadata {
+    name = "kvstack-deployer-${each.key}-namespace"
+  }
+  rule {
+    api_groups     = [""]
+    resources      = ["namespaces"]
+    resource_names = [each.value]
+    verbs          = ["get", "patch"]
+  }
+}
+
+resource "kubernetes_cluster_role_binding_v1" "deployer_namespace" {
+  for_each = var.namespaces
+  metadata {
+    name = "kvstack-deployer-${each.key}-namespace"
+  }
+  role_ref {
+    api_group = "rbac.authorization.k8s.io"
+    kind      = "ClusterRole"
+    name      = kubernetes_cluster_role_v1.deployer_namespace[each.key].metadata[0].name
+  }
+  subject {
+    api_group = "rbac.authorization.k8s.io"
+    kind      = "User"
+    name      = google_service_account.deployer[each.key].email
+  }
 }

@@ -4,7 +4,7 @@ variable "project" {
 }
 
 variable "region" {
-  description = "Region of the Artifact Registry repository and the regional Autopilot clusters"
+  description = "Region of the Artifact Registry repository and the regional Autopilot cluster"
   type        = string
   default     = "europe-west1"
 }
@@ -14,10 +14,19 @@ variable "github_repository" {
   type        = string
 }
 
-variable "environments" {
-  description = "One regional GKE Autopilot cluster per environment (GitHub environments of the same names)"
-  type        = set(string)
-  default     = ["staging", "production"]
+variable "cluster_name" {
+  description = "The one regional GKE Autopilot cluster both environments share"
+  type        = string
+  default     = "kvstack"
+}
+
+variable "namespaces" {
+  description = "GitHub environment -> its namespace in the cluster (staging deploys on every push to main; production after review)"
+  type        = map(string)
+  default = {
+    staging    = "kvstack-staging"
+    production = "kvstack"
+  }
 }
 
 variable "repository_id" {
@@ -27,13 +36,13 @@ variable "repository_id" {
 }
 
 variable "binary_authorization" {
-  description = "Enforce the project's Binary Authorization policy on the clusters (see docs/automation.md)"
+  description = "Enforce the project's Binary Authorization policy on the cluster (see docs/automation.md)"
   type        = bool
   default     = false
 }
 
 variable "deletion_protection" {
-  description = "Refuse to destroy the clusters (false keeps tear-down one command)"
+  description = "Refuse to destroy the cluster (false keeps tear-down one command)"
   type        = bool
   default     = false
 }

@@ -61,11 +61,19 @@ def test_every_api_the_pipeline_uses_is_enabled(tf: dict[str, Any]) -> None:
         assert f"{api}.googleapis.com" in apis
 
 
-def test_clusters_are_regional_autopilot(tf: dict[str, Any]) -> None:
-    """Each environment's cluster is Autopilot, in a region (not a zone)."""
-    cluster = resources(tf, "google_container_cluster")["env"]
+def test_one_regional_autopilot_cluster(tf: dict[str, Any]) -> None:
+    """One Autopilot cluster, in a region (not a zone); environments are namespaces in it."""
+    clusters = resources(tf, "google_container_cluster")
+    assert list(clusters) == ["kvstack"]
+    cluster = clusters["kvstack"]
+    assert "for_each" not in cluster
     assert cluster["enable_autopilot"] is True
     assert cluster["location"] == "${var.region}"
+    variables = {k: b for block in tf["variable"] for k, b in block.items()}
+    assert v(variables["namespaces"]["default"]) == {
+        "staging": "kvstack-staging",
+        "production": "kvstack",
+    }
 
 
 def test_registry_tags_are_immutable(tf: dict[str, Any]) -> None:
@@ -75,24 +83,53 @@ def test_registry_tags_are_immutable(tf: dict[str, Any]) -> None:
 
 
 def test_federation_admits_this_repository_only(tf: dict[str, Any]) -> None:
-    """The provider rejects other repositories' tokens, and only this repository's principal
-    set may act as the deployer."""
+    """The provider rejects other repositories' tokens; only this repository may act as the
+    builder, and each deployer only for jobs of this repository in its GitHub environment."""
     provider = resources(tf, "google_iam_workload_identity_pool_provider")["github"]
     assert provider["attribute_condition"] == "assertion.repository == '${var.github_repository}'"
     assert v(v(provider["oidc"])["issuer_uri"]) == "https://token.actions.githubusercontent.com"
-    binding = resources(tf, "google_service_account_iam_member")["deployer_from_github"]
-    assert binding["member"].endswith("/attribute.repository/${var.github_repository}")
+    bindings = resources(tf, "google_service_account_iam_member")
+    assert bindings["builder_from_github"]["member"].endswith(
+        "/attribute.repository/${var.github_repository}"
+    )
+    deployer = bindings["deployer_from_github"]
+    assert deployer["for_each"] == "${var.namespaces}"
+    assert deployer["member"].endswith(
+        "/subject/repo:${var.github_repository}:environment:${each.key}"
+    )
 
 
-def test_deployer_has_only_the_roles_it_needs(tf: dict[str, Any]) -> None:
-    """Writer on the one repository, developer on the clusters; no owner/editor, no keys."""
+def test_accounts_have_only_the_roles_they_need(tf: dict[str, Any]) -> None:
+    """Builder: writer on the one repository. Deployers: reader there, and cluster viewer (find
+    the cluster) through IAM; no owner/editor/developer (those span every namespace), no keys."""
     roles = sorted(
-        body["role"]
+        (name, body["role"])
         for kind in (
             "google_project_iam_member",
             "google_artifact_registry_repository_iam_member",
         )
-        for body in resources(tf, kind).values()
+        for name, body in resources(tf, kind).items()
     )
-    assert roles == ["roles/artifactregistry.writer", "roles/container.developer"]
+    assert roles == [
+        ("builder_writer", "roles/artifactregistry.writer"),
+        ("deployer_cluster_viewer", "roles/container.clusterViewer"),
+        ("deployer_reader", "roles/artifactregistry.reader"),
+    ]
     assert not resources(tf, "google_service_account_key")
+
+
+def test_deployers_change_only_their_own_namespace(tf: dict[str, Any]) -> None:
+    """Kubernetes RBAC: each deployer's Role lives in its environment's namespace, and its one
+    cluster-wide grant is get/patch of that namespace object, by name; no cluster-admin."""
+    role = resources(tf, "kubernetes_role_v1")["deployer"]
+    assert role["for_each"] == "${var.namespaces}"
+    assert "kubernetes_namespace_v1.env[each.key]" in str(role["metadata"])
+    for kind in ("kubernetes_role_binding_v1", "kubernetes_cluster_role_binding_v1"):
+        for binding in resources(tf, kind).values():
+            assert "cluster-admin" not in str(binding)
+            assert "google_service_account.deployer[each.key].email" in str(binding["subject"])
+    (cluster_role,) = resources(tf, "kubernetes_cluster_role_v1").values()
+    rule = v(cluster_role["rule"])
+    assert v(rule["resources"]) == "namespaces"
+    assert v(rule["resource_names"]) == "${each.value}"
+    assert sorted(v(rule["verbs"])) == ["get", "patch"]
