@@ -210,3 +210,25 @@ def test_production_is_gated_and_gets_the_staged_digests() -> None:
     scan = next(s for s in jobs["build"]["steps"] if "scan-action" in s.get("uses", ""))
     assert scan["with"]["severity-cutoff"] == "critical"
     assert scan["with"]["only-fixed"] is True
+
+
+def test_staging_and_production_are_namespaces_of_one_cluster() -> None:
+    """Both deploy jobs reach the same cluster (the repository's GKE_CLUSTER) and release into
+    their own namespace, kvstack-staging then kvstack, with their environment's deployer; the
+    build job pushes with the builder account, which no deploy job uses."""
+    jobs = load(ROOT / ".github/workflows/deploy.yml")["jobs"]
+    for job, namespace in (("staging", "kvstack-staging"), ("production", "kvstack")):
+        env = jobs[job]["env"]
+        assert env["GKE_CLUSTER"] == "${{ vars.GKE_CLUSTER }}"
+        assert env["NAMESPACE"] == namespace
+        (release,) = [s for s in jobs[job]["steps"] if "pipeline release" in s.get("run", "")]
+        assert '--namespace "$NAMESPACE"' in release["run"]
+        (auth,) = [s for s in jobs[job]["steps"] if "auth@" in s.get("uses", "")]
+        assert auth["with"]["service_account"] == "${{ vars.DEPLOYER_SA }}"
+    (push,) = [s for s in jobs["build"]["steps"] if "auth@" in s.get("uses", "")]
+    assert push["with"]["service_account"] == "${{ vars.BUILDER_SA }}"
+    operate = load(ROOT / ".github/workflows/operations.yml")["jobs"]["operate"]
+    assert operate["env"]["NAMESPACE"] == "${{ vars.KVSTACK_NAMESPACE }}"
+    gke = [s["run"] for s in operate["steps"] if " gke" in s.get("run", "")]
+    assert gke
+    assert all('--namespace "$NAMESPACE"' in run for run in gke)
