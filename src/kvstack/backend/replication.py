@@ -282,9 +282,22 @@ class Follower:
             waited = 0.0
             try:
                 await self._follow(primary)
+            except asyncio.CancelledError:
+                # grpc.aio raises CancelledError from a call cancelled locally, e.g. when the
+                # Directory closes the channel of a primary whose address left DNS (it was
+                # killed). Only a cancellation of this task (stop()) may end the loop: before,
+                # that one ended the follower silently and the replica never followed again.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                log.warning(
+                    "lost the primary", extra=fields(primary=primary.address, error="cancelled")
+                )
             except (aio.AioRpcError, TimeoutError, StopAsyncIteration) as err:
                 detail = err.details() if isinstance(err, aio.AioRpcError) else type(err).__name__
                 log.warning("lost the primary", extra=fields(primary=primary.address, error=detail))
+            except Exception:  # the follower must never end while the replica runs
+                log.exception("following the primary failed", extra=fields(primary=primary.address))
             # Stay readable if caught up: while the primary is down it takes no writes, so this
             # copy is current. The server's own check (Directory.readers) stops reads here if
             # the primary is up and this replica falls behind (a network partition).
@@ -312,8 +325,13 @@ class Follower:
                     changes = list(batch.changes)
                     self.applied = await asyncio.to_thread(self.store.apply_changes, changes)
                     LAG_SECONDS.observe(max(0.0, time.time() - changes[-1].committed_at))
-                    await call.write(
-                        replication_pb2.ReplicaAck(applied_seq=self.applied, replica=self.name)
+                    # Bounded like the read: a write to a primary that vanished (SIGKILL, no
+                    # RST) would otherwise wait for TCP to give up.
+                    await asyncio.wait_for(
+                        call.write(
+                            replication_pb2.ReplicaAck(applied_seq=self.applied, replica=self.name)
+                        ),
+                        timeout=5 * HEARTBEAT_S,
                     )
                 lag = max(0, batch.primary_seq - self.applied)
                 LAG.set(lag)
