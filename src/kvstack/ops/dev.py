@@ -34,6 +34,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -198,7 +199,7 @@ class DevLoop:
             return True
         what = "shared code: every" if plan.shared else ", ".join(s.name for s in plan.services)
         say(f"testing ({what} unit and integration tests)")
-        print(f"+ {' '.join(argv[1:])}", file=sys.stderr, flush=True)
+        print(f"+ python {shlex.join(argv[1:])}", file=sys.stderr, flush=True)
         started = time.monotonic()
         result = subprocess.run(argv, cwd=self.root, capture_output=True, text=True, check=False)
         took = time.monotonic() - started
@@ -216,7 +217,7 @@ class DevLoop:
             "RED: "
             + (", ".join(failed) or f"pytest exited {result.returncode}")
             + " failed; nothing was built or rolled out. Fix it and save again "
-            + f"(re-run: {' '.join(argv[1:])})"
+            + f"(re-run: python {shlex.join(argv[1:])})"
         )
         return False
 
