@@ -43,7 +43,7 @@ PRIMARY_SLOT = local.PRIMARY_SLOT
 BACKENDS = 2  # the stack's default backend count
 LOG_RETAIN = 1500  # a few seconds of writes: a partitioned or new replica needs a snapshot
 VALUE_BYTES = 64  # the client's default; the value is f"{run}-{i}-" + "x" * (VALUE_BYTES - 20)
-WRITER_COUNT = 30_000  # an upper bound; each test stops its writer long before
+WRITER_COUNT = 50_000  # an upper bound (minutes of writes); each test stops its writer long before
 CONVERGE_S = 90
 
 # Gets of the writer's keys through the server until SIGTERM or argv[2] seconds. It follows the
@@ -257,6 +257,7 @@ class Workload:
         acked = self.acked()
         assert acked, "no write was acknowledged"
         reads = [r for r in self.reader_lines if "value" in r]
+        assert reads, f"the reader saw no value: {self.reader_lines[-1:]}"
         bad_reads = [r for r in reads if r["value"] != self.attempted(str(r["key"]))]
         assert not bad_reads, f"reads returned values never written: {bad_reads[:3]}"
 
@@ -332,7 +333,7 @@ def test_primary_sigkill_loses_no_acknowledged_write(
     kill_and_wait(rstack, PRIMARY_SLOT)
     run.wait_acks(500)  # writes resume on the restarted primary
     run.stop()
-    print(run.check())
+    print(run.check(), flush=True)
 
 
 def test_replica_sigkill_loses_no_acknowledged_write(
@@ -346,7 +347,7 @@ def test_replica_sigkill_loses_no_acknowledged_write(
     kill_and_wait(rstack, PRIMARY_SLOT + 1)
     run.wait_acks(500)
     run.stop()
-    print(run.check())
+    print(run.check(), flush=True)
 
 
 def test_partitioned_replica_converges_after_reconnect(
@@ -365,7 +366,7 @@ def test_partitioned_replica_converges_after_reconnect(
         docker("network", "connect", rstack.network, replica)
     run.wait_acks(300)
     run.stop()
-    print(run.check())
+    print(run.check(), flush=True)
     assert replica == backends(rstack)[PRIMARY_SLOT + 1].container, "the replica was replaced"
     snapshots = [r for r in logs(replica) if r.get("msg") == "snapshot loaded"]
     assert snapshots, "the reconnected replica did not copy a snapshot"
@@ -383,7 +384,7 @@ def test_rolling_restart_of_every_backend(rstack: StackUnderTest, workload: Star
     assert not before & after, "a backend was not restarted"
     run.wait_acks(300)
     run.stop()
-    print(run.check())
+    print(run.check(), flush=True)
 
 
 def test_scale_out_to_five_and_back(rstack: StackUnderTest, workload: StartWorkload) -> None:
@@ -400,7 +401,7 @@ def test_scale_out_to_five_and_back(rstack: StackUnderTest, workload: StartWorkl
         tasks = wait_backends(rstack, 5, timeout=180)
         run.wait_acks(300)
         run.stop()
-        print(run.check(expected_backends=5))
+        print(run.check(expected_backends=5), flush=True)
         for slot in range(BACKENDS + 1, 6):
             loaded = [r for r in logs(tasks[slot].container) if r.get("msg") == "snapshot loaded"]
             assert loaded, f"the new replica in slot {slot} did not start from a snapshot"
@@ -411,7 +412,7 @@ def test_scale_out_to_five_and_back(rstack: StackUnderTest, workload: StartWorkl
         wait_backends(rstack, BACKENDS, timeout=180)
         run.wait_acks(300)
         run.stop()
-        print(run.check())
+        print(run.check(), flush=True)
     finally:
         docker("service", "scale", "--detach", f"{service}={BACKENDS}", check=False)
     assert backends(rstack)[PRIMARY_SLOT].container == primary, "the primary was restarted"
