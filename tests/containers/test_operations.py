@@ -214,7 +214,7 @@ def test_rolling_update_to_a_new_version_drops_no_call(ops: OpsStack) -> None:
 def test_rollback_brings_the_previous_image_back(ops: OpsStack) -> None:
     """`kvstack rollback local server` after a deploy of V2 runs the previous image again on
     every replica (health-gated) and records the rollback in the history; `--to V2` goes
-    forward again."""
+    forward again, and a deploy after that moves it back."""
     ops.deploy(ops.v2)
     ops.target.rollback(RUNNER, SERVER, None, TIMEOUT)
     server = ops.live(SERVER)
@@ -224,6 +224,9 @@ def test_rollback_brings_the_previous_image_back(ops: OpsStack) -> None:
     assert server.releases[-1]["version"] == ops.tag
     ops.target.rollback(RUNNER, SERVER, ops.v2, TIMEOUT)
     assert ops.live(SERVER).image == images.image_ref(SERVER, ops.v2)
+    # A deploy after `--to` moves the service again (stack deploy's image label followed).
+    ops.deploy(ops.tag)
+    assert ops.live(SERVER).image == images.image_ref(SERVER, ops.tag)
 
 
 def test_a_failing_release_is_rolled_back_by_itself(ops: OpsStack) -> None:

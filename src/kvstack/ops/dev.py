@@ -250,10 +250,9 @@ class DevLoop:
         labels = self.labels(svc, live)["deploy"]["labels"]
         ref = images.image_ref(svc, self.tag(svc))
         say(f"rolling out {svc.name}: {live.image} -> {ref}")
-        argv = docker("service", "update", "--detach", "--no-resolve-image", "--image", ref)
-        for key in (local.RELEASES_LABEL, local.SPEC_LABEL, DEV_LABEL):
-            argv += ["--label-add", f"{key}={labels[key]}"]
-        self.runner.run([*argv, live.name], capture=True)
+        keep = (local.RELEASES_LABEL, local.SPEC_LABEL, DEV_LABEL)
+        argv = local.set_image(live.name, ref, {key: labels[key] for key in keep})
+        self.runner.run(argv, capture=True)
         started = time.monotonic()
         failure = self.target.wait(
             self.runner, svc, ref, self.timeout, updated_after=live.update_started

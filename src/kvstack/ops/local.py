@@ -401,6 +401,22 @@ def inspect_service(runner: Runner, name: str) -> Live | None:
 
 image_id = images.local_id  # the local engine's ID of an image, or None
 
+# `docker stack deploy` remembers in this label the image it last deployed to a service and,
+# when the stack file names that image again, keeps whatever image the service runs now. So an
+# image changed outside stack deploy (rollback --to, the dev loop) must move the label too, or
+# the next deploy of the label's image changes nothing (seen: a deploy after `rollback --to`
+# left the service on the rolled-to image until it timed out).
+STACK_IMAGE_LABEL = "com.docker.stack.image"
+
+
+def set_image(name: str, image: str, labels: dict[str, str]) -> list[str]:
+    """The docker command that moves service `name` to `image` (health-gated, as configured)
+    and sets `labels`, keeping stack deploy's record of the image in step."""
+    argv = docker("service", "update", "--detach", "--no-resolve-image", "--image", image)
+    for key, value in {STACK_IMAGE_LABEL: image, **labels}.items():
+        argv += ["--label-add", f"{key}={value}"]
+    return [*argv, name]
+
 
 def spec_hash(entry: dict[str, Any]) -> str:
     """A hash of a stack entry without its replicas and labels (what a deploy would change)."""
@@ -769,7 +785,8 @@ class Local:
                 continue
             name = self.service(svc)
             releases = _record(live.releases, release, image, "rollback")
-            label = f"{RELEASES_LABEL}={json.dumps(releases, separators=(',', ':'))}"
+            releases_json = json.dumps(releases, separators=(",", ":"))
+            label = f"{RELEASES_LABEL}={releases_json}"
             say(f"{svc.name}: {live.image} -> {image}")
             if live.previous_image == image:
                 # Swarm's own rollback restores the previous spec whole (env, config...).
@@ -780,11 +797,7 @@ class Local:
                     capture=True,
                 )
             else:
-                runner.run(
-                    docker("service", "update", "--detach", "--no-resolve-image",
-                           "--image", image, "--label-add", label, name),
-                    capture=True,
-                )  # fmt: skip
+                runner.run(set_image(name, image, {RELEASES_LABEL: releases_json}), capture=True)
                 failure = self.wait(runner, svc, image, timeout, updated_after=live.update_started)
             if failure:
                 raise CommandError(
