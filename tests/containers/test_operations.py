@@ -127,10 +127,16 @@ def _make_release(tag: str, v2: str) -> None:
     for name in ("backend", "client"):
         svc = registry.get(name)
         docker("tag", images.image_ref(svc, tag), images.image_ref(svc, v2))
-    dockerfile = f"FROM {images.image_ref(SERVER, tag)}\nLABEL dev.kvstack.test-release={v2}\n"
+    _build_server(
+        v2, f"FROM {images.image_ref(SERVER, tag)}\nLABEL dev.kvstack.test-release={v2}\n"
+    )
+
+
+def _build_server(tag: str, dockerfile: str) -> None:
+    """Build kvstack-server:TAG from a Dockerfile given as text (no build context)."""
     result = RUNNER.query(
         ["sh", "-c", f"printf '%s' \"$0\" | {engine.docker_bin()} build -q -t "
-         f"{images.image_ref(SERVER, v2)} -", dockerfile],
+         f"{images.image_ref(SERVER, tag)} -", dockerfile],
         timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -242,12 +248,7 @@ def test_a_failing_release_is_rolled_back_by_itself(ops: OpsStack) -> None:
         'ENTRYPOINT ["/opt/venv/bin/python", "-c", "raise SystemExit(3)"]\n'
     )
     try:
-        built = RUNNER.query(
-            ["sh", "-c", f"printf '%s' \"$0\" | {engine.docker_bin()} build -q -t "
-             f"{images.image_ref(SERVER, bad)} -", dockerfile],
-            timeout=120,
-        )  # fmt: skip
-        assert built.returncode == 0, built.stderr
+        _build_server(bad, dockerfile)
         with pytest.raises(CommandError, match="rolled back") as failed:
             ops.deploy(bad)
         print(failed.value)
