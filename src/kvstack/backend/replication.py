@@ -60,9 +60,7 @@ class PrimaryState:
     def __init__(self, last_seq: int, timeout: float) -> None:
         self.last_seq = last_seq
         self.timeout = timeout
-        # Per connected replica stream (by token): the position it has acknowledged, its name.
-        self.acked: dict[int, int] = {}
-        self.names: dict[int, str] = {}
+        self.acked: dict[str, int] = {}
         self.mode: Mode = "alone"
         # Writes waiting for a replica: (position, tie-breaker, resolved with True when a replica
         # has it, False when the primary stops waiting and acknowledges alone).
@@ -87,40 +85,29 @@ class PrimaryState:
 
     # -- replicas --------------------------------------------------------------------------------
 
-    def connect(self, replica: str, seq: int) -> int:
-        """Register one replica's stream at position seq; return the stream's token. A replica
-        that reconnects gets a new token, so its old stream's late disconnect cannot drop it."""
-        stream = next(self._ids)
-        self.acked[stream] = seq
-        self.names[stream] = replica
+    def connect(self, replica: str, seq: int) -> None:
+        self.acked[replica] = seq
         REPLICAS.set(len(self.acked))
         log.info("replica connected", extra=fields(replica=replica, seq=seq, primary=self.last_seq))
-        if self.mode != "semi-sync":  # another caught-up replica keeps semi-sync as it is
-            self._switch(
-                "semi-sync" if seq >= self.last_seq else "degraded", f"{replica} connected"
-            )
-        return stream
+        self._switch("semi-sync" if seq >= self.last_seq else "degraded", f"{replica} connected")
 
-    def disconnect(self, stream: int) -> None:
-        self.acked.pop(stream, None)
-        replica = self.names.pop(stream, "?")
+    def disconnect(self, replica: str) -> None:
+        self.acked.pop(replica, None)
         REPLICAS.set(len(self.acked))
         log.warning("replica disconnected", extra=fields(replica=replica))
         if not self.acked:
             self._switch("alone", "no replica connected")
             self._release_all()
 
-    def ack(self, stream: int, seq: int) -> None:
-        if stream not in self.acked:
-            return  # a stream already disconnected
-        self.acked[stream] = max(seq, self.acked[stream])
+    def ack(self, replica: str, seq: int) -> None:
+        self.acked[replica] = max(seq, self.acked.get(replica, 0))
         best = max(self.acked.values())
         while self._waiters and self._waiters[0][0] <= best:
             _, _, future = heapq.heappop(self._waiters)
             if not future.done():
                 future.set_result(True)
         if self.mode == "degraded" and best >= self.last_seq:
-            self._switch("semi-sync", f"{self.names[stream]} caught up")
+            self._switch("semi-sync", f"{replica} caught up")
 
     async def replicated(self, seq: int) -> bool:
         """Wait, in semi-sync mode, until a replica has `seq` on disk. Return whether one has;
@@ -210,11 +197,11 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
             )
             yield replication_pb2.ChangeBatch(snapshot_required=True, primary_seq=state.last_seq)
             return
-        stream = state.connect(replica, hello.applied_seq)
+        state.connect(replica, hello.applied_seq)
 
         async def acks() -> None:
             async for ack in requests:
-                state.ack(stream, ack.applied_seq)
+                state.ack(replica, ack.applied_seq)
 
         reader = asyncio.create_task(acks())
         after = hello.applied_seq
@@ -232,7 +219,7 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
                     yield replication_pb2.ChangeBatch(primary_seq=state.last_seq)
         finally:
             reader.cancel()
-            state.disconnect(stream)
+            state.disconnect(replica)
 
     async def Snapshot(
         self, request: replication_pb2.SnapshotRequest, context: Context
