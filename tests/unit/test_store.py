@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvstack.backend.store import Applied, GroupCommitter, Store, StoreFull, Write
+from kvstack.backend.store import Applied, GroupCommitter, LogGap, Store, StoreFull, Write
 from kvstack.v1.replication_pb2 import Change
 
 
@@ -160,6 +160,30 @@ def test_log_is_trimmed_to_what_replicas_may_need(tmp_path: Path) -> None:
     assert not store.can_stream_from(31)  # ahead of the primary: not its history
     assert store.can_stream_from(30)
     store.close()
+
+
+def test_changes_trimmed_while_streaming_are_never_skipped(tmp_path: Path) -> None:
+    """A streaming replica whose next change was trimmed meanwhile gets LogGap (and so a
+    snapshot), not the changes after the hole."""
+    store = Store(tmp_path / "db", map_size=16 << 20, log_retain=10)
+    for i in range(30):
+        store.apply([Write("put", f"k{i}".encode(), b"v")])
+    with pytest.raises(LogGap, match=r"6\.\.20 are no longer in the log"):
+        store.changes_after(5, 10)
+    assert [c.seq for c in store.changes_after(20, 3)] == [21, 22, 23]
+    assert store.changes_after(30, 10) == []
+    store.close()
+
+
+def test_replica_refuses_a_batch_with_a_gap(tmp_path: Path) -> None:
+    """A batch that does not follow the replica's position changes nothing and says why."""
+    replica = Store(tmp_path / "replica", map_size=1 << 20)
+    replica.apply_changes([Change(seq=1, key=b"a", value=b"1")])
+    gap = [Change(seq=2, key=b"a", value=b"2"), Change(seq=4, key=b"b", value=b"4")]
+    with pytest.raises(LogGap, match="change 4 does not follow position 2"):
+        replica.apply_changes(gap)
+    assert (replica.seq(), replica.get(b"a"), replica.get(b"b")) == (1, b"1", None)
+    replica.close()
 
 
 def test_replica_applies_each_change_exactly_once(tmp_path: Path) -> None:

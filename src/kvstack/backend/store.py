@@ -36,6 +36,11 @@ class StoreFull(Exception):
     """The LMDB map is full; the message names the setting to raise."""
 
 
+class LogGap(Exception):
+    """A replica's next change is not available in order: the primary trimmed it from its log,
+    or a batch does not follow the replica's position. The replica must copy a snapshot."""
+
+
 @dataclass(frozen=True)
 class Write:
     op: Literal["put", "delete"]
@@ -186,12 +191,17 @@ class Store:
             return cursor.first() and _unpack(bytes(cursor.key())) <= after + 1
 
     def changes_after(self, after: int, limit: int) -> list[Change]:
-        """Up to `limit` logged changes after position `after`, in order."""
+        """Up to `limit` logged changes after position `after`, in order. Raises LogGap when the
+        change right after `after` has been trimmed from the log (a replica this far behind
+        would otherwise skip changes silently)."""
         changes: list[Change] = []
         with self.env.begin() as txn:
             cursor = txn.cursor(db=self.log)
             if not cursor.set_range(_pack(after + 1)):
                 return changes
+            first = _unpack(bytes(cursor.key()))
+            if first != after + 1:
+                raise LogGap(f"changes {after + 1}..{first - 1} are no longer in the log")
             for _, raw in cursor:
                 changes.append(Change.FromString(raw))
                 if len(changes) >= limit:
@@ -216,12 +226,15 @@ class Store:
     def apply_changes(self, changes: list[Change]) -> int:
         """Apply the primary's changes and the new position in one transaction; changes at or
         before the current position are skipped, so each applies exactly once. Return the new
-        position."""
+        position. A change that does not follow the position (a gap) raises LogGap and
+        nothing of the batch is applied."""
         with self.env.begin(write=True) as txn:
             seq = _unpack(txn.get(_SEQ, db=self.meta))
             for change in changes:
                 if change.seq <= seq:
                     continue
+                if change.seq != seq + 1:
+                    raise LogGap(f"change {change.seq} does not follow position {seq}")
                 if change.delete:
                     txn.delete(change.key, db=self.kv)
                 else:
