@@ -33,6 +33,8 @@ RECONNECT_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
+CLOSE_S = 2.0  # closing the channel of a backend that left DNS
+REFRESH_S = 10.0  # one refresh: DNS (the resolver's own timeouts) and a Role call to each
 PRIMARY = replication_pb2.BACKEND_ROLE_PRIMARY
 REPLICA = replication_pb2.BACKEND_ROLE_REPLICA
 
@@ -61,6 +63,7 @@ class Member:
     seq: int = 0
     readable: bool = False
     ordinal: int = -1
+    error: str = ""  # why the last Role call failed, for the logs
     kv: kv_pb2_grpc.KeyValueAsyncStub = field(init=False)
     replication: replication_pb2_grpc.ReplicationAsyncStub = field(init=False)
 
@@ -107,9 +110,11 @@ class Directory:
             reply = await member.replication.Role(
                 replication_pb2.RoleRequest(), timeout=self.role_timeout
             )
-        except aio.AioRpcError:
+        except aio.AioRpcError as err:
             member.role, member.readable = replication_pb2.BACKEND_ROLE_UNSPECIFIED, False
+            member.error = err.code().name
             return
+        member.error = ""
         member.role, member.seq = reply.role, reply.seq
         member.readable, member.ordinal = reply.readable, reply.ordinal
 
@@ -118,7 +123,10 @@ class Directory:
         before = {(a, m.role, m.readable) for a, m in self.members.items()}
         addresses = await self._resolve()
         for gone in set(self.members) - addresses:
-            await self.members.pop(gone).channel.close()
+            # Bounded: grpc.aio may wait on a call that closing did not end (grpc/grpc#32005);
+            # callers bound their own reads, so the channel is dropped either way.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.members.pop(gone).channel.close(), CLOSE_S)
         for address in addresses - set(self.members):
             channel = aio.insecure_channel(address, options=self.channel_options)
             self.members[address] = Member(address, channel)
@@ -132,7 +140,7 @@ class Directory:
     def describe(self) -> list[str]:
         names: dict[int, str] = {PRIMARY: "primary", REPLICA: "replica"}
         return sorted(
-            f"{m.address} {names.get(m.role, 'unreachable')}"
+            f"{m.address} {names.get(m.role, 'unreachable (' + (m.error or 'starting') + ')')}"
             + ("" if m.readable or m.role != REPLICA else " (catching up)")
             for m in self.members.values()
         )
@@ -167,7 +175,12 @@ class Directory:
     async def _run(self) -> None:
         while True:
             try:
-                await self.refresh()
+                await asyncio.wait_for(self.refresh(), REFRESH_S)
+            except TimeoutError:
+                log.warning(
+                    "refreshing the backend list timed out; trying again",
+                    extra=fields(target=self.target, timeout_s=REFRESH_S),
+                )
             except Exception:  # a refresh must never end the loop that keeps the view fresh
                 log.exception("refreshing the backend list failed")
             await asyncio.sleep(self.interval)

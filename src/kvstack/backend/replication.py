@@ -26,7 +26,7 @@ from typing import Any, Literal, cast
 from grpc import aio
 from prometheus_client import Counter, Gauge, Histogram
 
-from kvstack.backend.store import Store
+from kvstack.backend.store import LogGap, Store
 from kvstack.directory import Directory, Member
 from kvstack.runtime import fields
 from kvstack.v1 import kv_pb2, replication_pb2, replication_pb2_grpc
@@ -51,6 +51,7 @@ LAG_SECONDS = Histogram(
 
 BATCH_CHANGES = 500
 HEARTBEAT_S = 1.0
+SNAPSHOT_CHUNK_S = 30.0
 
 
 class PrimaryState:
@@ -60,7 +61,9 @@ class PrimaryState:
     def __init__(self, last_seq: int, timeout: float) -> None:
         self.last_seq = last_seq
         self.timeout = timeout
-        self.acked: dict[str, int] = {}
+        # Per connected replica stream (by token): the position it has acknowledged, its name.
+        self.acked: dict[int, int] = {}
+        self.names: dict[int, str] = {}
         self.mode: Mode = "alone"
         # Writes waiting for a replica: (position, tie-breaker, resolved with True when a replica
         # has it, False when the primary stops waiting and acknowledges alone).
@@ -85,29 +88,40 @@ class PrimaryState:
 
     # -- replicas --------------------------------------------------------------------------------
 
-    def connect(self, replica: str, seq: int) -> None:
-        self.acked[replica] = seq
+    def connect(self, replica: str, seq: int) -> int:
+        """Register one replica's stream at position seq; return the stream's token. A replica
+        that reconnects gets a new token, so its old stream's late disconnect cannot drop it."""
+        stream = next(self._ids)
+        self.acked[stream] = seq
+        self.names[stream] = replica
         REPLICAS.set(len(self.acked))
         log.info("replica connected", extra=fields(replica=replica, seq=seq, primary=self.last_seq))
-        self._switch("semi-sync" if seq >= self.last_seq else "degraded", f"{replica} connected")
+        if self.mode != "semi-sync":  # another caught-up replica keeps semi-sync as it is
+            self._switch(
+                "semi-sync" if seq >= self.last_seq else "degraded", f"{replica} connected"
+            )
+        return stream
 
-    def disconnect(self, replica: str) -> None:
-        self.acked.pop(replica, None)
+    def disconnect(self, stream: int) -> None:
+        self.acked.pop(stream, None)
+        replica = self.names.pop(stream, "?")
         REPLICAS.set(len(self.acked))
         log.warning("replica disconnected", extra=fields(replica=replica))
         if not self.acked:
             self._switch("alone", "no replica connected")
             self._release_all()
 
-    def ack(self, replica: str, seq: int) -> None:
-        self.acked[replica] = max(seq, self.acked.get(replica, 0))
+    def ack(self, stream: int, seq: int) -> None:
+        if stream not in self.acked:
+            return  # a stream already disconnected
+        self.acked[stream] = max(seq, self.acked[stream])
         best = max(self.acked.values())
         while self._waiters and self._waiters[0][0] <= best:
             _, _, future = heapq.heappop(self._waiters)
             if not future.done():
                 future.set_result(True)
         if self.mode == "degraded" and best >= self.last_seq:
-            self._switch("semi-sync", f"{replica} caught up")
+            self._switch("semi-sync", f"{self.names[stream]} caught up")
 
     async def replicated(self, seq: int) -> bool:
         """Wait, in semi-sync mode, until a replica has `seq` on disk. Return whether one has;
@@ -197,17 +211,26 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
             )
             yield replication_pb2.ChangeBatch(snapshot_required=True, primary_seq=state.last_seq)
             return
-        state.connect(replica, hello.applied_seq)
+        stream = state.connect(replica, hello.applied_seq)
 
         async def acks() -> None:
             async for ack in requests:
-                state.ack(replica, ack.applied_seq)
+                state.ack(stream, ack.applied_seq)
 
         reader = asyncio.create_task(acks())
         after = hello.applied_seq
         try:
             while not reader.done():
-                changes = store.changes_after(after, BATCH_CHANGES)
+                try:
+                    changes = store.changes_after(after, BATCH_CHANGES)
+                except LogGap as gap:  # a slow replica fell out of the log while streaming
+                    log.warning(
+                        "replica needs a snapshot", extra=fields(replica=replica, why=str(gap))
+                    )
+                    yield replication_pb2.ChangeBatch(
+                        snapshot_required=True, primary_seq=state.last_seq
+                    )
+                    return
                 if changes:
                     after = changes[-1].seq
                     yield replication_pb2.ChangeBatch(
@@ -219,7 +242,7 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
                     yield replication_pb2.ChangeBatch(primary_seq=state.last_seq)
         finally:
             reader.cancel()
-            state.disconnect(replica)
+            state.disconnect(stream)
 
     async def Snapshot(
         self, request: replication_pb2.SnapshotRequest, context: Context
@@ -306,8 +329,11 @@ class Follower:
     async def _follow(self, primary: Member) -> None:
         call = primary.replication.Stream()
         try:
-            await call.write(
-                replication_pb2.ReplicaAck(applied_seq=self.applied, replica=self.name)
+            # Every wait here is bounded: a call whose channel was closed under it, or whose
+            # primary vanished without a reset, may otherwise never complete (grpc/grpc#32005).
+            await asyncio.wait_for(
+                call.write(replication_pb2.ReplicaAck(applied_seq=self.applied, replica=self.name)),
+                timeout=5 * HEARTBEAT_S,
             )
             log.info(
                 "streaming from the primary",
@@ -323,7 +349,12 @@ class Follower:
                     return  # stream again from the snapshot's position
                 if batch.changes:
                     changes = list(batch.changes)
-                    self.applied = await asyncio.to_thread(self.store.apply_changes, changes)
+                    try:
+                        self.applied = await asyncio.to_thread(self.store.apply_changes, changes)
+                    except LogGap as gap:  # never skip a change: start over from a copy
+                        log.warning("the primary's changes have a gap", extra=fields(why=str(gap)))
+                        await self._snapshot(primary)
+                        return
                     LAG_SECONDS.observe(max(0.0, time.time() - changes[-1].committed_at))
                     # Bounded like the read: a write to a primary that vanished (SIGKILL, no
                     # RST) would otherwise wait for TCP to give up.
@@ -343,9 +374,19 @@ class Follower:
         log.info("copying a snapshot from the primary", extra=fields(primary=primary.address))
         entries: list[tuple[bytes, bytes]] = []
         seq = 0
-        async for chunk in primary.replication.Snapshot(replication_pb2.SnapshotRequest()):
-            seq = chunk.seq
-            entries.extend((e.key, e.value) for e in chunk.entries)
+        call = primary.replication.Snapshot(replication_pb2.SnapshotRequest())
+        try:
+            while True:
+                # Bounded per chunk, not in total: a large copy may take long, but a primary
+                # that vanished mid-copy (no RST) must not stall this replica forever.
+                received = await asyncio.wait_for(call.read(), timeout=SNAPSHOT_CHUNK_S)
+                if received is aio.EOF:
+                    break
+                chunk = cast(replication_pb2.SnapshotChunk, received)
+                seq = chunk.seq
+                entries.extend((e.key, e.value) for e in chunk.entries)
+        finally:
+            call.cancel()
         await asyncio.to_thread(self.store.load_snapshot, seq, entries)
         self.applied = seq
         log.info("snapshot loaded", extra=fields(seq=seq, entries=len(entries)))
