@@ -194,6 +194,16 @@ def logs(container: str) -> list[dict[str, object]]:
     return lines
 
 
+def recent_logs(container: str, count: int = 25) -> str:
+    """The last log records of a backend, one short line each: what a failure message needs."""
+    lines = [
+        " ".join(f"{k}={v}" for k, v in r.items() if k not in ("level", "logger", "service"))
+        for r in logs(container)
+        if r.get("logger") != "kvstack.access"
+    ]
+    return f"--- last logs of {container[:12]}:\n" + "\n".join(lines[-count:])
+
+
 class Workload:
     """A writer (`load`) and a reader through the server, in the background."""
 
@@ -273,7 +283,8 @@ class Workload:
                 pytest.fail(
                     f"replicas differ from the primary after {CONVERGE_S} s "
                     f"(slot: entries behind, or an error): "
-                    f"{ {s: held[s].get('__error__', n) for s, n in behind.items()} }"
+                    f"{ {s: held[s].get('__error__', n) for s, n in behind.items()} }\n"
+                    + "\n".join(recent_logs(tasks[s].container) for s in [*behind, PRIMARY_SLOT])
                 )
             time.sleep(2)
             tasks = wait_backends(self.stack, expected_backends)
