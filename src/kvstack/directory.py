@@ -21,18 +21,10 @@ from typing import Any
 
 from grpc import aio
 
-from kvstack.runtime import fields
+from kvstack.runtime import CHANNEL_OPTIONS, fields
 from kvstack.v1 import kv_pb2_grpc, replication_pb2, replication_pb2_grpc
 
 log = logging.getLogger("kvstack.directory")
-# Reconnect within a second or two: gRPC's default backoff grows to 120 s, and a restarted
-# backend often comes back on the same address (Swarm and Kubernetes reuse IPs), where a channel
-# still backing off from the dead one would not see it for minutes.
-RECONNECT_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
 CLOSE_S = 2.0  # closing the channel of a backend that left DNS
 REFRESH_S = 10.0  # one refresh: DNS (the resolver's own timeouts) and a Role call to each
 PRIMARY = replication_pb2.BACKEND_ROLE_PRIMARY
@@ -83,7 +75,7 @@ class Directory:
     ) -> None:
         self.hosts = parse_targets(target)
         self.target = target
-        self.channel_options = [*RECONNECT_OPTIONS, *channel_options]
+        self.channel_options = [*CHANNEL_OPTIONS, *channel_options]
         self.interval = interval
         self.role_timeout = role_timeout
         self.max_lag = max_lag

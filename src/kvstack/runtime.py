@@ -309,9 +309,40 @@ class Service(Protocol):
     # NOT_SERVING (and back) while the process as a whole ("") stays SERVING.
 
 
+# Every channel between our processes (client -> server -> backend, replica -> primary):
+# - reconnect within a second or two: gRPC's default backoff grows to 120 s, and a restarted
+#   process often comes back on the same address (Swarm and Kubernetes reuse IPs), where a
+#   channel still backing off from the dead one would not see it for minutes;
+# - keepalive pings: a connection whose peer vanished without a reset (a killed node, a network
+#   partition, an address that moved) is found dead within KEEPALIVE_MS + KEEPALIVE_TIMEOUT_MS,
+#   not when TCP gives up (~15 min); until then every call on it would only time out.
+# server_options() below accepts these pings (gRPC's default would answer "too_many_pings").
+KEEPALIVE_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
 def server_options(config: RuntimeConfig) -> list[tuple[str, Any]]:
     age_ms = int(config.max_connection_age * 1000)
     return [
+        # Our clients' keepalive (above), and the server's own: a peer that vanished (say a
+        # replica's stream) is let go of within seconds.
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Measured: with both ends pinging, gRPC's default of 2 "ping strikes" still closed an
+        # idle connection with "too_many_pings" after ~30 s. Our peers are our own processes.
+        ("grpc.http2.max_ping_strikes", 0),
         ("grpc.max_receive_message_length", config.max_receive_bytes),
         ("grpc.max_send_message_length", config.max_receive_bytes),
         ("grpc.max_connection_age_ms", age_ms),
