@@ -117,7 +117,7 @@ class Task:
 def rstack(tag: str) -> Iterator[StackUnderTest]:
     """This module's stack, with a short change log on the backend (see LOG_RETAIN)."""
     stack = StackUnderTest(f"kvtest-rf-{uuid.uuid4().hex[:6]}", tag)
-    spec = local._service_spec(BACKEND, tag)
+    spec = local.service_spec(BACKEND, tag)
     spec["environment"]["KVSTACK_LOG_RETAIN"] = str(LOG_RETAIN)
     try:
         local.deploy(RUNNER, stack.name, tag, services={BACKEND.name: spec})

@@ -233,8 +233,8 @@ class DevLoop:
         """The stack entry of svc at its dev tag, with the labels the local target keeps."""
         tag = self.tag(svc)
         ref = images.image_ref(svc, tag)
-        entry = local._service_spec(svc, tag, image=ref, replicas=live.replicas if live else None)
-        releases = local._record(live.releases if live else [], tag, ref, "dev")
+        entry = local.service_spec(svc, tag, image=ref, replicas=live.replicas if live else None)
+        releases = local.record_release(live.releases if live else [], tag, ref, "dev")
         entry["deploy"]["labels"].update(
             {
                 local.RELEASES_LABEL: json.dumps(releases, separators=(",", ":")),

@@ -74,7 +74,7 @@ def callee_targets(service: registry.Service) -> dict[str, str]:
     }
 
 
-def _service_spec(
+def service_spec(
     service: registry.Service,
     tag: str,
     *,
@@ -144,7 +144,7 @@ def stack_spec(
     given = services or {}
     return {
         "version": "3.8",
-        "services": {s.name: given.get(s.name) or _service_spec(s, tag) for s in long_running},
+        "services": {s.name: given.get(s.name) or service_spec(s, tag) for s in long_running},
         "networks": {NETWORK: {"driver": "overlay", "attachable": True}},
         "volumes": {
             volume_name(s): {"name": slot_volume(stack, s)}
@@ -433,9 +433,11 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _record(
+def record_release(
     releases: list[dict[str, str]], version: str, image: str, via: str
 ) -> list[dict[str, str]]:
+    """The release history with one more entry (deploy, rollback or dev), the oldest dropped
+    beyond RELEASES_KEPT; kept in a label of the Swarm service (RELEASES_LABEL)."""
     entry = {"version": version, "image": image, "at": _now(), "via": via}
     return [*releases, entry][-RELEASES_KEPT:]
 
@@ -616,13 +618,13 @@ class Local:
                 # would change nothing but cost a gap; keep what runs, record the release.
                 say(f"{svc.name}: {image} is the image {live.image} already runs; not restarted")
                 image = live.image
-            entry = _service_spec(svc, version, image=image,
+            entry = service_spec(svc, version, image=image,
                                   replicas=live.replicas if live else None)  # fmt: skip
             digest = spec_hash(entry)
             releases = live.releases if live else []
             last = releases[-1] if releases else {}
             if last.get("version") != version or last.get("image") != image:
-                releases = _record(releases, version, image, "deploy")
+                releases = record_release(releases, version, image, "deploy")
             entry["deploy"]["labels"].update(
                 {RELEASES_LABEL: json.dumps(releases, separators=(",", ":")), SPEC_LABEL: digest}
             )
@@ -784,7 +786,7 @@ class Local:
                 say(f"{svc.name} already runs {image}; nothing to do")
                 continue
             name = self.service(svc)
-            releases = _record(live.releases, release, image, "rollback")
+            releases = record_release(live.releases, release, image, "rollback")
             releases_json = json.dumps(releases, separators=(",", ":"))
             label = f"{RELEASES_LABEL}={releases_json}"
             say(f"{svc.name}: {live.image} -> {image}")
