@@ -207,10 +207,30 @@ def test_snapshot_copies_a_consistent_state(store: Store, tmp_path: Path) -> Non
     assert {seq for seq, _ in chunks} == {250}
     replica = Store(tmp_path / "replica", map_size=16 << 20)
     replica.apply_changes([Change(seq=1, key=b"stale", value=b"x")])
-    replica.load_snapshot(250, [e for _, entries in chunks for e in entries])
+    assert replica.load_snapshot(iter(chunks)) == 250
     assert replica.seq() == 250
     assert replica.get(b"stale") is None
     assert replica.page(b"", 1000) == store.page(b"", 1000)
+    replica.close()
+
+
+def test_snapshot_cut_short_changes_nothing(store: Store, tmp_path: Path) -> None:
+    """A copy that fails half-way (the primary went away) leaves the replica as it was."""
+    store.apply([Write("put", f"s{i:03d}".encode(), b"v") for i in range(250)])
+    replica = Store(tmp_path / "replica", map_size=16 << 20)
+    replica.apply_changes([Change(seq=1, key=b"kept", value=b"x")])
+
+    def cut_short() -> Iterator[tuple[int, list[tuple[bytes, bytes]]]]:
+        chunks = store.snapshot(chunk=100)
+        yield next(chunks)
+        raise ConnectionError("the primary went away")
+
+    with pytest.raises(ConnectionError):
+        replica.load_snapshot(cut_short())
+    assert (replica.seq(), replica.page(b"", 1000)) == (1, [(b"kept", b"x")])
+    with pytest.raises(LogGap, match="before its first chunk"):
+        replica.load_snapshot(iter([]))
+    assert replica.seq() == 1
     replica.close()
 
 

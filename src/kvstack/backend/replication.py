@@ -19,8 +19,9 @@ import contextlib
 import heapq
 import itertools
 import logging
+import queue
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Literal, cast
 
 from grpc import aio
@@ -52,6 +53,8 @@ LAG_SECONDS = Histogram(
 BATCH_CHANGES = 500
 HEARTBEAT_S = 1.0
 SNAPSHOT_CHUNK_S = 30.0
+SNAPSHOT_QUEUED = 8  # snapshot chunks received but not yet written, at most
+Chunk = tuple[int, list[tuple[bytes, bytes]]]  # a snapshot's position, and entries
 
 
 class PrimaryState:
@@ -372,21 +375,39 @@ class Follower:
 
     async def _snapshot(self, primary: Member) -> None:
         log.info("copying a snapshot from the primary", extra=fields(primary=primary.address))
-        entries: list[tuple[bytes, bytes]] = []
-        seq = 0
+        # Chunks go into one LMDB write transaction on a worker thread as they arrive, so a
+        # copy needs memory for a few chunks, not the database; anything but a clean end of the
+        # copy aborts that transaction and the replica keeps what it had.
+        pipe: queue.SimpleQueue[Chunk | BaseException | None] = queue.SimpleQueue()
+
+        def chunks() -> Iterator[Chunk]:
+            while (item := pipe.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+
+        loader = asyncio.ensure_future(asyncio.to_thread(self.store.load_snapshot, chunks()))
         call = primary.replication.Snapshot(replication_pb2.SnapshotRequest())
+        seq = 0
         try:
-            while True:
+            while not loader.done():  # done early: it failed, and `await loader` says why
                 # Bounded per chunk, not in total: a large copy may take long, but a primary
                 # that vanished mid-copy (no RST) must not stall this replica forever.
                 received = await asyncio.wait_for(call.read(), timeout=SNAPSHOT_CHUNK_S)
                 if received is aio.EOF:
+                    pipe.put(None)
                     break
                 chunk = cast(replication_pb2.SnapshotChunk, received)
                 seq = chunk.seq
-                entries.extend((e.key, e.value) for e in chunk.entries)
+                pipe.put((chunk.seq, [(e.key, e.value) for e in chunk.entries]))
+                while pipe.qsize() >= SNAPSHOT_QUEUED and not loader.done():
+                    await asyncio.sleep(0.01)  # the disk is behind the network: wait for it
+        except BaseException:
+            pipe.put(ConnectionAbortedError("the copy of the snapshot stopped"))
+            await asyncio.gather(loader, return_exceptions=True)  # the transaction is aborted
+            raise
         finally:
             call.cancel()
-        await asyncio.to_thread(self.store.load_snapshot, seq, entries)
+        entries = await loader
         self.applied = seq
-        log.info("snapshot loaded", extra=fields(seq=seq, entries=len(entries)))
+        log.info("snapshot loaded", extra=fields(seq=seq, entries=entries))

@@ -11,7 +11,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -244,15 +244,26 @@ class Store:
         self._committed(len(changes))
         return seq
 
-    def load_snapshot(self, seq: int, entries: list[tuple[bytes, bytes]]) -> None:
-        """Replace every entry with a snapshot taken at position `seq`, in one transaction."""
+    def load_snapshot(self, chunks: Iterable[tuple[int, list[tuple[bytes, bytes]]]]) -> int:
+        """Replace every entry with a snapshot that arrives in chunks (each with the position
+        the copy corresponds to), written as it arrives into ONE transaction: readers see the
+        old contents until it commits, and a copy cut short (the iterator raises) changes
+        nothing. Only one chunk is in memory at a time. Returns the number of entries."""
+        count = 0
         with self.env.begin(write=True) as txn:
             txn.drop(self.kv, delete=False)
             txn.drop(self.log, delete=False)
-            for key, value in entries:
-                txn.put(key, value, db=self.kv)
+            seq: int | None = None
+            for chunk_seq, entries in chunks:
+                seq = chunk_seq
+                for key, value in entries:
+                    txn.put(key, value, db=self.kv)
+                count += len(entries)
+            if seq is None:
+                raise LogGap("the snapshot ended before its first chunk; copy it again")
             txn.put(_SEQ, _pack(seq), db=self.meta)
-        self._committed(len(entries))
+        self._committed(count)
+        return count
 
     # -- reads ---------------------------------------------------------------------------------
 
