@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -89,6 +90,37 @@ def test_snapshot_sees_a_save_and_ignores_caches(tmp_path: Path) -> None:
     assert dev.changed_paths(before, dev.snapshot(tmp_path)) == []
     (pkg / "__init__.py").write_text("ab\n")
     assert dev.changed_paths(before, dev.snapshot(tmp_path)) == ["src/kvstack/server/__init__.py"]
+
+
+def test_next_change_waits_for_a_quiet_tree(tmp_path: Path) -> None:
+    """The watch loop's wait: nothing happens until a save; saves in quick succession (a
+    save-all) come back as one change holding every path, once the tree is quiet."""
+    pkg = tmp_path / "src/kvstack/server"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("a\n")
+    (pkg / "other.py").write_text("a\n")
+    before = dev.snapshot(tmp_path)
+    result: list[tuple[list[str], dict[str, tuple[int, int]]]] = []
+    waiter = threading.Thread(
+        target=lambda: result.append(dev.next_change(before, tmp_path, poll=0.02, debounce=0.3))
+    )
+    waiter.start()
+    time.sleep(0.2)
+    assert not result, "returned before anything was saved"
+    (pkg / "__init__.py").write_text("ab\n")
+    time.sleep(0.1)  # within the debounce: the same pass
+    (pkg / "other.py").write_text("ab\n")
+    (tmp_path / "protos").mkdir()
+    (tmp_path / "protos/new.proto").write_text("syntax = 'proto3';\n")
+    waiter.join(timeout=10)
+    assert result, "no change seen within 10 s"
+    paths, now = result[0]
+    assert paths == [
+        "protos/new.proto",
+        "src/kvstack/server/__init__.py",
+        "src/kvstack/server/other.py",
+    ]
+    assert now == dev.snapshot(tmp_path)
 
 
 # -- containers: the loop on the local Swarm target ---------------------------------------------

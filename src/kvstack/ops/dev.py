@@ -93,6 +93,25 @@ def changed_paths(
     return sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
 
 
+def next_change(
+    before: dict[str, tuple[int, int]],
+    root: Path = ROOT,
+    poll: float = POLL_S,
+    debounce: float = DEBOUNCE_S,
+) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    """Wait for a saved change, then until the tree has been quiet for `debounce` seconds (an
+    editor's save-all, a `git checkout`: one pass, not one per file). Return the paths changed
+    since `before`, and the snapshot to compare the next change with."""
+    while (now := snapshot(root)) == before:
+        time.sleep(poll)
+    while True:
+        time.sleep(debounce)
+        later = snapshot(root)
+        if later == now:
+            return changed_paths(before, now), now
+        now = later
+
+
 @dataclass(frozen=True)
 class Plan:
     services: list[registry.Service]  # registry order
@@ -317,18 +336,7 @@ class DevLoop:
         say(f"watching {', '.join(WATCHED)} for saved changes (Ctrl-C stops)")
         before = snapshot(self.root)
         while True:
-            time.sleep(POLL_S)
-            now = snapshot(self.root)
-            if now == before:
-                continue
-            while True:  # debounce: act once the tree is quiet
-                time.sleep(DEBOUNCE_S)
-                later = snapshot(self.root)
-                if later == now:
-                    break
-                now = later
-            paths = changed_paths(before, now)
-            before = now
+            paths, before = next_change(before, self.root)
             plan = plan_for(paths)
             shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
             say(f"changed: {shown}")
