@@ -118,7 +118,8 @@ class Directory:
             # Bounded: grpc.aio may wait on a call that closing did not end (grpc/grpc#32005);
             # callers bound their own reads, so the channel is dropped either way.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.members.pop(gone).channel.close(), CLOSE_S)
+                async with asyncio.timeout(CLOSE_S):
+                    await self.members.pop(gone).channel.close()
         for address in addresses - set(self.members):
             channel = aio.insecure_channel(address, options=self.channel_options)
             self.members[address] = Member(address, channel)
@@ -162,12 +163,14 @@ class Directory:
 
     async def wait_changed(self, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
 
     async def _run(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self.refresh(), REFRESH_S)
+                async with asyncio.timeout(REFRESH_S):
+                    await self.refresh()
             except TimeoutError:
                 log.warning(
                     "refreshing the backend list timed out; trying again",

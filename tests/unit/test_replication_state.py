@@ -91,7 +91,8 @@ def test_the_last_replica_leaving_releases_waiting_writes() -> None:
         waiting = asyncio.create_task(state.replicated(11))
         await asyncio.sleep(0)
         state.disconnect(stream)
-        assert await asyncio.wait_for(waiting, 1) is False
+        async with asyncio.timeout(1):
+            assert await waiting is False
         assert mode(state) == "alone"
 
     asyncio.run(scenario())

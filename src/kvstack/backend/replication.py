@@ -87,7 +87,8 @@ class PrimaryState:
         if self.last_seq > after:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._commit.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._commit.wait()
 
     # -- replicas --------------------------------------------------------------------------------
 
@@ -136,7 +137,8 @@ class PrimaryState:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (seq, next(self._ids), future))
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                return await asyncio.shield(future)
         except TimeoutError:
             if self.mode == "semi-sync":
                 DEGRADED.inc()
@@ -334,16 +336,17 @@ class Follower:
         try:
             # Every wait here is bounded: a call whose channel was closed under it, or whose
             # primary vanished without a reset, may otherwise never complete (grpc/grpc#32005).
-            await asyncio.wait_for(
-                call.write(replication_pb2.ReplicaAck(applied_seq=self.applied, replica=self.name)),
-                timeout=5 * HEARTBEAT_S,
-            )
+            async with asyncio.timeout(5 * HEARTBEAT_S):
+                await call.write(
+                    replication_pb2.ReplicaAck(applied_seq=self.applied, replica=self.name)
+                )
             log.info(
                 "streaming from the primary",
                 extra=fields(primary=primary.address, seq=self.applied),
             )
             while True:
-                received = await asyncio.wait_for(call.read(), timeout=5 * HEARTBEAT_S)
+                async with asyncio.timeout(5 * HEARTBEAT_S):
+                    received = await call.read()
                 if received is aio.EOF:
                     return
                 batch = cast(replication_pb2.ChangeBatch, received)
@@ -361,12 +364,10 @@ class Follower:
                     LAG_SECONDS.observe(max(0.0, time.time() - changes[-1].committed_at))
                     # Bounded like the read: a write to a primary that vanished (SIGKILL, no
                     # RST) would otherwise wait for TCP to give up.
-                    await asyncio.wait_for(
-                        call.write(
+                    async with asyncio.timeout(5 * HEARTBEAT_S):
+                        await call.write(
                             replication_pb2.ReplicaAck(applied_seq=self.applied, replica=self.name)
-                        ),
-                        timeout=5 * HEARTBEAT_S,
-                    )
+                        )
                 lag = max(0, batch.primary_seq - self.applied)
                 LAG.set(lag)
                 self._set_readable(lag <= self.max_lag)
@@ -393,7 +394,8 @@ class Follower:
             while not loader.done():  # done early: it failed, and `await loader` says why
                 # Bounded per chunk, not in total: a large copy may take long, but a primary
                 # that vanished mid-copy (no RST) must not stall this replica forever.
-                received = await asyncio.wait_for(call.read(), timeout=SNAPSHOT_CHUNK_S)
+                async with asyncio.timeout(SNAPSHOT_CHUNK_S):
+                    received = await call.read()
                 if received is aio.EOF:
                     pipe.put(None)
                     break

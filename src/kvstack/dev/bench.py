@@ -222,7 +222,8 @@ async def drive(
     run = os.urandom(4).hex()
     make = _request_maker(op, run, payload)
     async with aio.insecure_channel(target) as channel:
-        await asyncio.wait_for(channel.channel_ready(), CALL_TIMEOUT)
+        async with asyncio.timeout(CALL_TIMEOUT):
+            await channel.channel_ready()
         stub = kv_pb2_grpc.KeyValueStub(channel)
         call: Callable[..., Awaitable[Any]]
         if op == "echo":
