@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -46,6 +47,7 @@ class ServiceProcess:
             "KVSTACK_PORT": str(self.port),
             "KVSTACK_METRICS_PORT": "0",
             "KVSTACK_HOST": "127.0.0.1",
+            "PYTHONFAULTHANDLER": "1",  # SIGABRT (see wait) prints every thread's stack
             **self.env,
         }
         env.pop("KVSTACK_SERVICE", None)
@@ -80,8 +82,16 @@ class ServiceProcess:
         self.proc.send_signal(sig)
 
     def wait(self, timeout: float = 30.0) -> int:
+        """The exit code; a process still running after `timeout` is aborted and the test fails
+        with its log, which ends with where each of its threads was waiting."""
         assert self.proc is not None
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+            pytest.fail(f"{self.name} still running after {timeout} s:\n{self.logs()[-6000:]}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
