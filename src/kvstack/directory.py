@@ -84,18 +84,21 @@ class Directory:
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def _resolve(self) -> set[str]:
+    async def _resolve(self) -> tuple[set[str], bool]:
+        """Every address the names resolve to, and whether every lookup answered."""
         loop = asyncio.get_running_loop()
         addresses: set[str] = set()
+        complete = True
         for host, port in self.hosts:
             try:
                 infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except OSError:
-                continue  # the name has no address right now (every backend down): try again
+                complete = False  # no answer now (every backend down, a DNS hiccup): try again
+                continue
             for family, _, _, _, sockaddr in infos:
                 ip = str(sockaddr[0])
                 addresses.add(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
-        return addresses
+        return addresses, complete
 
     async def _ask(self, member: Member) -> None:
         try:
@@ -113,17 +116,27 @@ class Directory:
     async def refresh(self) -> None:
         """Resolve the name again and ask every backend what it is."""
         before = {(a, m.role, m.readable) for a, m in self.members.items()}
-        addresses = await self._resolve()
-        for gone in set(self.members) - addresses:
-            # Bounded: grpc.aio may wait on a call that closing did not end (grpc/grpc#32005);
-            # callers bound their own reads, so the channel is dropped either way.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(CLOSE_S):
-                    await self.members.pop(gone).channel.close()
+        addresses, complete = await self._resolve()
         for address in addresses - set(self.members):
             channel = aio.insecure_channel(address, options=self.channel_options)
             self.members[address] = Member(address, channel)
         await asyncio.gather(*(self._ask(m) for m in self.members.values()))
+        # A backend leaves when DNS answers without it AND it no longer answers itself. DNS
+        # alone may drop a live backend for a moment (a failed lookup, a Swarm service update),
+        # and closing its channel would cancel the calls in flight on it.
+        gone = [
+            a
+            for a, m in self.members.items()
+            if complete
+            and a not in addresses
+            and m.role == replication_pb2.BACKEND_ROLE_UNSPECIFIED
+        ]
+        for address in gone:
+            # Bounded: grpc.aio may wait on a call that closing did not end (grpc/grpc#32005);
+            # callers bound their own reads, so the channel is dropped either way.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_S):
+                    await self.members.pop(address).channel.close()
         after = {(a, m.role, m.readable) for a, m in self.members.items()}
         if after != before:
             log.info("backends", extra=fields(target=self.target, backends=self.describe()))
