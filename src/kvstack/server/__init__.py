@@ -9,6 +9,7 @@ HTTP/2 connection to one pod.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -74,9 +75,25 @@ def channel_options(config: ServerConfig) -> list[tuple[str, Any]]:
     return [
         ("grpc.service_config", json.dumps(service_config)),
         ("grpc.enable_retries", 1),
-        ("grpc.keepalive_time_ms", 20_000),
         ("grpc.max_receive_message_length", 8 << 20),
     ]
+
+
+class ChannelClosed(Exception):
+    """A backend call was cancelled on this side: the Directory closed the channel of a backend
+    that left (restarted, or scaled away). The backend was unavailable, not the caller gone."""
+
+
+async def _forward(member: Member, method: str, request: Any, timeout: float) -> Any:
+    try:
+        return await getattr(member.kv, method)(request, timeout=timeout)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # this handler itself was cancelled: the client left, or shutdown
+        # grpc.aio raises CancelledError for a call cancelled locally; passed on, the client
+        # would see CANCELLED, which it does not retry.
+        raise ChannelClosed(member.address) from None
 
 
 class FrontEnd(kv_pb2_grpc.KeyValueServicer):
@@ -118,9 +135,16 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
         timeout = await self._deadline(context)
         primary = await self._primary(context)
         try:
-            return await getattr(primary.kv, method)(request, timeout=timeout)
+            return await _forward(primary, method, request, timeout)
         except aio.AioRpcError as err:
             await context.abort(err.code(), _explain(err))
+            raise  # unreachable: abort raises
+        except ChannelClosed:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the connection to the primary backend ({primary.address}) closed during the "
+                "call (it restarted or left); retry",
+            )
             raise  # unreachable: abort raises
 
     async def _read(self, context: Context, method: str, request: Any, latest: bool) -> Any:
@@ -133,11 +157,13 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
             if member is None:
                 break
             try:
-                return await getattr(member.kv, method)(request, timeout=self._timeout(context))
+                return await _forward(member, method, request, self._timeout(context))
             except aio.AioRpcError as err:
                 if err.code() != grpc.StatusCode.UNAVAILABLE or member is tried:
                     await context.abort(err.code(), _explain(err))
                 tried = member
+            except ChannelClosed:
+                tried = member  # the next reader, or UNAVAILABLE below
         await context.abort(
             grpc.StatusCode.UNAVAILABLE,
             "no backend can answer reads right now (restarting, or replicas catching up); "
