@@ -21,8 +21,8 @@ from typing import TypeVar
 
 import grpc
 
-from kvstack import registry
-from kvstack.runtime import CHANNEL_OPTIONS, printable
+from kvstack import registry, runtime
+from kvstack.runtime import printable
 from kvstack.v1 import kv_pb2, kv_pb2_grpc
 
 R = TypeVar("R")
@@ -41,7 +41,7 @@ def default_target() -> str:
 CHANNEL_OPTIONS = [
     ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
     ("grpc.dns_min_time_between_resolutions_ms", 1000),
-    *CHANNEL_OPTIONS,
+    *runtime.CHANNEL_OPTIONS,
 ]
 
 
