@@ -40,12 +40,18 @@ def main(argv: list[str] | None = None) -> int:
         "--target", default=None, help="host:port (default: this container's service on localhost)"
     )
     parser.add_argument("--timeout", type=float, default=2.0)
+    parser.add_argument(
+        "--service",
+        default="",
+        help='the health name to ask (default "": the process as a whole; a service may say '
+        "NOT_SERVING for one of its APIs, e.g. a backend replica for kvstack.v1.KeyValue)",
+    )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     target = args.target or f"localhost:{default_port()}"
-    status = check(target, args.timeout)
+    status = check(target, args.timeout, args.service)
     if not args.quiet:
-        print(f"{target}: {status}")
+        print(f"{target}{' ' + args.service if args.service else ''}: {status}")
     return 0 if status == "SERVING" else 1
 
 

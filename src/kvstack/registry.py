@@ -8,6 +8,7 @@ Kubernetes manifests and the CI matrix. Nothing else spells those facts out agai
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -32,6 +33,9 @@ class Service:
     replicas: int = 1
     calls: tuple[str, ...] = field(default_factory=tuple)
     publish: bool = False
+    # The gRPC health name that says whether it can serve ("" is the process as a whole):
+    # readiness probes and the Swarm health check ask this one; startup and liveness ask "".
+    readiness: str = ""
 
     @property
     def long_running(self) -> bool:
@@ -71,11 +75,16 @@ def parse(text: str, source: str = "services.toml") -> dict[str, Service]:
             replicas=int(raw.get("replicas", 1)),
             calls=tuple(raw.get("calls", ())),
             publish=bool(raw.get("publish", False)),
+            readiness=str(raw.get("readiness", "")),
         )
     for svc in services.values():
         for callee in svc.calls:
             if callee not in services:
                 raise ValueError(f"{source}: {svc.name!r} calls unknown service {callee!r}")
+            if services[callee].kind == "job":
+                raise ValueError(
+                    f"{source}: {svc.name!r} calls {callee!r}, a job: it serves no port"
+                )
     return services
 
 
@@ -83,6 +92,74 @@ def parse(text: str, source: str = "services.toml") -> dict[str, Service]:
 def services() -> dict[str, Service]:
     """Every service, by name, in the order services.toml lists them."""
     return parse(REGISTRY_PATH.read_text(), str(REGISTRY_PATH))
+
+
+def callees_first(services: Mapping[str, Service]) -> list[Service]:
+    """Every service, each after the services it calls (a call to itself aside): the order in
+    which rollouts are awaited, so a caller never waits on a callee that is not there yet."""
+    ordered: list[Service] = []
+
+    def visit(svc: Service) -> None:
+        if svc in ordered:
+            return
+        for callee in svc.calls:
+            if callee != svc.name:
+                visit(services[callee])
+        ordered.append(svc)
+
+    for svc in services.values():
+        visit(svc)
+    return ordered
+
+
+# -- The flow graph -------------------------------------------------------------------------------
+#
+# Every network flow the running system needs: the calls between services (services.toml) and two
+# the platform brings, DNS (every pod resolves its callees' names) and metrics scraping (a
+# collector outside the namespace reads METRICS_PORT). The Kubernetes NetworkPolicies
+# (kvstack.ops.manifests) and the local Swarm stack's networks (kvstack.ops.local) are both
+# rendered from flows() and allow nothing else; tests/manifests/test_network_analysis.py checks
+# the policies with a NetworkPolicy analyser against this graph AND against its own list of what
+# the code opens, so a flow forgotten here shows up as a refused connection, not a silent gap.
+
+DNS = "dns"  # the cluster's resolver, whatever answers it (kube-dns, NodeLocal DNSCache, Cloud DNS)
+METRICS_COLLECTOR = "metrics-collector"  # GKE Managed Prometheus's collectors
+PLATFORM_PEERS = (DNS, METRICS_COLLECTOR)
+DNS_PORT = 53
+
+
+@dataclass(frozen=True)
+class Flow:
+    """One allowed flow: `source` opens connections to `target` on `port`. Either end is a
+    service's name or a platform peer (DNS, METRICS_COLLECTOR)."""
+
+    source: str
+    target: str
+    port: int
+    protocols: tuple[str, ...]
+    why: str
+
+    @property
+    def between_services(self) -> bool:
+        return self.source not in PLATFORM_PEERS and self.target not in PLATFORM_PEERS
+
+
+def flows(services: Mapping[str, Service]) -> list[Flow]:
+    """The flow graph: every connection the running services open or accept."""
+    out: list[Flow] = []
+    for svc in services.values():
+        for name in svc.calls:
+            callee = services[name]
+            assert callee.port is not None  # parse() requires a port of every long-running one
+            why = "replicas reach the primary" if name == svc.name else "gRPC calls"
+            out.append(Flow(svc.name, name, callee.port, ("TCP",), why))
+    for svc in services.values():
+        if svc.calls:  # it resolves its callees' names; a service that calls nothing resolves none
+            out.append(Flow(svc.name, DNS, DNS_PORT, ("UDP", "TCP"), "name lookups"))
+    for svc in services.values():
+        if svc.long_running:
+            out.append(Flow(METRICS_COLLECTOR, svc.name, METRICS_PORT, ("TCP",), "metrics"))
+    return out
 
 
 def get(name: str) -> Service:

@@ -52,23 +52,27 @@ class StackUnderTest:
     name: str
     tag: str
 
-    @property
-    def network(self) -> str:
-        return local.network_name(self.name)
+    def network(self, caller: str = "client", callee: str = "server") -> str:
+        """The stack's network of the flow caller -> callee (the graph has one per flow)."""
+        return local.network_name(self.name, f"{caller}-{callee}")
 
     def containers(self, service: str) -> list[str]:
         """IDs of the running containers of one service's tasks."""
         label = f"label=com.docker.swarm.service.name={self.name}_{service}"
         return docker("ps", "-q", "--filter", label).split()
 
-    def job_argv(self, job: str, *args: str, detach: bool = False) -> list[str]:
-        """docker run arguments for a job (the client) on this stack's network."""
+    def job_argv(
+        self, job: str, *args: str, detach: bool = False, network: str | None = None
+    ) -> list[str]:
+        """docker run arguments for a job (the client) on its network in the stack, or on
+        `network` (a test that stands where another service stands, e.g. reads backends)."""
         service = registry.get(job)
         env = [f"--env={k}={v}" for k, v in local.callee_targets(service).items()]
         name = f"{self.name}-{job}-{uuid.uuid4().hex[:6]}"
         mode = ["--detach", f"--name={name}"] if detach else ["--rm"]
         image = images.image_ref(service, self.tag)
-        return ["run", *mode, "--network", self.network, *env, image, *args]
+        where = network or local.job_network(self.name, service)
+        return ["run", *mode, "--network", where, *env, image, *args]
 
     def run_job(
         self, job: str, *args: str, timeout: float = 120

@@ -129,12 +129,20 @@ def rstack(tag: str) -> Iterator[StackUnderTest]:
         (local.BUILD_DIR / f"{stack.name}.stack.json").unlink(missing_ok=True)
 
 
-def python_job(stack: StackUnderTest, script: str, *args: str, detach: bool) -> list[str]:
-    """docker run arguments for a Python script in the client image on the stack's network."""
-    argv = stack.job_argv("client", "-c", script, *args, detach=detach)
+def python_job(
+    stack: StackUnderTest, script: str, *args: str, detach: bool, network: str | None = None
+) -> list[str]:
+    """docker run arguments for a Python script in the client image on the client's network
+    in the stack (it reaches the server), or on `network`."""
+    argv = stack.job_argv("client", "-c", script, *args, detach=detach, network=network)
     argv.insert(argv.index(images.image_ref(registry.get("client"), stack.tag)), "--entrypoint")
     argv.insert(argv.index("--entrypoint") + 1, "/opt/venv/bin/python")
     return argv
+
+
+def backend_network(stack: StackUnderTest) -> str:
+    """The backends' one network: the server's flow to them (replication uses it too)."""
+    return stack.network("server", BACKEND.name)
 
 
 def backends(stack: StackUnderTest) -> dict[int, Task]:
@@ -149,7 +157,7 @@ def backends(stack: StackUnderTest) -> dict[int, Task]:
             continue  # gone between ps and inspect
         name, _, networks = out.partition(" ")
         slot = int(name.split(".")[1])
-        ip = (json.loads(networks).get(stack.network) or {}).get("IPAddress", "")
+        ip = (json.loads(networks).get(backend_network(stack)) or {}).get("IPAddress", "")
         found[slot] = Task(slot, cid, ip)
     return found
 
@@ -176,7 +184,9 @@ def listings(
     stack: StackUnderTest, prefix: str, tasks: dict[int, Task]
 ) -> dict[int, dict[str, str]]:
     """Each backend's entries under prefix, read from the backend itself."""
-    argv = python_job(stack, LISTER, prefix, *(t.target for t in tasks.values()), detach=False)
+    targets = [t.target for t in tasks.values()]
+    # It reads each backend directly, so it stands where the server stands.
+    argv = python_job(stack, LISTER, prefix, *targets, detach=False, network=backend_network(stack))
     out = docker(*argv, timeout=120)
     by_target = json.loads(out.strip().splitlines()[-1])
     return {slot: by_target[t.target] for slot, t in tasks.items()}
@@ -370,11 +380,11 @@ def test_partitioned_replica_converges_after_reconnect(
     replica = wait_backends(rstack, BACKENDS)[PRIMARY_SLOT + 1].container
     run = workload("partition")
     run.wait_acks(300)
-    docker("network", "disconnect", rstack.network, replica)
+    docker("network", "disconnect", backend_network(rstack), replica)
     try:
         run.wait_acks(LOG_RETAIN + 500)  # beyond the primary's log: the replica needs a snapshot
     finally:
-        docker("network", "connect", rstack.network, replica)
+        docker("network", "connect", backend_network(rstack), replica)
     run.wait_acks(300)
     run.stop()
     print(run.check(), flush=True)

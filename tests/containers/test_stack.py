@@ -7,6 +7,9 @@ from collections.abc import Callable
 
 import pytest
 
+from kvstack import registry
+from kvstack.ops import images
+
 from .conftest import LoadRun, StackUnderTest, docker
 
 pytestmark = pytest.mark.containers
@@ -19,6 +22,26 @@ def test_client_batch_succeeds_through_server_to_backend(stack: StackUnderTest) 
     result = stack.run_job("client")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "->" in result.stdout
+
+
+def probe_from(stack: StackUnderTest, network: str, target: str) -> str:
+    """What the image's health probe, run in a container on `network`, gets from `target`."""
+    probe = ["-m", "kvstack.probe", "--target", target, "--timeout", "3"]
+    argv = stack.job_argv("client", *probe, network=network)
+    image = argv.index(images.image_ref(registry.get("client"), stack.tag))
+    argv[image:image] = ["--entrypoint", "/opt/venv/bin/python"]
+    result = docker(*argv, check=False, timeout=60)
+    return result.strip().rsplit(": ", 1)[-1]
+
+
+def test_the_networks_allow_only_the_flow_graph(stack: StackUnderTest) -> None:
+    """Where the client runs (its flow's network), the server answers and the backend cannot
+    be reached at all; where the server stands (its flow to the backend), the backend answers.
+    The engine, not our code, enforces this: the graph's networks are all that is there."""
+    client_net, server_net = stack.network(), stack.network("server", "backend")
+    assert probe_from(stack, client_net, "server:50051") == "SERVING"
+    assert probe_from(stack, client_net, "backend:50061") in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+    assert probe_from(stack, server_net, "backend:50061") == "SERVING"
 
 
 def primary_container(stack: StackUnderTest) -> str:

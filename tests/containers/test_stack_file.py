@@ -49,7 +49,7 @@ def test_a_new_service_gets_an_image_and_a_place_in_the_stack(
     assert cache["image"] == "kvstack-cache:t1"
     assert cache["deploy"]["replicas"] == 2
     assert cache["deploy"]["update_config"]["order"] == "start-first"
-    assert cache["healthcheck"]["test"] == local.PROBE
+    assert cache["healthcheck"]["test"] == [*local.PROBE, "--service", ""]
     assert spec["services"]["server"]["environment"] == {
         "KVSTACK_BACKEND_TARGET": "dns:///backend:50061",
         "KVSTACK_CACHE_TARGET": "dns:///cache:50071",
@@ -70,4 +70,39 @@ def test_stack_publishes_at_most_the_server_and_keeps_jobs_out(
     # One volume per task slot (Swarm expands the template), named after the stack.
     assert spec["volumes"] == {"backend-data": {"name": "kvstack_backend-data-{{.Task.Slot}}"}}
     assert spec["services"]["backend"]["environment"]["KVSTACK_ORDINAL"] == "{{.Task.Slot}}"
-    assert spec["networks"][local.NETWORK]["attachable"] is True
+
+
+def test_stack_networks_are_the_flow_graph(four_services: dict[str, registry.Service]) -> None:
+    """One network per flow between two services, joined by its two ends only: the client
+    shares none with the backend or the cache, and the backend none with the cache."""
+    spec = local.stack_spec("t1")
+    assert set(spec["networks"]) == {"client-server", "server-backend", "server-cache"}
+    assert all(n == {"driver": "overlay", "attachable": True} for n in spec["networks"].values())
+    joined = {name: set(s["networks"]) for name, s in spec["services"].items()}
+    assert joined == {
+        "backend": {"server-backend"},
+        "server": {"client-server", "server-backend", "server-cache"},
+        "cache": {"server-cache"},
+    }
+    assert local.job_network("st", four_services["client"]) == "st_client-server"
+
+
+def test_a_flow_to_itself_gets_a_network_only_when_it_has_no_other() -> None:
+    """Replicas of one service share its networks; alone, its own flow gets one."""
+    alone = registry.parse('[services.db]\nkind = "stateful"\nport = 1\ncalls = ["db"]\n')
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(registry, "services", lambda: alone)
+        assert local.networks_of(alone["db"]) == ["db-db"]
+    shipped = registry.services()
+    assert local.networks_of(shipped["backend"]) == ["server-backend"]
+
+
+def test_the_readiness_name_is_what_the_swarm_health_check_asks() -> None:
+    """The backend's health check asks kvstack.v1.KeyValue (NOT_SERVING on a replica that is
+    not following), as its Kubernetes readiness probe does; others ask the process."""
+    spec = local.stack_spec("t1")
+    assert spec["services"]["backend"]["healthcheck"]["test"][-2:] == [
+        "--service",
+        "kvstack.v1.KeyValue",
+    ]
+    assert spec["services"]["server"]["healthcheck"]["test"][-1] == ""

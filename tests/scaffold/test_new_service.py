@@ -247,7 +247,9 @@ def test_its_image_builds(repo: tuple[Path, dict[str, str]], copy_tag: str) -> N
 @pytest.mark.timeout(900)
 def test_it_comes_up_serving_on_swarm(repo: tuple[Path, dict[str, str]], copy_tag: str) -> None:
     """`kvstack up` from the copy (on a stack of its own) runs it on the local Swarm with every
-    replica healthy, its health SERVING and its RPC answering over the stack's network."""
+    replica healthy, its health SERVING and its RPC answering. Nothing calls it yet, so the flow
+    graph gives it no network of the stack's (the client's network does not reach it): the
+    checks run inside one of its tasks, as Swarm's own health check does."""
     copy, _ = repo
     stack = f"kvscaffold-{uuid.uuid4().hex[:6]}"
     try:
@@ -255,17 +257,23 @@ def test_it_comes_up_serving_on_swarm(repo: tuple[Path, dict[str, str]], copy_ta
         label = f"label=com.docker.swarm.service.name={stack}_{NAME}"
         healthy = docker("ps", "-q", "--filter", label, "--filter", "health=healthy").split()
         assert len(healthy) >= 2, docker("service", "ps", f"{stack}_{NAME}", check=False)
-        image = f"kvstack-{NAME}:{copy_tag}"
-        run = ["run", "--rm", "--network", f"{stack}_net", "--entrypoint", "/opt/venv/bin/python"]
-        probe = docker(*run, image, "-m", "kvstack.probe", "--target", f"{NAME}:{PORT}")
-        assert probe.strip() == f"{NAME}:{PORT}: SERVING"
+        run = ["exec", healthy[0], "/opt/venv/bin/python"]
+        probe = docker(*run, "-m", "kvstack.probe", "--target", f"localhost:{PORT}")
+        assert probe.strip() == f"localhost:{PORT}: SERVING"
         hello = (
             "import grpc; from kvstack.inventory.v1 import inventory_pb2 as p, "
             "inventory_pb2_grpc as g; "
-            f"print(g.InventoryStub(grpc.insecure_channel('{NAME}:{PORT}'))"
+            f"print(g.InventoryStub(grpc.insecure_channel('localhost:{PORT}'))"
             ".Hello(p.HelloRequest(name='swarm'), timeout=10).message)"
         )
-        assert docker(*run, image, "-c", hello).strip() == "hello, swarm"
+        assert docker(*run, "-c", hello).strip() == "hello, swarm"
+        client_net = f"{stack}_client-server"
+        unreachable = docker(
+            "run", "--rm", "--network", client_net, "--entrypoint", "/opt/venv/bin/python",
+            f"kvstack-{NAME}:{copy_tag}", "-m", "kvstack.probe", "--target", f"{NAME}:{PORT}",
+            check=False,
+        )  # fmt: skip
+        assert "SERVING" not in unreachable.replace("NOT_SERVING", ""), unreachable
     finally:
         kvstack(copy, "down", "--stack", stack, "--volumes", timeout=300, check=False)
 

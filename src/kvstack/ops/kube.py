@@ -60,19 +60,7 @@ def resource(svc: registry.Service) -> str:
 
 def long_running() -> list[registry.Service]:
     """Long-running services, callees before callers (the order rollouts are awaited in)."""
-    services = registry.services()
-    ordered: list[registry.Service] = []
-
-    def visit(svc: registry.Service) -> None:
-        if svc in ordered:
-            return
-        for callee in svc.calls:
-            visit(services[callee])
-        ordered.append(svc)
-
-    for svc in services.values():
-        visit(svc)
-    return [s for s in ordered if s.long_running]
+    return [s for s in registry.callees_first(registry.services()) if s.long_running]
 
 
 def jobs() -> list[registry.Service]:

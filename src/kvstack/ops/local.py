@@ -4,8 +4,18 @@ Swarm mode does the running (replicas, restart on crash, health-gated rolling up
 file is generated from the service registry into build/, never written by hand. Only the
 services marked `publish` get a host port, in mode host (the ingress mesh does not work on the
 project's machines) with a port picked by the engine per task, so that several replicas and a
-start-first update fit on one node. The client runs as a `docker run` container on the stack's
-attachable network, which needs no published port at all.
+start-first update fit on one node. The client runs as a `docker run` container on the network
+of its flow to the server, which needs no published port at all.
+
+The networks follow the flow graph (kvstack.registry.flows), as the NetworkPolicies do on
+Kubernetes: each flow between two services is its own overlay network, joined by those two
+services only, so a container reaches another service only where the graph has a flow (the
+client has no network in common with the backend, and its name does not even resolve there).
+What Docker cannot express: a network is not directional and has no ports (the callee could open
+a connection back to its caller), and the tasks of one service always share its networks (a flow
+from a service to itself, like replication, needs no network of its own and gets one only when
+the service has no other). The analyser in tests/manifests checks those finer rules for
+Kubernetes.
 """
 
 from __future__ import annotations
@@ -30,7 +40,6 @@ from kvstack.ops.targets import DeployRequest
 
 DEFAULT_STACK = "kvstack"
 BUILD_DIR = images.ROOT / "build"
-NETWORK = "net"
 DATA_DIR = "/data"
 HEALTHY_TIMEOUT_S = 180.0
 # `python -m kvstack.probe` asks the service's own gRPC health endpoint (port from the image's
@@ -49,8 +58,38 @@ SLOT = "{{.Task.Slot}}"
 PRIMARY_SLOT = 1
 
 
-def network_name(stack: str) -> str:
-    return f"{stack}_{NETWORK}"
+def flow_network(flow: registry.Flow) -> str:
+    """The stack file's key of the network that carries one flow, e.g. `server-backend`."""
+    return f"{flow.source}-{flow.target}"
+
+
+def networks_of(service: registry.Service) -> list[str]:
+    """The stack file's keys of the networks `service` joins: one per flow between services it
+    is an end of (see the module docstring for a flow from a service to itself)."""
+    ends = [
+        f
+        for f in registry.flows(registry.services())
+        if f.between_services and service.name in (f.source, f.target)
+    ]
+    others = [flow_network(f) for f in ends if f.source != f.target]
+    return others or [flow_network(f) for f in ends]
+
+
+def network_name(stack: str, key: str) -> str:
+    """The engine's name of one of the stack's networks, e.g. kvstack_server-backend."""
+    return f"{stack}_{key}"
+
+
+def job_network(stack: str, job: registry.Service) -> str:
+    """The one network a job's container runs on: that of its flow to the service it calls
+    (Docker 20.10's `docker run` joins one network, so a job calls one service locally)."""
+    keys = networks_of(job)
+    if len(keys) != 1:
+        raise CommandError(
+            f"the local target runs a job on one network, but {job.name} calls "
+            f"{', '.join(job.calls) or 'nothing'}: give it exactly one service in `calls`"
+        )
+    return network_name(stack, keys[0])
 
 
 def service_name(stack: str, service: registry.Service) -> str:
@@ -94,9 +133,9 @@ def service_spec(
                 else {}
             ),
         },
-        "networks": [NETWORK],
+        "networks": networks_of(service),
         "healthcheck": {
-            "test": PROBE,
+            "test": [*PROBE, "--service", service.readiness],
             "interval": "3s",
             "timeout": "3s",
             "retries": 3,
@@ -145,7 +184,13 @@ def stack_spec(
     return {
         "version": "3.8",
         "services": {s.name: given.get(s.name) or service_spec(s, tag) for s in long_running},
-        "networks": {NETWORK: {"driver": "overlay", "attachable": True}},
+        # Attachable: the client (a job) and the tests' own containers join as `docker run`s.
+        "networks": {
+            key: {"driver": "overlay", "attachable": True}
+            for key in dict.fromkeys(
+                k for s in registry.services().values() for k in networks_of(s)
+            )
+        },
         "volumes": {
             volume_name(s): {"name": slot_volume(stack, s)}
             for s in long_running
@@ -267,8 +312,9 @@ def run_job(runner: Runner, stack: str, tag: str, name: str, args: list[str]) ->
     service = registry.get(name)
     env = [f"--env={k}={v}" for k, v in callee_targets(service).items()]
     argv = docker(
-        "run", "--rm", "--network", network_name(stack), *env, images.image_ref(service, tag), *args
-    )
+        "run", "--rm", "--network", job_network(stack, service), *env,
+        images.image_ref(service, tag), *args,
+    )  # fmt: skip
     return runner.run(argv, check=False).returncode
 
 
@@ -466,19 +512,7 @@ class Local:
 
     def long_running(self) -> list[registry.Service]:
         """Long-running services, callees first (the order they are waited for)."""
-        ordered: list[registry.Service] = []
-
-        def visit(svc: registry.Service) -> None:
-            if svc in ordered:
-                return
-            for callee in svc.calls:
-                visit(registry.get(callee))
-            if svc.long_running:
-                ordered.append(svc)
-
-        for svc in registry.services().values():
-            visit(svc)
-        return ordered
+        return [s for s in registry.callees_first(registry.services()) if s.long_running]
 
     def service(self, svc: registry.Service) -> str:
         return service_name(self.stack, svc)
@@ -569,11 +603,12 @@ class Local:
         """Run every job (the client's batch) once on the stack's network; the failure or None."""
         for job in (s for s in registry.services().values() if s.kind == "job"):
             ref = images.image_ref(job, version)
-            say(f"smoke test: {job.name} ({ref}) on network {network_name(self.stack)}")
+            network = job_network(self.stack, job)
+            say(f"smoke test: {job.name} ({ref}) on network {network}")
             container = f"{self.stack}-smoke-{job.name}-{uuid.uuid4().hex[:6]}"
             env = [f"--env={k}={v}" for k, v in callee_targets(job).items()]
             argv = docker(
-                "run", "--rm", f"--name={container}", "--network", network_name(self.stack),
+                "run", "--rm", f"--name={container}", "--network", network,
                 *env, ref,
             )  # fmt: skip
             try:

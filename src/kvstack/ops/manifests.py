@@ -57,8 +57,11 @@ BASE_RESOURCES: dict[str, Any] = {
     "requests": {"cpu": "100m", "memory": "128Mi"},
     "limits": {"cpu": "500m", "memory": "256Mi"},
 }
-# GKE Managed Prometheus runs its collectors in this namespace.
-GMP_NAMESPACE = "gmp-system"
+# GKE Managed Prometheus runs its managed collectors in this namespace on GKE (gmp-system is the
+# one on attached, non-GKE clusters): https://cloud.google.com/stackdriver/docs/managed-prometheus/setup-managed
+GMP_NAMESPACE = "gke-gmp-system"
+# Set by Kubernetes on every namespace (1.22+): what a namespaceSelector can match by name.
+NAMESPACE_LABEL = "kubernetes.io/metadata.name"
 
 if TERMINATION_GRACE_SECONDS <= PRESTOP_SECONDS + SHUTDOWN_GRACE_SECONDS:
     raise AssertionError("the termination grace period must outlast preStop + drain")
@@ -97,6 +100,13 @@ def labels(svc: Service) -> dict[str, str]:
 
 def metadata(name: str, svc: Service) -> dict[str, Any]:
     return {"name": name, "labels": labels(svc)}
+
+
+def namespaced(name: str, object_labels: dict[str, str]) -> dict[str, Any]:
+    """Metadata of an object of a component: components sit outside the base, whose
+    `namespace:` does not reach them, so each names the namespace itself (plain
+    `kubectl apply -k` / `delete -k` of an overlay then put and find it there)."""
+    return {"name": name, "namespace": NAMESPACE, "labels": object_labels}
 
 
 def target_env(callee: Service) -> dict[str, str]:
@@ -154,10 +164,17 @@ def container(svc: Service, services: Mapping[str, Service]) -> dict[str, Any]:
             {"name": "metrics", "containerPort": registry.METRICS_PORT, "protocol": "TCP"},
         ]
         # The health service says NOT_SERVING until the service can serve and again while it
-        # drains: startup gates the others, readiness takes the pod out of the Service,
-        # liveness restarts a process that stopped answering.
+        # drains. Startup and liveness ask for the process as a whole (""): a replica that only
+        # waits for its primary, or copies a large snapshot, is alive and must not be restarted.
+        # Readiness asks the name that says whether it can serve (registry `readiness`; on the
+        # backend kvstack.v1.KeyValue, NOT_SERVING while a replica is not following), so such a
+        # pod leaves the Service and an OrderedReady rollout waits for it.
+        # https://kubernetes.io/docs/tasks/configure-pod-container/configure-liveness-readiness-startup-probes/#define-a-grpc-liveness-probe
+        ready = {
+            "grpc": {"port": svc.port, **({"service": svc.readiness} if svc.readiness else {})}
+        }
         spec["startupProbe"] = {**grpc, "periodSeconds": 2, "failureThreshold": 60}
-        spec["readinessProbe"] = {**grpc, "periodSeconds": 5, "failureThreshold": 2}
+        spec["readinessProbe"] = {**ready, "periodSeconds": 5, "failureThreshold": 2}
         spec["livenessProbe"] = {
             **grpc,
             "periodSeconds": 10,
@@ -378,72 +395,52 @@ def component(**fields: Any) -> dict[str, Any]:
     return {"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component", **fields}
 
 
+def peer(end: str, services: Mapping[str, Service]) -> dict[str, Any] | None:
+    """The NetworkPolicy peer for one end of a flow; None for DNS, allowed by port alone."""
+    if end == registry.METRICS_COLLECTOR:
+        return {"namespaceSelector": {"matchLabels": {NAMESPACE_LABEL: GMP_NAMESPACE}}}
+    if end == registry.DNS:
+        # Which address answers DNS depends on the cluster, and no pod selector matches most of
+        # them: GKE's NodeLocal DNSCache (always on in Autopilot, default on recent Standard)
+        # answers on the node's host network at the kube-dns Service IP or 169.254.20.10; Cloud
+        # DNS (Autopilot's provider) answers at the metadata server, 169.254.169.254; minikube's
+        # CoreDNS runs as kube-dns pods. So DNS is allowed on port 53 to any address: a pod
+        # that may ask the cluster's resolver can already reach any name server through it, so
+        # naming the resolver's address would add no protection, only a cluster-specific IP.
+        # https://cloud.google.com/kubernetes-engine/docs/how-to/nodelocal-dns-cache
+        # https://cloud.google.com/kubernetes-engine/docs/concepts/kube-dns (Autopilot: Cloud DNS)
+        return None
+    return {"podSelector": {"matchLabels": selector_labels(services[end])}}
+
+
+def flow_rule(
+    flow: registry.Flow, ingress: bool, services: Mapping[str, Service]
+) -> dict[str, Any]:
+    """The ingress rule (at its target) or egress rule (at its source) that allows `flow`."""
+    rule: dict[str, Any] = {}
+    remote = peer(flow.source if ingress else flow.target, services)
+    if remote is not None:
+        rule["from" if ingress else "to"] = [remote]
+    rule["ports"] = [{"protocol": proto, "port": flow.port} for proto in flow.protocols]
+    return rule
+
+
 def network_policies(services: Mapping[str, Service]) -> list[dict[str, Any]]:
-    """Default deny, DNS for everyone, then one policy per service from the registry's `calls`."""
-    everyone = {"app.kubernetes.io/part-of": PART_OF}
+    """Default deny, then one policy per service allowing exactly its flows in the flow graph
+    (kvstack.registry.flows): ingress from its callers and the metrics collectors, egress to
+    its callees and DNS. Kubelet probes come from the node and need no rule."""
+    graph = registry.flows(services)
     policies: list[dict[str, Any]] = [
         {
             "apiVersion": "networking.k8s.io/v1",
             "kind": "NetworkPolicy",
-            "metadata": {"name": "default-deny", "labels": everyone},
+            "metadata": namespaced("default-deny", {"app.kubernetes.io/part-of": PART_OF}),
             "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]},
-        },
-        {
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
-            "metadata": {"name": "allow-dns", "labels": everyone},
-            "spec": {
-                "podSelector": {},
-                "policyTypes": ["Egress"],
-                "egress": [
-                    {
-                        "to": [
-                            {
-                                "namespaceSelector": {
-                                    "matchLabels": {"kubernetes.io/metadata.name": "kube-system"}
-                                },
-                                "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
-                            }
-                        ],
-                        "ports": [
-                            {"protocol": "UDP", "port": 53},
-                            {"protocol": "TCP", "port": 53},
-                        ],
-                    }
-                ],
-            },
-        },
+        }
     ]
     for svc in services.values():
-        callers = [c for c in services.values() if svc.name in c.calls]
-        ingress: list[dict[str, Any]] = []
-        if callers:
-            ingress.append(
-                {
-                    "from": [{"podSelector": {"matchLabels": selector_labels(c)}} for c in callers],
-                    "ports": [{"protocol": "TCP", "port": svc.port}],
-                }
-            )
-        if svc.long_running:
-            ingress.append(
-                {
-                    "from": [
-                        {
-                            "namespaceSelector": {
-                                "matchLabels": {"kubernetes.io/metadata.name": GMP_NAMESPACE}
-                            }
-                        }
-                    ],
-                    "ports": [{"protocol": "TCP", "port": registry.METRICS_PORT}],
-                }
-            )
-        egress = [
-            {
-                "to": [{"podSelector": {"matchLabels": selector_labels(services[callee])}}],
-                "ports": [{"protocol": "TCP", "port": services[callee].port}],
-            }
-            for callee in svc.calls
-        ]
+        ingress = [flow_rule(f, True, services) for f in graph if f.target == svc.name]
+        egress = [flow_rule(f, False, services) for f in graph if f.source == svc.name]
         spec: dict[str, Any] = {
             "podSelector": {"matchLabels": selector_labels(svc)},
             "policyTypes": ["Ingress", "Egress"],
@@ -456,7 +453,7 @@ def network_policies(services: Mapping[str, Service]) -> list[dict[str, Any]]:
             {
                 "apiVersion": "networking.k8s.io/v1",
                 "kind": "NetworkPolicy",
-                "metadata": metadata(svc.name, svc),
+                "metadata": namespaced(svc.name, labels(svc)),
                 "spec": spec,
             }
         )
@@ -468,7 +465,7 @@ def pod_monitoring(services: Mapping[str, Service]) -> dict[str, Any]:
     return {
         "apiVersion": "monitoring.googleapis.com/v1",
         "kind": "PodMonitoring",
-        "metadata": {"name": PART_OF, "labels": {"app.kubernetes.io/part-of": PART_OF}},
+        "metadata": namespaced(PART_OF, {"app.kubernetes.io/part-of": PART_OF}),
         "spec": {
             "selector": {
                 "matchLabels": {"app.kubernetes.io/part-of": PART_OF},
