@@ -66,7 +66,9 @@ RUN python3 -m compileall -q --invalidation-mode unchecked-hash -d /opt/venv/lib
 FROM scratch AS runtime
 COPY --from=build /rootfs /
 COPY --from=app /app/kvstack /opt/venv/lib/python3.11/site-packages/kvstack
+# KVSTACK_HOST: a container serves on its own interfaces (the services default to loopback).
 ENV PATH=/opt/venv/bin:/usr/bin \
+    KVSTACK_HOST=[::] \
     LANG=C.UTF-8 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1

@@ -19,6 +19,28 @@ from kvstack.probe import check
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Test stacks never take the fixed address a developer's `make up` stack uses (127.0.0.1:50051):
+# each test stack's gateway gets a loopback port the engine picks (kvstack.ops.local). Set here,
+# at collection, so the CLI processes the tests start inherit it too.
+os.environ["KVSTACK_LOCAL_ADDRESS"] = "127.0.0.1:0"
+
+
+def listeners(port: int) -> set[str]:
+    """The local addresses (as /proc/net/tcp writes them: 0100007F is 127.0.0.1) of every
+    listening TCP socket on `port` on this machine; read from the kernel, no traffic sent."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, _, hex_port = fields[1].partition(":")
+            if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+# 127.0.0.1, ::1 and ::ffff:127.0.0.1 (an IPv6 socket bound to the IPv4 loopback)
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -35,6 +57,7 @@ class ServiceProcess:
     port: int
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    unset: tuple[str, ...] = ()  # variables the process must not see (to test a default)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -50,7 +73,8 @@ class ServiceProcess:
             "PYTHONFAULTHANDLER": "1",  # SIGABRT (see wait) prints every thread's stack
             **self.env,
         }
-        env.pop("KVSTACK_SERVICE", None)
+        for name in ("KVSTACK_SERVICE", *self.unset):
+            env.pop(name, None)
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kvstack", self.name],
@@ -121,11 +145,13 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
     started: list[ServiceProcess] = []
 
     def make(
-        name: str, env: dict[str, str] | None = None, port: int | None = None
+        name: str,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        unset: tuple[str, ...] = (),
     ) -> ServiceProcess:
-        svc = ServiceProcess(
-            name, port or free_port(), tmp_path / f"{name}-{len(started)}.log", env or {}
-        )
+        log = tmp_path / f"{name}-{len(started)}.log"
+        svc = ServiceProcess(name, port or free_port(), log, env or {}, unset=unset)
         started.append(svc)
         return svc.start()
 

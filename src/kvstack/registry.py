@@ -77,6 +77,8 @@ def parse(text: str, source: str = "services.toml") -> dict[str, Service]:
             publish=bool(raw.get("publish", False)),
             readiness=str(raw.get("readiness", "")),
         )
+    if len([s for s in services.values() if s.publish]) > 1:
+        raise ValueError(f"{source}: at most one service may `publish` (it gets the one address)")
     for svc in services.values():
         for callee in svc.calls:
             if callee not in services:

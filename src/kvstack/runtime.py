@@ -115,7 +115,13 @@ class RuntimeConfig:
     port: int = setting(
         "KVSTACK_PORT", 0, "gRPC port (default: the service's port in services.toml)"
     )
-    host: str = setting("KVSTACK_HOST", "[::]", "address the gRPC server binds to")
+    host: str = setting(
+        "KVSTACK_HOST",
+        "localhost",
+        "address the gRPC and metrics servers bind to: loopback by default, so a service run "
+        "by hand is not on the network; the images set [::] (a container serves its own "
+        "interfaces)",
+    )
     metrics_port: int = setting(
         "KVSTACK_METRICS_PORT",
         registry.METRICS_PORT,
@@ -470,7 +476,7 @@ def run(name: str, argv: list[str], build: Callable[[], Service]) -> int:
 
     try:
         if config.metrics_port:
-            start_http_server(config.metrics_port)
+            start_http_server(config.metrics_port, addr=config.host.strip("[]"))
         asyncio.run(main())
     except (ConfigError, OSError) as err:
         log.error("cannot start: %s", err)  # noqa: TRY400

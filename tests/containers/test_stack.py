@@ -8,13 +8,17 @@ from collections.abc import Callable
 import pytest
 
 from kvstack import registry
-from kvstack.ops import images
+from kvstack.client import Client
+from kvstack.ops import images, local
+from kvstack.ops.shell import Runner
+from tests.conftest import LOOPBACK, listeners
 
 from .conftest import LoadRun, StackUnderTest, docker
 
 pytestmark = pytest.mark.containers
 
 StartLoad = Callable[..., LoadRun]
+RUNNER = Runner()
 
 
 def test_client_batch_succeeds_through_server_to_backend(stack: StackUnderTest) -> None:
@@ -42,6 +46,34 @@ def test_the_networks_allow_only_the_flow_graph(stack: StackUnderTest) -> None:
     assert probe_from(stack, client_net, "server:50051") == "SERVING"
     assert probe_from(stack, client_net, "backend:50061") in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
     assert probe_from(stack, server_net, "backend:50061") == "SERVING"
+
+
+def test_the_host_reaches_the_server_on_loopback_only(stack: StackUnderTest) -> None:
+    """The gateway publishes the server on 127.0.0.1 and nothing else (no Swarm service
+    publishes a port); a client on this machine writes and reads through it, and still does
+    after every server task has been replaced (the gateway resolves the name per connection)."""
+    address = local.gateway_address(RUNNER, stack.name)
+    assert address is not None
+    assert address.startswith("127.0.0.1:"), address
+    port = int(address.rsplit(":", 1)[1])
+    # Nothing listens on 0.0.0.0 or [::] for it.
+    assert listeners(port), f"nothing listens on {port}"
+    assert listeners(port) <= LOOPBACK, listeners(port)
+    for name in registry.services():
+        if registry.get(name).long_running:
+            ports = docker("service", "inspect", "--format", "{{json .Endpoint.Ports}}",
+                           f"{stack.name}_{name}").strip()  # fmt: skip
+            assert ports in ("null", "[]"), f"{name} publishes {ports}"
+    key = f"gw/{uuid.uuid4().hex[:8]}".encode()
+    for value in (b"v1", b"v2"):
+        client = Client(address, verbose=False)
+        try:
+            client.put(key, value)
+            assert client.get(key) == value
+        finally:
+            client.close()
+        if value == b"v1":
+            docker("service", "update", "--force", "--quiet", f"{stack.name}_server", timeout=300)
 
 
 def primary_container(stack: StackUnderTest) -> str:

@@ -59,12 +59,13 @@ def test_a_new_service_gets_an_image_and_a_place_in_the_stack(
 def test_stack_publishes_at_most_the_server_and_keeps_jobs_out(
     four_services: dict[str, registry.Service],
 ) -> None:
-    """Only `publish` services get a host-mode port (engine-picked, so replicas fit on one
-    node); jobs are not services of the stack; the stateful one has its own volume."""
+    """No Swarm service publishes a port (Swarm would bind it on every interface: the gateway
+    container publishes on loopback instead); jobs are not services of the stack; the stateful
+    one has its own volume."""
     spec = local.stack_spec("t1")
     assert "client" not in spec["services"]
-    published = {name: s["ports"] for name, s in spec["services"].items() if "ports" in s}
-    assert published == {"server": [{"target": 50051, "protocol": "tcp", "mode": "host"}]}
+    assert [name for name, s in spec["services"].items() if "ports" in s] == []
+    assert local.published() == four_services["server"]
     assert spec["services"]["backend"]["volumes"] == ["backend-data:/data"]
     assert spec["services"]["backend"]["deploy"]["update_config"]["order"] == "stop-first"
     # One volume per task slot (Swarm expands the template), named after the stack.

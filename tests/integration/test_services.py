@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from kvstack import client as client_cli
 from kvstack.client import Client, Unreachable
 from kvstack.v1 import kv_pb2, kv_pb2_grpc
-from tests.conftest import Spawn, Stack, free_port, start_stack
+from tests.conftest import LOOPBACK, Spawn, Stack, free_port, listeners, start_stack
 
 
 @pytest.fixture
@@ -299,3 +299,17 @@ def test_bad_configuration_stops_with_a_clear_message(spawn: Spawn) -> None:
     bad = spawn("backend", {"KVSTACK_MAP_SIZE": "lots"})
     assert bad.wait() == 2
     assert "KVSTACK_MAP_SIZE='lots' is invalid" in bad.logs()
+
+
+def test_a_service_run_by_hand_listens_on_loopback_only(spawn: Spawn) -> None:
+    """Started with no KVSTACK_HOST (as a developer runs it), the server's gRPC and metrics
+    ports listen on loopback only, not on every interface of the machine; the images set
+    KVSTACK_HOST=[::] for their own containers instead."""
+    metrics = free_port()
+    server = spawn("server", {"KVSTACK_METRICS_PORT": str(metrics)}, unset=("KVSTACK_HOST",))
+    deadline = time.monotonic() + 30
+    while not listeners(server.port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for port in (server.port, metrics):
+        assert listeners(port), f"nothing listens on {port}"
+        assert listeners(port) <= LOOPBACK, listeners(port)

@@ -1,11 +1,13 @@
 """The whole system on the local Docker engine: `kvstack up` and `kvstack down`.
 
 Swarm mode does the running (replicas, restart on crash, health-gated rolling updates); the stack
-file is generated from the service registry into build/, never written by hand. Only the
-services marked `publish` get a host port, in mode host (the ingress mesh does not work on the
-project's machines) with a port picked by the engine per task, so that several replicas and a
-start-first update fit on one node. The client runs as a `docker run` container on the network
-of its flow to the server, which needs no published port at all.
+file is generated from the service registry into build/, never written by hand. No Swarm
+service publishes a port: Swarm binds a published port on every interface, whatever host IP the
+stack file names (moby/moby#26696), and its ingress mesh does not work on the project's
+machines. The service marked `publish` (the server) is reached from the host through a gateway
+instead: a plain container running `kvstack.forward`, published on 127.0.0.1:50051 only
+(KVSTACK_LOCAL_ADDRESS), on the network of its callers' flow (see kvstack.forward). The client
+runs as a `docker run` container on the network of its flow to the server.
 
 The networks follow the flow graph (kvstack.registry.flows), as the NetworkPolicies do on
 Kubernetes: each flow between two services is its own overlay network, joined by those two
@@ -169,8 +171,6 @@ def service_spec(
     }
     if stateful:
         spec["volumes"] = [f"{volume_name(service)}:{DATA_DIR}"]
-    if service.publish and service.port:
-        spec["ports"] = [{"target": service.port, "protocol": "tcp", "mode": "host"}]
     return spec
 
 
@@ -285,26 +285,86 @@ def deploy(
             stack,
         )
     )
+    service = published()
+    if service is not None:
+        entry = (services or {}).get(service.name) or {}
+        image = entry.get("image") or images.image_ref(service, tag)
+        ensure_gateway(runner, stack, image, local_address())
+
+
+# -- The gateway: the published service on one fixed loopback address ---------------------------
+
+ADDRESS_ENV = "KVSTACK_LOCAL_ADDRESS"
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+GATEWAY_LABEL = "dev.kvstack.gateway"  # its value: the stack the gateway belongs to
+ADDRESS_LABEL = "dev.kvstack.address"
+
+
+def local_address() -> str:
+    """HOST:PORT where the host reaches the published service (port 0: the engine picks one)."""
+    return os.environ.get(ADDRESS_ENV, DEFAULT_ADDRESS)
+
+
+def published() -> registry.Service | None:
+    return next((s for s in registry.services().values() if s.publish and s.long_running), None)
+
+
+def gateway_name(stack: str, service: registry.Service) -> str:
+    return f"{stack}-{service.name}-gateway"
+
+
+def gateway_network(stack: str, service: registry.Service) -> str:
+    """The network of a flow from another service to `service`: the gateway stands for a caller."""
+    for flow in registry.flows(registry.services()):
+        if flow.between_services and flow.target == service.name and flow.source != flow.target:
+            return network_name(stack, flow_network(flow))
+    raise CommandError(f"{service.name} is published but nothing calls it: add it to a `calls`")
+
+
+def ensure_gateway(runner: Runner, stack: str, image: str, address: str) -> None:
+    """Run (or keep) the gateway container forwarding `address` to the published service;
+    idempotent: a running gateway on the same image and address is left alone."""
+    service = published()
+    if service is None or service.port is None:
+        return
+    name = gateway_name(stack, service)
+    labels = f'{{{{index .Config.Labels "{ADDRESS_LABEL}"}}}}'
+    state = f"{{{{.State.Running}}}} {{{{.Config.Image}}}} {labels}"
+    current = runner.query(docker("inspect", "--format", state, name)).stdout.split()
+    if current == ["true", image, address]:
+        return
+    if current:
+        runner.run(docker("rm", "--force", name), capture=True)
+    host, _, port = address.rpartition(":")
+    publish = f"{host}:{'' if port == '0' else port}:{service.port}"
+    say(f"gateway: {address} on this machine -> {service.name}:{service.port} ({name})")
+    runner.run(
+        docker(
+            "run", "--detach", f"--name={name}", "--restart=unless-stopped",
+            f"--label={GATEWAY_LABEL}={stack}", f"--label={ADDRESS_LABEL}={address}",
+            f"--network={gateway_network(stack, service)}", f"--publish={publish}",
+            "--read-only", "--cap-drop=ALL", "--security-opt=no-new-privileges",
+            "--entrypoint=/opt/venv/bin/python", image,
+            "-m", "kvstack.forward", str(service.port), f"{service.name}:{service.port}",
+        ),
+        capture=True,
+    )  # fmt: skip
+
+
+def gateway_address(runner: Runner, stack: str) -> str | None:
+    """Where the gateway of `stack` listens on this machine (e.g. 127.0.0.1:50051), if it runs."""
+    service = published()
+    if service is None:
+        return None
+    out = runner.query(docker("port", gateway_name(stack, service), f"{service.port}/tcp"))
+    ports = out.stdout.split()
+    return ports[0] if out.returncode == 0 and ports else None
 
 
 def published_ports(runner: Runner, stack: str) -> list[str]:
-    """host:port of every published task port, e.g. 127.0.0.1:30001 (for the person)."""
-    found = []
-    for service in registry.services().values():
-        if not (service.publish and service.long_running):
-            continue
-        ids = runner.query(
-            docker(
-                "ps",
-                "-q",
-                "--filter",
-                f"label=com.docker.swarm.service.name={service_name(stack, service)}",
-            )
-        ).stdout.split()
-        for cid in ids:
-            port = runner.query(docker("port", cid, f"{service.port}/tcp")).stdout.split()
-            found += [f"{service.name} 127.0.0.1:{p.rsplit(':', 1)[-1]}" for p in port[:1]]
-    return found
+    """What the person can call from this machine, e.g. `server 127.0.0.1:50051`."""
+    service, address = published(), gateway_address(runner, stack)
+    return [f"{service.name} {address}"] if service and address else []
 
 
 def run_job(runner: Runner, stack: str, tag: str, name: str, args: list[str]) -> int:
@@ -321,6 +381,9 @@ def run_job(runner: Runner, stack: str, tag: str, name: str, args: list[str]) ->
 def remove(runner: Runner, stack: str, *, volumes: bool, timeout: float = 90) -> None:
     """Remove the stack and wait until its containers and network are gone."""
     label = f"label=com.docker.stack.namespace={stack}"
+    gateways = runner.query(docker("ps", "-aq", "--filter", f"label={GATEWAY_LABEL}={stack}"))
+    if gateways.stdout.split():
+        runner.run(docker("rm", "--force", *gateways.stdout.split()), capture=True)
     if runner.query(docker("stack", "ps", "-q", stack)).returncode == 0:
         runner.run(docker("stack", "rm", stack))
     deadline = time.monotonic() + timeout
@@ -346,8 +409,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
     images.build(runner, list(registry.services().values()), tag, only_if_changed=True)
     request = DeployRequest(version=tag, registry=None, timeout=int(HEALTHY_TIMEOUT_S))
     Local(stack=args.stack).deploy(runner, request, smoke=not args.no_client)
-    for line in published_ports(runner, args.stack):
-        say(f"published: {line}")
+    address = gateway_address(runner, args.stack)
+    if address:
+        say(
+            f"the server answers on {address}, from this machine only; call it with "
+            f"`.venv/bin/python -m kvstack client --target {address} put greeting hello`"
+        )
     return 0
 
 
@@ -670,6 +737,9 @@ class Local:
         failure: str | None = None
         if not changed:
             say(f"{version} is already what stack {self.stack} runs: nothing to change")
+            gated = published()
+            if gated is not None:
+                ensure_gateway(runner, self.stack, images_wanted[gated.name], local_address())
         else:
             say("changing: " + ", ".join(s.name for s in changed))
             try:
