@@ -21,6 +21,11 @@ KINDS: tuple[Kind, ...] = ("stateful", "stateless", "job")
 # Shared by every long-running service; one place so probes, manifests and the stack agree.
 METRICS_PORT = 9464
 IMAGE_PREFIX = "kvstack-"
+# How many replicas of a long-running service: at least 2, so one can fail or roll without an
+# outage (the brief's resiliency floor), at most 5, what the project is sized and tested for
+# (`kvstack scale` refuses others unless --force; the server's autoscaler stops at the ceiling).
+MIN_REPLICAS = 2
+MAX_REPLICAS = 5
 # The non-root user every image runs as (set in the Dockerfile, required by the manifests).
 RUNTIME_UID = 65532
 
@@ -68,11 +73,17 @@ def parse(text: str, source: str = "services.toml") -> dict[str, Service]:
         port = raw.get("port")
         if kind != "job" and not isinstance(port, int):
             raise ValueError(f"{source}: service {name!r} is {kind} and needs an integer port")
+        replicas = int(raw.get("replicas", 1))
+        if kind != "job" and not MIN_REPLICAS <= replicas <= MAX_REPLICAS:
+            raise ValueError(
+                f"{source}: service {name!r} has replicas = {replicas}; a long-running service "
+                f"runs {MIN_REPLICAS} to {MAX_REPLICAS}"
+            )
         services[name] = Service(
             name=name,
             kind=kind,
             port=port,
-            replicas=int(raw.get("replicas", 1)),
+            replicas=replicas,
             calls=tuple(raw.get("calls", ())),
             publish=bool(raw.get("publish", False)),
             readiness=str(raw.get("readiness", "")),

@@ -11,7 +11,7 @@ FOUR_SERVICES = """
 [services.backend]
 kind = "stateful"
 port = 50061
-replicas = 1
+replicas = 2
 
 [services.server]
 kind = "stateless"

@@ -80,6 +80,9 @@ def test_registry_lists_the_three_services() -> None:
         ('[services.x]\nkind = "daemon"\nport = 1', "kind"),
         ('[services.x]\nkind = "stateless"', "needs an integer port"),
         ('[services.x]\nkind = "job"\ncalls = ["nobody"]', "unknown service"),
+        ('[services.x]\nkind = "stateless"\nport = 1\nreplicas = 1', "runs 2 to 5"),
+        ('[services.x]\nkind = "stateless"\nport = 1\nreplicas = 6', "runs 2 to 5"),
+        ('[services.x]\nkind = "job"\n[services.y]\nkind = "job"\ncalls = ["x"]', "a job"),
     ],
 )
 def test_registry_errors_say_what_to_fix(text: str, message: str) -> None:

@@ -1,13 +1,17 @@
 """The Docker engine: find the client, and make sure an engine answers (`kvstack engine`).
 
-On Debian/Ubuntu as root with no engine answering, install Debian's docker.io and start dockerd
-in the background (CI machines start fresh and have no init system running it). Anywhere else,
-stop with the exact instruction. Nothing happens when an engine already answers.
+The engine is the one the docker client is pointed at: DOCKER_HOST or a Docker context, as for
+`docker` itself. When one is configured and does not answer, kvstack says which one and stops:
+starting a local daemon would not make that one answer. With none configured, on Debian/Ubuntu
+as root, install Debian's docker.io and start dockerd in the background (CI machines start
+fresh and have no init system running it). Anywhere else, stop with the exact instruction.
+Nothing happens when an engine already answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -46,11 +50,45 @@ def answers(runner: Runner) -> bool:
     return result.returncode == 0 and bool(result.stdout.strip())
 
 
-def _wait_for_engine(runner: Runner, timeout: float) -> bool:
+def configured_engine() -> str | None:
+    """The engine the user pointed the docker client at (DOCKER_HOST, DOCKER_CONTEXT), if any."""
+    if host := os.environ.get("DOCKER_HOST"):
+        return f"DOCKER_HOST={host}"
+    if (context := os.environ.get("DOCKER_CONTEXT")) and context != "default":
+        return f"DOCKER_CONTEXT={context}"
+    config = Path(os.environ.get("DOCKER_CONFIG", Path.home() / ".docker")) / "config.json"
+    try:
+        current = json.loads(config.read_text()).get("currentContext")
+    except (OSError, ValueError, AttributeError):
+        current = None
+    if current and current != "default":
+        return f"the Docker context {current} (`docker context use default` to change)"
+    return None
+
+
+def not_answering(runner: Runner) -> str:
+    """Which engine was tried and the client's own words, for an error message."""
+    tried = configured_engine() or "this machine's engine (/var/run/docker.sock)"
+    result = runner.query(docker("info", "--format", "{{.ServerVersion}}"), timeout=30)
+    said = (result.stderr or result.stdout).strip().splitlines()
+    return f"no Docker engine answers at {tried}" + (f" ({said[-1]})" if said else "")
+
+
+def require(runner: Runner) -> None:
+    """For verbs that only read: fail, saying which engine, when none answers (never install)."""
+    if not answers(runner):
+        raise CommandError(f"{not_answering(runner)}; start it (or fix DOCKER_HOST) and retry")
+
+
+def _wait_for_engine(
+    runner: Runner, timeout: float, daemon: subprocess.Popen[bytes] | None = None
+) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if answers(runner):
             return True
+        if daemon is not None and daemon.poll() is not None:
+            return False  # it exited: waiting longer changes nothing
         time.sleep(1)
     return False
 
@@ -59,6 +97,12 @@ def ensure(runner: Runner) -> None:
     """Make sure a Docker engine answers, installing/starting Debian's where that is ours to do."""
     if answers(runner):
         return
+    if configured := configured_engine():
+        raise CommandError(
+            f"{not_answering(runner)}. kvstack uses the engine the docker client is pointed "
+            f"at and starts none of its own while {configured} is set: start that engine, or "
+            "unset it to use this machine's"
+        )
     if sys.platform == "darwin":
         raise CommandError(
             "no Docker engine answers; install Docker Desktop (brew install --cask docker, or "
@@ -88,18 +132,22 @@ def ensure(runner: Runner) -> None:
         return
     DOCKERD_LOG.parent.mkdir(parents=True, exist_ok=True)
     with DOCKERD_LOG.open("ab") as log:
-        subprocess.Popen(  # the engine outlives this command on purpose
+        daemon = subprocess.Popen(  # the engine outlives this command on purpose
             ["dockerd"],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    say("waiting for the engine to answer")
-    if not _wait_for_engine(runner, START_TIMEOUT_S):
-        raise CommandError(
-            f"dockerd did not answer within {START_TIMEOUT_S:.0f} s; see {DOCKERD_LOG}"
+    say(f"waiting for the engine to answer (up to {START_TIMEOUT_S:.0f} s)")
+    if not _wait_for_engine(runner, START_TIMEOUT_S, daemon):
+        tail = DOCKERD_LOG.read_text(errors="replace").strip().splitlines()[-5:]
+        how = (
+            f"dockerd exited with code {daemon.returncode}"
+            if daemon.poll() is not None
+            else f"dockerd did not answer within {START_TIMEOUT_S:.0f} s"
         )
+        raise CommandError(f"{how}; the end of {DOCKERD_LOG}:\n  " + "\n  ".join(tail))
     say("Docker engine is up")
 
 

@@ -826,6 +826,7 @@ class Local:
         say(f"{service.name} runs {replicas} replicas (a later deploy keeps this count)")
 
     def status(self, runner: Runner) -> None:
+        engine.require(runner)
         rows = [("SERVICE", "VERSION", "RELEASE", "READY", "LAST UPDATE", "IMAGE")]
         for svc in self.long_running():
             live = self.live(runner, svc)
@@ -848,6 +849,7 @@ class Local:
             print(f"published: {line}")
 
     def history(self, runner: Runner) -> None:
+        engine.require(runner)
         for svc in self.long_running():
             live = self.live(runner, svc)
             print(f"{self.service(svc)}:")

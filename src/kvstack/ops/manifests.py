@@ -42,7 +42,7 @@ PART_OF = "kvstack"
 # release carries this tag, which no build produces by accident (never `latest`).
 BASE_TAG = "unreleased"
 # The autoscaler's ceiling for stateless services; its floor is the registry's replica count.
-HPA_MAX_REPLICAS = 5
+HPA_MAX_REPLICAS = registry.MAX_REPLICAS
 HPA_CPU_TARGET_PERCENT = 70
 # Shutdown timing, in seconds. preStop waits while endpoints and callers' resolvers drop the pod;
 # then SIGTERM starts the service's drain (health NOT_SERVING, in-flight calls finish within

@@ -147,7 +147,24 @@ def _deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_replicas(replicas: int, force: bool) -> None:
+    """Refuse a count outside the supported range unless forced, saying why."""
+    low, high = registry.MIN_REPLICAS, registry.MAX_REPLICAS
+    if force or low <= replicas <= high:
+        return
+    why = (
+        f"fewer than {low} leaves no replica to take over when one fails or rolls"
+        if replicas < low
+        else f"more than {high} is beyond what kvstack is sized and tested for (each replica "
+        "takes CPU and memory; on a 2-core machine it can starve the whole stack)"
+    )
+    raise CommandError(
+        f"{replicas} replicas refused: {why}. Use {low} to {high}, or add --force if you mean it"
+    )
+
+
 def _scale(args: argparse.Namespace) -> int:
+    check_replicas(args.replicas, args.force)
     service = long_running_service(args.service)
     target_for(args).scale(Runner(dry_run=args.dry_run), service, args.replicas, args.timeout)
     return 0
@@ -199,7 +216,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = verb("scale", "run N replicas of a service (moves the autoscaler's bounds too)", _scale)
     p.add_argument("service", metavar="SERVICE")
-    p.add_argument("replicas", type=positive, metavar="N")
+    p.add_argument(
+        "replicas",
+        type=positive,
+        metavar="N",
+        help=f"{registry.MIN_REPLICAS} to {registry.MAX_REPLICAS} (others need --force)",
+    )
+    p.add_argument("--force", action="store_true", help="allow a count outside the supported range")
     with_timeout(p)
 
     verb("status", "per service: version, ready/desired replicas, last rollouts", _status)

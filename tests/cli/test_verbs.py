@@ -1,0 +1,66 @@
+"""The CLI as a person meets it, driven through its runner (kvstack.cli.main) and as a process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kvstack import cli
+
+
+@pytest.mark.parametrize("replicas", ["1", "6", "50"])
+def test_scale_refuses_counts_outside_two_to_five(
+    replicas: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kvstack scale local server N` outside 2..5 exits 1 with the reason and the way out,
+    before it touches any engine (no Docker is asked: the refusal comes first)."""
+    assert cli.main(["scale", "local", "server", replicas]) == 1
+    err = capsys.readouterr().err
+    assert f"{replicas} replicas refused" in err
+    assert "--force" in err
+
+
+# A verb with a long listing (as `kvstack history` has on a long-lived stack), run in a process
+# of its own so that its stdout is a real pipe; the verb is replaced so no engine is needed.
+LONG_LISTING = """
+import sys
+from kvstack import cli
+from kvstack.ops import targets
+def listing(args):
+    for i in range(100_000):
+        print(f"release {i}")
+    return 0
+targets._history = listing
+sys.exit(cli.main(["history", "local"]))
+"""
+
+
+def test_a_closed_pipe_ends_quietly() -> None:
+    """`kvstack history local | head -1`: the reader closes the pipe early, and kvstack ends
+    without a BrokenPipeError traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LONG_LISTING], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    proc.stdout.read(10)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert b"Traceback" not in err, err.decode()
+
+
+@pytest.mark.parametrize("argv", [["engine"], ["status", "local"], ["history", "local"]])
+def test_a_configured_engine_that_does_not_answer_is_named(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With DOCKER_HOST pointing at an engine that is not there, kvstack names it, starts and
+    installs nothing, and exits 1 (a read-only verb too, rather than report "not deployed")."""
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/kvstack-test.sock")
+    started = time.monotonic()
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "DOCKER_HOST=unix:///nonexistent/kvstack-test.sock" in err, err
+    assert "dockerd" not in err
+    assert time.monotonic() - started < 30
