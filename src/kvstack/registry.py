@@ -26,6 +26,9 @@ IMAGE_PREFIX = "kvstack-"
 # (`kvstack scale` refuses others unless --force; the server's autoscaler stops at the ceiling).
 MIN_REPLICAS = 2
 MAX_REPLICAS = 5
+# The only writable path besides a stateful service's data: /tmp, in memory, this size (the
+# pods' emptyDir sizeLimit, the Swarm tasks' tmpfs), since every root file system is read-only.
+TMP_BYTES = 64 * 2**20
 # The non-root user every image runs as (set in the Dockerfile, required by the manifests).
 RUNTIME_UID = 65532
 

@@ -76,6 +76,19 @@ def test_the_host_reaches_the_server_on_loopback_only(stack: StackUnderTest) -> 
             docker("service", "update", "--force", "--quiet", f"{stack.name}_server", timeout=300)
 
 
+def test_tasks_run_read_only_without_capabilities(stack: StackUnderTest) -> None:
+    """What the engine really gives each task: a read-only root, no capabilities, the non-root
+    user, and a writable in-memory /tmp (the services start and stay healthy so)."""
+    for service in ("server", "backend"):
+        for cid in stack.containers(service):
+            template = "{{.HostConfig.ReadonlyRootfs}} {{.HostConfig.CapDrop}} {{.Config.User}}"
+            assert docker("inspect", "--format", template, cid).split() == [
+                "true", "[ALL]", f"{registry.RUNTIME_UID}:{registry.RUNTIME_UID}"
+            ], service  # fmt: skip
+            mounts = docker("inspect", "--format", "{{json .HostConfig.Mounts}}", cid)
+            assert '"Type":"tmpfs","Target":"/tmp"' in mounts, mounts
+
+
 def primary_container(stack: StackUnderTest) -> str:
     """The container of the backend's slot 1: the primary (see kvstack.ops.local.PRIMARY_SLOT)."""
     ids = [

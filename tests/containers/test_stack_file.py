@@ -66,7 +66,9 @@ def test_stack_publishes_at_most_the_server_and_keeps_jobs_out(
     assert "client" not in spec["services"]
     assert [name for name, s in spec["services"].items() if "ports" in s] == []
     assert local.published() == four_services["server"]
-    assert spec["services"]["backend"]["volumes"] == ["backend-data:/data"]
+    tmp = {"type": "tmpfs", "target": "/tmp", "tmpfs": {"size": registry.TMP_BYTES}}
+    assert spec["services"]["backend"]["volumes"] == [tmp, "backend-data:/data"]
+    assert spec["services"]["server"]["volumes"] == [tmp]
     assert spec["services"]["backend"]["deploy"]["update_config"]["order"] == "stop-first"
     # One volume per task slot (Swarm expands the template), named after the stack.
     assert spec["volumes"] == {"backend-data": {"name": "kvstack_backend-data-{{.Task.Slot}}"}}
@@ -90,7 +92,9 @@ def test_stack_networks_are_the_flow_graph(four_services: dict[str, registry.Ser
 
 def test_a_flow_to_itself_gets_a_network_only_when_it_has_no_other() -> None:
     """Replicas of one service share its networks; alone, its own flow gets one."""
-    alone = registry.parse('[services.db]\nkind = "stateful"\nport = 1\ncalls = ["db"]\n')
+    alone = registry.parse(
+        '[services.db]\nkind = "stateful"\nport = 1\nreplicas = 2\ncalls = ["db"]\n'
+    )
     with pytest.MonkeyPatch.context() as m:
         m.setattr(registry, "services", lambda: alone)
         assert local.networks_of(alone["db"]) == ["db-db"]
@@ -107,3 +111,31 @@ def test_the_readiness_name_is_what_the_swarm_health_check_asks() -> None:
         "kvstack.v1.KeyValue",
     ]
     assert spec["services"]["server"]["healthcheck"]["test"][-1] == ""
+
+
+def test_swarm_tasks_are_locked_down_like_the_pods() -> None:
+    """Every service runs with a read-only root, no capabilities and an in-memory /tmp of the
+    pods' emptyDir size (what docker inspect shows on a task is checked in test_stack.py)."""
+    for name, entry in local.stack_spec("t1")["services"].items():
+        assert entry["read_only"] is True, name
+        assert entry["cap_drop"] == ["ALL"], name
+        assert {"type": "tmpfs", "target": "/tmp", "tmpfs": {"size": 64 * 2**20}} in entry[
+            "volumes"
+        ], name
+
+
+@pytest.mark.parametrize(
+    ("remote", "label"),
+    [
+        ("git@github.com:acme/kvstack.git", "https://github.com/acme/kvstack"),
+        ("https://github.com/acme/kvstack.git", "https://github.com/acme/kvstack"),
+        ("https://user:token@github.com/acme/kvstack", "https://github.com/acme/kvstack"),
+        ("/work/main", ""),
+        ("../kvstack", ""),
+        ("file:///srv/git/kvstack.git", ""),
+    ],
+)
+def test_the_source_label_is_a_remote_or_nothing(remote: str, label: str) -> None:
+    """The image's org.opencontainers.image.source is the remote's web address, never a path on
+    the building machine nor a credential."""
+    assert images.source_url(remote) == label

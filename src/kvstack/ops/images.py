@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -177,6 +178,17 @@ def pip_ca() -> Path | None:
     return None
 
 
+def source_url(remote: str) -> str:
+    """The repository's address for the image's source label: a remote's URL (an scp-style
+    git@host:path becomes https://host/path), never a path on this machine (a clone of a local
+    repository has one as its origin), and without any credentials in it."""
+    if m := re.fullmatch(r"[\w.-]+@([\w.-]+):(.+?)(\.git)?", remote):
+        return f"https://{m[1]}/{m[2]}"
+    if m := re.fullmatch(r"(https?|ssh|git)://(?:[^@/]+@)?([^/]+)/(.+?)(\.git)?", remote):
+        return f"https://{m[2]}/{m[3]}"
+    return ""
+
+
 def is_current(runner: Runner, service: registry.Service, tag: str) -> bool:
     """True when kvstack-NAME:TAG exists and was built from the inputs as they are now."""
     result = runner.query(
@@ -201,7 +213,7 @@ def build(
         return
     base = ensure_base(runner)
     revision = _git("rev-parse", "HEAD") or "unknown"
-    source = _git("remote", "get-url", "origin") or ""
+    source = source_url(_git("remote", "get-url", "origin") or "")
     ca = pip_ca()
     chash = context_hash()
     for service in todo:

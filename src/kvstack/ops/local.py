@@ -136,6 +136,12 @@ def service_spec(
             ),
         },
         "networks": networks_of(service),
+        # As locked down as the pods where Swarm allows it: a read-only root with an in-memory
+        # /tmp, no capabilities, the image's non-root user. (Swarm services take no
+        # no-new-privileges option; with no capabilities and no setuid file in the image
+        # there is no privilege to gain.)
+        "read_only": True,
+        "cap_drop": ["ALL"],
         "healthcheck": {
             "test": [*PROBE, "--service", service.readiness],
             "interval": "3s",
@@ -169,8 +175,8 @@ def service_spec(
             "labels": {"dev.kvstack.service": service.name, **(labels or {})},
         },
     }
-    if stateful:
-        spec["volumes"] = [f"{volume_name(service)}:{DATA_DIR}"]
+    tmp = {"type": "tmpfs", "target": "/tmp", "tmpfs": {"size": registry.TMP_BYTES}}  # noqa: S108
+    spec["volumes"] = [tmp, *([f"{volume_name(service)}:{DATA_DIR}"] if stateful else [])]
     return spec
 
 

@@ -221,7 +221,9 @@ def pod_spec(svc: Service, services: Mapping[str, Service]) -> dict[str, Any]:
     else:
         spec["restartPolicy"] = "Never"
     spec["containers"] = [container(svc, services)]
-    spec["volumes"] = [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}]
+    spec["volumes"] = [
+        {"name": "tmp", "emptyDir": {"sizeLimit": f"{registry.TMP_BYTES // 2**20}Mi"}}
+    ]
     return spec
 
 
