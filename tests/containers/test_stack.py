@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from kvstack import registry
+from kvstack import cli, registry
 from kvstack.client import Client
 from kvstack.ops import images, local
 from kvstack.ops.shell import Runner
@@ -150,3 +150,16 @@ def test_lost_server_replica_is_replaced_without_client_errors(
     assert summary["errors"] == 0, (summary, [r for r in load.lines() if "error" in r][:5])
     stack.wait_healthy()
     assert victim not in stack.containers("server"), "Swarm did not replace the server replica"
+
+
+def test_rollback_with_nothing_to_return_to_fails(
+    stack: StackUnderTest, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kvstack rollback local` on a stack with no earlier release changes nothing and exits 1
+    saying so (it used to exit 0, as if it had rolled back)."""
+    monkeypatch.setenv("KVSTACK_STACK", stack.name)
+    before = docker("service", "inspect", "--format", "{{.Version.Index}}", f"{stack.name}_server")
+    assert cli.main(["rollback", "local"]) == 1
+    assert "nothing was rolled back" in capsys.readouterr().err
+    after = docker("service", "inspect", "--format", "{{.Version.Index}}", f"{stack.name}_server")
+    assert after == before

@@ -139,3 +139,24 @@ def test_the_source_label_is_a_remote_or_nothing(remote: str, label: str) -> Non
     """The image's org.opencontainers.image.source is the remote's web address, never a path on
     the building machine nor a credential."""
     assert images.source_url(remote) == label
+
+
+@pytest.mark.parametrize(
+    ("progress", "says"),
+    [
+        (
+            local.Progress(ready=0, desired=2, starting=1, old_serving=2, state="updating"),
+            "0 of 2 ready on the new image, 1 new starting, 2 old still serving, "
+            "update in progress",
+        ),
+        (local.Progress(ready=2, desired=2), "2 of 2 ready on the new image"),
+        (
+            local.Progress(ready=1, desired=2, old_other=1, state="rollback_started"),
+            "1 of 2 ready on the new image, 1 old not serving, Swarm rolling back",
+        ),
+    ],
+)
+def test_progress_says_what_is_happening(progress: local.Progress, says: str) -> None:
+    """A rolling update's progress line names old tasks that still serve and new ones that
+    start, in words, instead of "0/2 ready, 2 other"."""
+    assert str(progress) == says

@@ -233,8 +233,47 @@ def build(
         argv += ["--tag", image_ref(service, tag), "--tag", image_ref(service, STABLE_TAG)]
         if ca:
             argv += ["--secret", f"id=pipca,src={ca}"]
-        runner.run([*argv, str(ROOT)], env={"DOCKER_BUILDKIT": "1"})
-        say(f"built {image_ref(service, tag)} in {time.monotonic() - started:.1f} s")
+        if verbose():
+            runner.run([*argv, str(ROOT)], env={"DOCKER_BUILDKIT": "1"})
+        else:
+            quiet_build(runner, [*argv, "--progress=plain", str(ROOT)], service)
+        if runner.dry_run:
+            say(
+                f"(dry run) nothing was built; the command above would build "
+                f"{image_ref(service, tag)}"
+            )
+        else:
+            say(f"built {image_ref(service, tag)} in {time.monotonic() - started:.1f} s")
+
+
+def verbose() -> bool:
+    """KVSTACK_VERBOSE=1 (or `--verbose`): show the builder's own output as it runs."""
+    return os.environ.get("KVSTACK_VERBOSE", "") not in ("", "0")
+
+
+def quiet_build(runner: Runner, argv: list[str], service: registry.Service) -> None:
+    """Run a build keeping BuildKit's step-by-step output to itself: a line of what it did,
+    and on failure its last lines and where the rest is."""
+    result = runner.run(argv, env={"DOCKER_BUILDKIT": "1"}, capture=True, check=False)
+    lines = (result.stderr + result.stdout).splitlines()
+    if result.returncode != 0:
+        print("\n".join(lines[-40:]), file=sys.stderr)
+        raise CommandError(
+            f"building {service.image} failed (exit {result.returncode}): the builder's last "
+            "lines are above; `kvstack images --verbose` shows all of its output"
+        )
+    steps = [
+        line
+        for line in lines
+        if re.match(r"#\d+ \[[\w-]+ \d+/\d+\]", line) and "] FROM " not in line
+    ]
+    cached = len(
+        {s.split()[0] for s in steps}
+        & {line.split()[0] for line in lines if line.endswith(" CACHED")}
+    )
+    total = len({s.split()[0] for s in steps})
+    if total and not runner.dry_run:
+        say(f"{service.image}: {total - cached} of {total} build steps run, {cached} from cache")
 
 
 def select(names: list[str]) -> list[registry.Service]:
@@ -245,6 +284,8 @@ def select(names: list[str]) -> list[registry.Service]:
 
 
 def _cmd_images(args: argparse.Namespace) -> int:
+    if args.verbose:
+        os.environ["KVSTACK_VERBOSE"] = "1"
     runner = Runner(dry_run=args.dry_run)
     engine.ensure(runner)
     tag = args.tag or version()
@@ -259,6 +300,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("services", nargs="*", metavar="SERVICE", help="default: every service")
     p.add_argument("--tag", help="the version tag (default: from git describe)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run none")
+    p.add_argument("--verbose", action="store_true", help="show the builder's output")
     p.set_defaults(func=_cmd_images)
 
 
@@ -273,7 +315,10 @@ def require_local(runner: Runner, svc: registry.Service, version: str) -> str:
     ref = image_ref(svc, version)
     if local_id(runner, ref) is None:
         if runner.dry_run:
-            say(f"(dry run) image {ref} is missing; a real run stops here")
+            say(
+                f"(dry run) image {ref} is missing: a real run would fail here; build it with "
+                f"`kvstack images --tag {version}`"
+            )
             return ref
         raise CommandError(
             f"image {ref} is missing from the local Docker engine; build it with "

@@ -561,17 +561,34 @@ def record_release(
     return [*releases, entry][-RELEASES_KEPT:]
 
 
+STATE_WORDS = {"updating": "update in progress", "rollback_started": "Swarm rolling back"}
+
+
 @dataclass(frozen=True)
 class Progress:
-    ready: int  # running, healthy containers on the expected image
+    ready: int  # running, healthy tasks on the expected image
     desired: int
-    others: int  # containers still running on another image, or not healthy yet
-    state: str
+    starting: int = 0  # on the expected image, not healthy yet
+    old_serving: int = 0  # still running another image, healthy (they answer calls)
+    old_other: int = 0  # another image, not healthy (starting, failing or stopping)
+    state: str = ""  # Swarm's UpdateStatus.State, if an update or rollback is under way
+
+    @property
+    def others(self) -> int:
+        """Tasks that are not (yet) what the wait is for."""
+        return self.starting + self.old_serving + self.old_other
 
     def __str__(self) -> str:
-        extra = f", {self.others} other" if self.others else ""
-        state = f", {self.state}" if self.state else ""
-        return f"{self.ready}/{self.desired} ready{extra}{state}"
+        parts = [f"{self.ready} of {self.desired} ready on the new image"]
+        if self.starting:
+            parts.append(f"{self.starting} new starting")
+        if self.old_serving:
+            parts.append(f"{self.old_serving} old still serving")
+        if self.old_other:
+            parts.append(f"{self.old_other} old not serving")
+        if self.state:
+            parts.append(STATE_WORDS.get(self.state, self.state))
+        return ", ".join(parts)
 
 
 @dataclass
@@ -613,14 +630,15 @@ class Local:
                 "{{.Image}}\t{{.Status}}",
             )
         )
-        ready = others = 0
+        counts = {"ready": 0, "starting": 0, "old_serving": 0, "old_other": 0}
         for line in ps.stdout.splitlines():
             running_image, _, status = line.partition("\t")
-            if running_image == image and "(healthy)" in status:
-                ready += 1
+            healthy = "(healthy)" in status
+            if running_image == image:
+                counts["ready" if healthy else "starting"] += 1
             else:
-                others += 1
-        return Progress(ready, live.replicas, others, live.update_state)
+                counts["old_serving" if healthy else "old_other"] += 1
+        return Progress(desired=live.replicas, state=live.update_state, **counts)
 
     def wait(
         self,
@@ -660,7 +678,8 @@ class Local:
                 and prog.others == 0
                 and live.update_state not in BUSY_STATES
             ):
-                say(f"{svc.name}: {prog} on {image} ({time.monotonic() - started:.0f} s)")
+                took = time.monotonic() - started
+                say(f"{svc.name}: all {prog.desired} replicas ready on {image} ({took:.0f} s)")
                 return None
             if time.monotonic() > deadline:
                 return (
@@ -668,7 +687,7 @@ class Local:
                     f"see `docker service ps --no-trunc {live.name}`"
                 )
             if str(prog) != shown:
-                say(f"{svc.name}: {prog} (waiting for {prog.desired} healthy on {image})")
+                say(f"{svc.name}: {prog} ({image})")
                 shown = str(prog)
             time.sleep(POLL_S)
 
@@ -877,7 +896,8 @@ class Local:
         self, runner: Runner, service: registry.Service | None, version: str | None, timeout: int
     ) -> None:
         targets = [service] if service else self.long_running()
-        done = []
+        done: list[str] = []
+        without_history: list[str] = []
         for svc in targets:
             live = self.require_live(runner, svc)
             if version:
@@ -893,6 +913,7 @@ class Local:
                     if service:
                         raise CommandError(message)
                     say(message + "; left as it is")
+                    without_history.append(svc.name)
                     continue
                 image, release = earlier[-1]["image"], earlier[-1]["version"]
             if image == live.image:
@@ -922,6 +943,11 @@ class Local:
             done.append(f"{svc.name} to {release}")
         if done:
             say("rolled back " + ", ".join(done))
+        elif without_history and len(without_history) == len(targets):
+            raise CommandError(
+                "nothing was rolled back: no service has an earlier release in its history "
+                "(`kvstack history local`); name one with --to VERSION"
+            )
 
 
 def target() -> Local:
