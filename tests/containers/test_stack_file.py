@@ -160,3 +160,17 @@ def test_progress_says_what_is_happening(progress: local.Progress, says: str) ->
     """A rolling update's progress line names old tasks that still serve and new ones that
     start, in words, instead of "0/2 ready, 2 other"."""
     assert str(progress) == says
+
+
+def test_a_release_from_another_work_tree_is_noticed() -> None:
+    """Each recorded release names the work tree it came from; a deploy from this tree over
+    a stack whose services run another tree's release names that tree (it warns)."""
+    mine = local.record_release([], "v1", "kvstack-server:v1", "deploy")
+    assert mine[-1]["tree"] == str(images.ROOT)
+    theirs = [{**mine[-1], "tree": "/home/someone/other-clone"}]
+
+    def live(releases: list[dict[str, str]]) -> local.Live:
+        return local.Live("s", "i", 2, releases, "", "", "", "", None, 0)
+
+    assert local.other_trees({"server": live(mine), "backend": None}) == []
+    assert local.other_trees({"server": live(theirs)}) == ["/home/someone/other-clone"]

@@ -41,6 +41,13 @@ from kvstack.ops.shell import Runner, say
 from kvstack.ops.targets import DeployRequest
 
 DEFAULT_STACK = "kvstack"
+
+
+def stack_name() -> str:
+    """The stack every local verb works on: $KVSTACK_STACK, or kvstack (`--stack` overrides)."""
+    return os.environ.get("KVSTACK_STACK", DEFAULT_STACK)
+
+
 BUILD_DIR = images.ROOT / "build"
 DATA_DIR = "/data"
 HEALTHY_TIMEOUT_S = 180.0
@@ -435,13 +442,21 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up = sub.add_parser("up", help="build, deploy the local stack (Swarm), run the client")
-    up.add_argument("--stack", default=DEFAULT_STACK, help="stack name (default: %(default)s)")
+    up.add_argument(
+        "--stack",
+        default=stack_name(),
+        help="stack name (default: $KVSTACK_STACK or kvstack: %(default)s)",
+    )
     up.add_argument("--tag", help="image tag to build and deploy (default: from git describe)")
     up.add_argument("--no-client", action="store_true", help="do not run the client at the end")
     up.add_argument("--dry-run", action="store_true", help="print the commands, run none")
     up.set_defaults(func=_cmd_up)
     down = sub.add_parser("down", help="remove the local stack (keeps its data volume)")
-    down.add_argument("--stack", default=DEFAULT_STACK, help="stack name (default: %(default)s)")
+    down.add_argument(
+        "--stack",
+        default=stack_name(),
+        help="stack name (default: $KVSTACK_STACK or kvstack: %(default)s)",
+    )
     down.add_argument("--volumes", action="store_true", help="also remove its data volumes")
     down.add_argument("--dry-run", action="store_true", help="print the commands, run none")
     down.set_defaults(func=_cmd_down)
@@ -467,6 +482,12 @@ POLL_S = 1.0
 # Swarm's UpdateStatus.State values that mean the last update was undone by Swarm itself.
 ROLLED_BACK_STATES = ("rollback_started", "rollback_paused", "rollback_completed")
 BUSY_STATES = ("updating", "rollback_started")
+
+
+def other_trees(live: dict[str, Live | None]) -> list[str]:
+    """The work trees, other than this one, whose releases the services run now."""
+    trees = {s.releases[-1].get("tree", "") for s in live.values() if s is not None and s.releases}
+    return sorted(trees - {"", str(images.ROOT)})
 
 
 @dataclass(frozen=True)
@@ -556,8 +577,9 @@ def record_release(
     releases: list[dict[str, str]], version: str, image: str, via: str
 ) -> list[dict[str, str]]:
     """The release history with one more entry (deploy, rollback or dev), the oldest dropped
-    beyond RELEASES_KEPT; kept in a label of the Swarm service (RELEASES_LABEL)."""
-    entry = {"version": version, "image": image, "at": _now(), "via": via}
+    beyond RELEASES_KEPT; kept in a label of the Swarm service (RELEASES_LABEL). `tree` is the
+    work tree it came from, so a deploy from another clone can say whose release it replaces."""
+    entry = {"version": version, "image": image, "at": _now(), "via": via, "tree": str(images.ROOT)}
     return [*releases, entry][-RELEASES_KEPT:]
 
 
@@ -730,6 +752,12 @@ class Local:
         version = self.version_to_deploy(runner, request)
         say(f"deploying {version} to stack {self.stack} on the local engine")
         before = {svc.name: self.live(runner, svc) for svc in self.long_running()}
+        for tree in other_trees(before):
+            say(
+                f"warning: stack {self.stack} runs a release made from another work tree "
+                f"({tree}); this deploy replaces it. Use --stack NAME or KVSTACK_STACK=NAME for "
+                "a stack of this tree's own"
+            )
         entries: dict[str, dict[str, Any]] = {}
         images_wanted: dict[str, str] = {}
         changed: list[registry.Service] = []  # the services whose spec this deploy changes
@@ -952,4 +980,4 @@ class Local:
 
 def target() -> Local:
     """The `local` target for `kvstack VERB local` (stack $KVSTACK_STACK, default kvstack)."""
-    return Local(stack=os.environ.get("KVSTACK_STACK", DEFAULT_STACK))
+    return Local(stack=stack_name())
