@@ -25,6 +25,22 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ["KVSTACK_LOCAL_ADDRESS"] = "127.0.0.1:0"
 
 
+def copy_repository(dest: Path) -> Path:
+    """The working tree's files git knows of (tracked, or new and not ignored), as they are now."""
+    listed = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for rel in filter(None, listed.split("\0")):
+        src = ROOT / rel
+        if src.is_file():  # a tracked file deleted in the working tree is skipped
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).write_bytes(src.read_bytes())
+            (dest / rel).chmod(src.stat().st_mode)
+    return dest
+
+
 def listeners(port: int) -> set[str]:
     """The local addresses (as /proc/net/tcp writes them: 0100007F is 127.0.0.1) of every
     listening TCP socket on `port` on this machine; read from the kernel, no traffic sent."""

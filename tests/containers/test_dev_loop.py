@@ -25,7 +25,7 @@ import pytest
 
 from kvstack import registry
 from kvstack.ops import dev
-from tests.scaffold.test_new_service import copy_repository
+from tests.conftest import copy_repository
 
 SERVER_CODE = "src/kvstack/server/__init__.py"
 MARK_TEST = "tests/unit/test_server_dev_mark.py"

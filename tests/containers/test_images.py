@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 import tarfile
+import uuid
 from pathlib import Path
 from typing import IO
 
@@ -13,6 +17,7 @@ import pytest
 
 from kvstack import registry
 from kvstack.ops import images
+from tests.conftest import copy_repository
 
 from .conftest import docker
 
@@ -116,3 +121,39 @@ def _member(archive: tarfile.TarFile, name: str) -> IO[bytes]:
     extracted = archive.extractfile(name)
     assert extracted is not None, name
     return extracted
+
+
+def test_a_change_to_one_service_keeps_every_other_image_id(tmp_path: Path) -> None:
+    """In a copy of the tree, build every image, change the server's code, build again: the
+    server's image is new and the backend's and client's are the very same images (same ID),
+    so a deploy restarts the server alone. (The copy has no git history: its images are
+    labelled by the content hash of their own inputs, as a dirty tree's are.)"""
+    copy = copy_repository(tmp_path / "repo")
+    tags = [f"kvtest-ids-{uuid.uuid4().hex[:6]}-{n}" for n in (1, 2)]
+    names = list(registry.services())
+    latest = {n: docker("image", "inspect", "-f", "{{.Id}}", f"kvstack-{n}:latest", check=False)
+              for n in names}  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(copy / "src")}
+    env.pop("KVSTACK_SERVICE", None)
+    code = "import sys; from kvstack.cli import main; sys.exit(main(sys.argv[1:]))"
+
+    def build(tag: str) -> dict[str, str]:
+        subprocess.run([sys.executable, "-c", code, "images", "--tag", tag], cwd=copy, env=env,
+                       check=True, capture_output=True, timeout=900)  # fmt: skip
+        return {n: docker("image", "inspect", "-f", "{{.Id}}", f"kvstack-{n}:{tag}") for n in names}
+
+    try:
+        first = build(tags[0])
+        server = copy / "src/kvstack/server/__init__.py"
+        server.write_text(server.read_text() + "\n# a server-only change\n")
+        second = build(tags[1])
+        assert second["server"] != first["server"]
+        assert {n: second[n] for n in names if n != "server"} == {
+            n: first[n] for n in names if n != "server"
+        }
+    finally:
+        for name in names:
+            for tag in tags:
+                docker("image", "rm", f"kvstack-{name}:{tag}", check=False)
+            if latest[name].strip():
+                docker("tag", latest[name].strip(), f"kvstack-{name}:latest", check=False)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import copy_repository
 from tests.manifests.render import COMBINATIONS, render_combination
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,22 +27,6 @@ NAME = "inventory"
 PORT = 50071  # the port new-service picks after the registry's (50051, 50061)
 # What running things in the copy leaves behind, which is not part of the repository.
 NOT_REPOSITORY = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".hypothesis"}
-
-
-def copy_repository(dest: Path) -> Path:
-    """The working tree's files git knows of (tracked, or new and not ignored), as they are now."""
-    listed = subprocess.run(
-        ["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for rel in filter(None, listed.split("\0")):
-        src = ROOT / rel
-        if src.is_file():  # a tracked file deleted in the working tree is skipped
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            (dest / rel).write_bytes(src.read_bytes())
-            (dest / rel).chmod(src.stat().st_mode)
-    return dest
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -164,10 +149,16 @@ def test_every_overlay_renders_with_it(repo: tuple[Path, dict[str, str]], tmp_pa
 
 
 def test_every_overlay_validates_with_it(repo: tuple[Path, dict[str, str]]) -> None:
-    """The copy's own manifest tests (schema validation, policy, staleness) pass with the
-    fourth service in the registry, without any edit to them."""
+    """The copy's own manifest tests (schema validation, policy, staleness, the network
+    analysis) pass with the fourth service in the registry, without any edit to them. Left out:
+    the check that docs/deploying.md shows the analyser's current table, which a new service
+    changes on purpose (docs/adding-a-service.md says to paste the new one)."""
     copy, _ = repo
-    result = run_in(copy, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/manifests")
+    docs_table = "tests/manifests/test_network_analysis.py::test_connectivity_table_in_the_docs"
+    result = run_in(
+        copy, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/manifests",
+        "--deselect", f"{docs_table}_is_the_analysers",
+    )  # fmt: skip
     assert " passed" in result.stdout, result.stdout  # run_in fails the test on a failure
 
 

@@ -31,7 +31,6 @@ A stack with a missing service is deployed whole first (as `kvstack up --no-clie
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
@@ -138,20 +137,6 @@ def tests_argv(plan: Plan) -> list[str]:
     return argv
 
 
-def inputs_hash(svc: registry.Service, root: Path = ROOT) -> str:
-    """A hash of the files svc's image is built from (the pipeline's pathspec), names and
-    contents: it moves with a change to the shared inputs or svc's own package, and only then."""
-    spec = pipeline.service_pathspec(svc, list(registry.services().values()))
-    digest = hashlib.sha256()
-    for entry in images.BUILD_INPUTS:
-        path = root / entry
-        for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
-            rel = f.relative_to(root).as_posix()
-            if f.is_file() and "__pycache__" not in f.parts and pipeline.in_pathspec(rel, spec):
-                digest.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
 # -- the loop -----------------------------------------------------------------------------------
 
 
@@ -168,7 +153,7 @@ class DevLoop:
         return local.Local(stack=self.stack)
 
     def tag(self, svc: registry.Service) -> str:
-        return TAG_PREFIX + inputs_hash(svc, self.root)[:12]
+        return TAG_PREFIX + images.context_hash(self.root, svc)[:12]
 
     def dev_label(self, live: local.Live) -> str:
         result = self.runner.query(
@@ -190,7 +175,7 @@ class DevLoop:
             running = self.dev_label(live)
             if running == tag:
                 say(f"{svc.name}: runs {tag}, its inputs as they are now; nothing to do")
-            elif not running and self.built_from_this_tree(live.image):
+            elif not running and self.built_from_this_tree(live.image, svc):
                 say(f"{svc.name}: {live.image} was built from this tree; taken over, no restart")
                 self.runner.run(
                     docker("service", "update", "--detach", "--label-add",
@@ -202,12 +187,12 @@ class DevLoop:
                 todo.append(svc)
         return todo
 
-    def built_from_this_tree(self, image: str) -> bool:
+    def built_from_this_tree(self, image: str, svc: registry.Service) -> bool:
         label = self.runner.query(
             docker("image", "inspect", "--format",
                    '{{index .Config.Labels "dev.kvstack.context"}}', image)
         )  # fmt: skip
-        return label.returncode == 0 and label.stdout.strip() == images.context_hash(self.root)
+        return label.returncode == 0 and label.stdout.strip() == images.context_hash(self.root, svc)
 
     def test(self, plan: Plan) -> bool:
         """Run the plan's tests; print where to look when one is red."""

@@ -51,36 +51,63 @@ def _git(*args: str) -> str | None:
     return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else None
 
 
-def context_hash(root: Path = ROOT) -> str:
-    """A hash of every file the image is built from (names and contents)."""
+def pathspec(service: registry.Service | None = None) -> list[str]:
+    """The git pathspec of what an image is built from: every build input except the code no
+    image runs (kvstack.ops, kvstack.dev) and, for one service, the other services' packages
+    (see the Dockerfile's `own` stage). The one rule for the builds, the dev loop and CI."""
+    others = (
+        []
+        if service is None
+        else [f"src/kvstack/{name}" for name in registry.services() if name != service.name]
+    )
+    return [*BUILD_INPUTS, *(f":(exclude){p}" for p in (*IGNORED_INPUTS, *others))]
+
+
+def in_pathspec(path: str, spec: list[str]) -> bool:
+    """Whether a repository-relative path is selected by a pathspec of pathspec()'s form
+    (literal paths, each naming a file or a directory; `:(exclude)P` removes P), as git reads it."""
+
+    def under(entry: str) -> bool:
+        return path == entry or path.startswith(entry.rstrip("/") + "/")
+
+    excluded = [p.removeprefix(":(exclude)") for p in spec if p.startswith(":(exclude)")]
+    included = [p for p in spec if not p.startswith(":")]
+    return any(under(p) for p in included) and not any(under(p) for p in excluded)
+
+
+def context_hash(root: Path = ROOT, service: registry.Service | None = None) -> str:
+    """A hash of every file an image is built from (names and contents): that of `service`,
+    or of every image when None."""
+    spec = pathspec(service)
     digest = hashlib.sha256()
     for entry in BUILD_INPUTS:
         path = root / entry
-        files = sorted(path.rglob("*")) if path.is_dir() else [path]
-        for f in files:
+        for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
             rel = f.relative_to(root).as_posix()
-            if (
-                not f.is_file()
-                or "__pycache__" in f.parts
-                or any(rel.startswith(i + "/") for i in IGNORED_INPUTS)
-            ):
-                continue
-            digest.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
+            if f.is_file() and "__pycache__" not in f.parts and in_pathspec(rel, spec):
+                digest.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
-def version(root: Path = ROOT) -> str:
-    """The tag for a build of this tree (see the module docstring).
+def version(root: Path = ROOT, service: registry.Service | None = None) -> str:
+    """The tag for a build of this tree (see the module docstring); with `service`, the version
+    of that service's own inputs, which its image carries in its labels (so an image whose
+    inputs did not change keeps its ID when other services change).
 
     It names the last commit that changed the image's inputs, so commits elsewhere (docs, tests,
     the ops CLI) neither rebuild the images nor roll the local stack.
     """
-    pathspec = [*BUILD_INPUTS, *(f":!{i}" for i in IGNORED_INPUTS)]
-    commit = _git("log", "-1", "--format=%H", "--", *pathspec)
+    spec = pathspec(service)
+    commit = _git("log", "-1", "--format=%H", "--", *spec)
     described = (commit and _git("describe", "--tags", "--always", commit)) or "0.0.0-nogit"
-    if not commit or _git("status", "--porcelain", "--", *pathspec):
-        described += "-dirty." + context_hash(root)[:8]
+    if not commit or _git("status", "--porcelain", "--", *spec):
+        described += "-dirty." + context_hash(root, service)[:8]
     return described
+
+
+def revision(service: registry.Service) -> str:
+    """The commit that last changed `service`'s inputs (its image's revision label)."""
+    return _git("log", "-1", "--format=%H", "--", *pathspec(service)) or "unknown"
 
 
 def image_ref(service: registry.Service, tag: str) -> str:
@@ -200,7 +227,7 @@ def is_current(runner: Runner, service: registry.Service, tag: str) -> bool:
             image_ref(service, tag),
         )
     )
-    return result.returncode == 0 and result.stdout.strip() == context_hash()
+    return result.returncode == 0 and result.stdout.strip() == context_hash(service=service)
 
 
 def build(
@@ -212,20 +239,20 @@ def build(
         say(f"images up to date ({tag})")
         return
     base = ensure_base(runner)
-    revision = _git("rev-parse", "HEAD") or "unknown"
     source = source_url(_git("remote", "get-url", "origin") or "")
     ca = pip_ca()
-    chash = context_hash()
     for service in todo:
         say(f"building {image_ref(service, tag)}")
         started = time.monotonic()
+        # The labels describe this service's own inputs, not the tag's: an image none of whose
+        # inputs changed is then identical, ID and all, to the one built before.
         build_args = {
             "BASE_IMAGE": base,
             "SERVICE": service.name,
-            "VERSION": tag,
-            "REVISION": revision,
+            "VERSION": version(service=service),
+            "REVISION": revision(service),
             "SOURCE": source,
-            "CONTEXT_HASH": chash,
+            "CONTEXT_HASH": context_hash(service=service),
         }
         argv = docker("build", "--target", "service")
         for key, value in build_args.items():

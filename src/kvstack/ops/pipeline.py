@@ -53,39 +53,16 @@ def git(*args: str, root: Path = ROOT) -> subprocess.CompletedProcess[str]:
     )
 
 
-def service_pathspec(svc: registry.Service, services: list[registry.Service]) -> list[str]:
-    """What svc's image is built from: every build input except the other services' packages
-    and the code no image runs (kvstack.ops, kvstack.dev)."""
-    others = [f"{PACKAGE}/{s.name}" for s in services if s.name != svc.name]
-    excluded = [*images.IGNORED_INPUTS, *others]
-    return [*images.BUILD_INPUTS, *(f":(exclude){p}" for p in excluded)]
-
-
-def in_pathspec(path: str, pathspec: list[str]) -> bool:
-    """Whether a repository-relative path is selected by a pathspec of service_pathspec's form
-    (literal paths, each naming a file or a directory; `:(exclude)P` removes P), as git reads it."""
-
-    def under(entry: str) -> bool:
-        return path == entry or path.startswith(entry.rstrip("/") + "/")
-
-    excluded = [p.removeprefix(":(exclude)") for p in pathspec if p.startswith(":(exclude)")]
-    included = [p for p in pathspec if not p.startswith(":")]
-    return any(under(p) for p in included) and not any(under(p) for p in excluded)
-
-
 def affected_by(paths: list[str]) -> list[registry.Service]:
     """The services whose image inputs include one of these repository-relative paths (the
     same rule as `changed`, for a list of paths instead of a git range)."""
     services = list(registry.services().values())
-    return [
-        s for s in services if any(in_pathspec(p, service_pathspec(s, services)) for p in paths)
-    ]
+    return [s for s in services if any(images.in_pathspec(p, images.pathspec(s)) for p in paths)]
 
 
 def service_version(svc: registry.Service, root: Path = ROOT) -> str:
     """The full SHA of the last commit that changed svc's image inputs."""
-    services = list(registry.services().values())
-    result = git("log", "-1", "--format=%H", "--", *service_pathspec(svc, services), root=root)
+    result = git("log", "-1", "--format=%H", "--", *images.pathspec(svc), root=root)
     if result.returncode != 0 or not result.stdout.strip():
         raise CommandError(f"no commit changes {svc.name}'s image inputs; is this a git clone?")
     return result.stdout.strip()
@@ -102,9 +79,7 @@ def changed_since(since: str | None, root: Path = ROOT) -> list[registry.Service
     return [
         s
         for s in services
-        if git(
-            "diff", "--quiet", since, "HEAD", "--", *service_pathspec(s, services), root=root
-        ).returncode
+        if git("diff", "--quiet", since, "HEAD", "--", *images.pathspec(s), root=root).returncode
         != 0
     ]
 
