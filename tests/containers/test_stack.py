@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from collections.abc import Callable
 
@@ -9,7 +10,7 @@ import pytest
 
 from kvstack import cli, registry
 from kvstack.client import Client
-from kvstack.ops import images, local
+from kvstack.ops import engine, images, local
 from kvstack.ops.shell import Runner
 from tests.conftest import LOOPBACK, listeners
 
@@ -26,6 +27,17 @@ def test_client_batch_succeeds_through_server_to_backend(stack: StackUnderTest) 
     result = stack.run_job("client")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "->" in result.stdout
+
+
+def test_the_client_image_finds_the_server_by_itself(stack: StackUnderTest) -> None:
+    """`docker run --network STACK_client-server kvstack-client` with no settings at all: its
+    default target is the server's name on the stack's network."""
+    image = images.image_ref(registry.get("client"), stack.tag)
+    result = subprocess.run(
+        engine.docker("run", "--rm", "--network", stack.network(), image, "put", "dflt", "v"),
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def probe_from(stack: StackUnderTest, network: str, target: str) -> str:

@@ -32,7 +32,13 @@ TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE})
 
 
 def default_target() -> str:
-    return os.environ.get("KVSTACK_SERVER_TARGET", f"localhost:{registry.get('server').port}")
+    """KVSTACK_SERVER_TARGET; else, in the client's own image (which sets KVSTACK_SERVICE), the
+    server's name on the stack's network, and on a developer's machine the local stack's
+    loopback address (kvstack up's gateway)."""
+    server = registry.get("server")
+    if os.environ.get("KVSTACK_SERVICE") == "client":
+        return os.environ.get("KVSTACK_SERVER_TARGET", server.target)
+    return os.environ.get("KVSTACK_SERVER_TARGET", f"localhost:{server.port}")
 
 
 # Balance over every address the server's name resolves to, and re-resolve at most once a
