@@ -232,3 +232,30 @@ def test_staging_and_production_are_namespaces_of_one_cluster() -> None:
     gke = [s["run"] for s in operate["steps"] if " gke" in s.get("run", "")]
     assert gke
     assert all('--namespace "$NAMESPACE"' in run for run in gke)
+
+
+def doc_commands() -> list[tuple[str, str]]:
+    """Every `make ...` and `kvstack ...` line in the shell blocks of the README and docs/."""
+    found = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```(?:sh|bash|console)\n(.*?)```", doc.read_text(), re.S):
+            for line in run_lines(block):
+                command = re.sub(r"^(?:[A-Z_]+=\S+ )+", "", line.split(" #")[0]).strip()
+                command = command.split(" | ")[0].split(" && ")[0]
+                if command.split(" ")[0] in {"make", *KVSTACK}:
+                    found.append((doc.name, command))
+    return found
+
+
+def test_every_command_in_the_docs_exists() -> None:
+    """Each `make TARGET` and `kvstack VERB --option` shown in the README and docs/ is a real
+    Makefile target or CLI verb and option, so a renamed one cannot leave the docs behind."""
+    commands = doc_commands()
+    assert len(commands) > 20, commands  # the extraction found the docs' commands
+    targets, parser = make_targets(), cli.build_parser()
+    problems = [
+        f"{doc}: {line}: {why}"
+        for doc, line in commands
+        if (why := check_command(line, targets, parser))
+    ]
+    assert not problems, "\n".join(problems)
