@@ -194,6 +194,23 @@ def test_refusals_change_nothing(
     assert snapshot(copy) == before
 
 
+def test_dry_runs_list_what_they_would_change_and_change_nothing(
+    repo: tuple[Path, dict[str, str]],
+) -> None:
+    """`new-service billing --dry-run` lists the files it would write (its proto, package, tests,
+    the registry) and `remove-service inventory --dry-run` what would go; neither touches a file."""
+    copy, _ = repo
+    before = snapshot(copy)
+    new = kvstack(copy, "new-service", "billing", "--dry-run")
+    assert "would write protos/kvstack/billing/v1/billing.proto" in new.stdout, new.stdout
+    assert "would write src/kvstack/services.toml" in new.stdout
+    gone = kvstack(copy, "remove-service", NAME, "--dry-run")
+    assert f"would change src/kvstack/{NAME}/" in gone.stdout, gone.stdout
+    assert "nothing was" in new.stderr
+    assert "nothing was" in gone.stderr
+    assert snapshot(copy) == before
+
+
 def test_remove_refuses_a_hand_written_service(repo: tuple[Path, dict[str, str]]) -> None:
     """remove-service deletes only what new-service made: the original services are refused."""
     copy, _ = repo

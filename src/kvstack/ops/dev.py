@@ -339,7 +339,7 @@ class DevLoop:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    loop = DevLoop(stack=args.stack, run_tests=not args.no_tests)
+    loop = DevLoop(stack=args.stack, run_tests=not args.no_tests, runner=Runner(args.dry_run))
     engine.ensure(loop.runner)
     engine.ensure_swarm(loop.runner)
     if args.once:
@@ -359,8 +359,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--stack",
-        default=os.environ.get("KVSTACK_STACK", local.DEFAULT_STACK),
-        help="local Swarm stack (default: $KVSTACK_STACK or %(default)s)",
+        default=local.stack_name(),
+        help="local Swarm stack (default: $KVSTACK_STACK or kvstack: %(default)s)",
     )
     p.add_argument("--no-tests", action="store_true", help="roll out without running tests")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the builds and rollouts a change would cause, run none (tests still run)",
+    )
     p.set_defaults(func=_cmd_dev)

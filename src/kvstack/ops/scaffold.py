@@ -179,8 +179,11 @@ def _foreign(root: Path, planned: dict[str, bytes], layout: Layout) -> list[str]
     return found
 
 
-def new_service(root: Path, name: str, port: int | None, kind: str) -> list[str]:
-    """Create the service; return the files written (relative paths). Refuse before writing."""
+def new_service(
+    root: Path, name: str, port: int | None, kind: str, *, dry_run: bool = False
+) -> list[str]:
+    """Create the service; return the files written (relative paths). Refuse before writing.
+    With dry_run, check and render everything, write nothing, return what would be written."""
     from kvstack.ops import manifests
 
     check_name(name, root)
@@ -219,6 +222,8 @@ def new_service(root: Path, name: str, port: int | None, kind: str) -> list[str]
     new_registry = old_registry + render_template("registry.toml.tmpl", **values)
     services = registry.parse(new_registry, REGISTRY_FILE)  # the result must be a valid list
     deploy = manifests.render(services)
+    if dry_run:
+        return [*planned, *manifests.stale(root, deploy), REGISTRY_FILE]
     # Everything is rendered and checked: now write. The registry entry goes last.
     for rel, data in planned.items():
         _write(root, rel, data)
@@ -246,8 +251,9 @@ def _without_table(text: str, name: str) -> str:
     return "".join(lines[:start] + lines[end:])
 
 
-def remove_service(root: Path, name: str) -> list[str]:
-    """Undo new-service NAME; return what was removed or rewritten."""
+def remove_service(root: Path, name: str, *, dry_run: bool = False) -> list[str]:
+    """Undo new-service NAME; return what was removed or rewritten (with dry_run: what would
+    be, changing nothing)."""
     from kvstack.ops import manifests
 
     layout = Layout(name)
@@ -268,6 +274,13 @@ def remove_service(root: Path, name: str) -> list[str]:
     except ValueError as err:
         raise CommandError(f"cannot remove {name!r}: {err}") from None
     deploy = manifests.render(services)
+    if dry_run:
+        return [
+            *([REGISTRY_FILE] if listed else []),
+            *manifests.stale(root, deploy),
+            *(rel for rel in layout.owned_files if (root / rel).exists()),
+            *(rel + "/" for rel in reversed(layout.owned_dirs) if (root / rel).exists()),
+        ]
     changed: list[str] = []
     if listed:
         _write(root, REGISTRY_FILE, new_text.encode())
@@ -285,9 +298,12 @@ def remove_service(root: Path, name: str) -> list[str]:
 
 
 def _cmd_new(args: argparse.Namespace) -> int:
-    written = new_service(args.root, args.name, args.port, args.kind)
+    written = new_service(args.root, args.name, args.port, args.kind, dry_run=args.dry_run)
     for rel in written:
-        print(f"wrote {rel}")
+        print(f"{'would write' if args.dry_run else 'wrote'} {rel}")
+    if args.dry_run:
+        say(f"(dry run) nothing was written; the files above would create {args.name!r}")
+        return 0
     say(
         f"service {args.name!r} created: write its logic in src/kvstack/{args.name}/__init__.py "
         f"and its API in {Layout(args.name).proto} (then `make proto`); "
@@ -297,8 +313,13 @@ def _cmd_new(args: argparse.Namespace) -> int:
 
 
 def _cmd_remove(args: argparse.Namespace) -> int:
-    for rel in remove_service(args.root, args.name):
-        print(f"{'rewrote' if (args.root / rel).is_file() else 'removed'} {rel}")
+    for rel in remove_service(args.root, args.name, dry_run=args.dry_run):
+        if args.dry_run:
+            print(f"would change {rel}")
+        else:
+            print(f"{'rewrote' if (args.root / rel).is_file() else 'removed'} {rel}")
+    if args.dry_run:
+        say(f"(dry run) nothing was changed; the paths above would go with {args.name!r}")
     return 0
 
 
@@ -322,10 +343,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="keeps data on its own volume (/data)",
     )
     new.add_argument("--root", type=Path, default=ROOT, help="repository (default: this one)")
+    new.add_argument("--dry-run", action="store_true", help="check and list, write nothing")
     new.set_defaults(func=_cmd_new, kind="stateless")
     remove = sub.add_parser(
         "remove-service", help="undo new-service: remove a service and everything it added"
     )
     remove.add_argument("name", metavar="NAME")
     remove.add_argument("--root", type=Path, default=ROOT, help="repository (default: this one)")
+    remove.add_argument("--dry-run", action="store_true", help="list, change nothing")
     remove.set_defaults(func=_cmd_remove)
