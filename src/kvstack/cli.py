@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 
 # Modules under kvstack.ops that add verbs; each has register(subparsers).
 COMMAND_MODULES: tuple[str, ...] = (
@@ -26,12 +27,20 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+def package_version() -> str:
+    try:
+        return metadata.version("kvstack")
+    except metadata.PackageNotFoundError:
+        return "(not installed: run from a source tree)"
+
+
 class CommandError(Exception):
     """A failure to show the user as is: what failed and what to do next (no traceback)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvstack", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"kvstack {package_version()}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

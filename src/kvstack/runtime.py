@@ -101,6 +101,8 @@ def load(cls: type[C], environ: Mapping[str, str] | None = None, **overrides: An
 
 def settings_of(cls: type[Any]) -> list[tuple[str, Any, str]]:
     """(variable, default, help) for every setting of a config class: the documented surface."""
+    if not dataclasses.is_dataclass(cls):
+        return []
     return [
         (f.metadata["env"], f.default, f.metadata["doc"])
         for f in dataclasses.fields(cls)
@@ -442,7 +444,12 @@ class Lifecycle:
         log.info("stopped")
 
 
-def run(name: str, argv: list[str], build: Callable[[], Service]) -> int:
+def run(
+    name: str,
+    argv: list[str],
+    build: Callable[[], Service],
+    settings: type[Any] | None = None,
+) -> int:
     """Serve until SIGTERM or SIGINT, drain, and return the exit code (0 after a clean drain).
 
     A long-running service takes no arguments (`argv` must be empty): everything is
@@ -452,10 +459,15 @@ def run(name: str, argv: list[str], build: Callable[[], Service]) -> int:
     belong to the loop that made them). A ConfigError or OSError at start-up ends the process
     with exit code 2 and one log line that names what to fix, not a traceback.
     """
+    if argv in (["--help"], ["-h"]):
+        print(f"usage: python -m kvstack {name}\n\nConfigured by environment variables:")
+        for env, default, doc in settings_of(RuntimeConfig) + settings_of(settings or object):
+            print(f"  {env} (default {default!r})\n      {doc}")
+        return 0
     if argv:
         print(
             f"usage: the {name} takes no arguments ({' '.join(argv)}); configure it with KVSTACK_* "
-            "variables (see docs/configuration.md)",
+            "variables (`--help` lists them, as does docs/configuration.md)",
             file=sys.stderr,
         )
         return 2

@@ -119,3 +119,18 @@ def test_services_refuse_arguments(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert runtime.run("backend", ["--port", "1"], build) == 2
     assert "KVSTACK_*" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("service", ["backend", "server"])
+def test_a_service_lists_its_settings_on_help(
+    service: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m kvstack SERVICE --help` exits 0 and lists every setting it reads, its own and
+    the shared runtime's, with defaults (the same names docs/configuration.md documents)."""
+    from kvstack.__main__ import main
+
+    assert main([service, "--help"]) == 0
+    out = capsys.readouterr().out
+    own = BackendConfig if service == "backend" else ServerConfig
+    for env, _, _ in settings_of(RuntimeConfig) + settings_of(own):
+        assert env in out

@@ -266,4 +266,4 @@ class Backend:
 
 
 def main(argv: list[str]) -> int:
-    return runtime.run(NAME, argv, lambda: Backend(runtime.load(BackendConfig)))
+    return runtime.run(NAME, argv, lambda: Backend(runtime.load(BackendConfig)), BackendConfig)

@@ -11,8 +11,8 @@ overlays' patches (storage class, sizes), the components' READMEs. Generated fil
 GENERATED_HEADER; `--check` fails when any of them is stale, and a generated file that no longer
 follows from the registry (a removed service) is deleted.
 
-The generator runs in the dev environment only (PyYAML comes with the dev tools), never in the
-images.
+The generator runs in the dev environment only (PyYAML comes with the dev tools, imported by
+dump() alone), never in the images.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
-
-import yaml  # type: ignore[import-untyped]  # PyYAML ships no types; types-PyYAML is not a dev dep
 
 from kvstack import registry
 from kvstack.cli import CommandError
@@ -70,19 +68,23 @@ if TERMINATION_GRACE_SECONDS <= PRESTOP_SECONDS + SHUTDOWN_GRACE_SECONDS:
 # -- YAML ---------------------------------------------------------------------------------------
 
 
-class _Dumper(yaml.SafeDumper):  # type: ignore[misc]  # the base class is untyped
-    """Indents block sequences under their key, as yamllint's default config expects."""
-
-    def ignore_aliases(self, data: Any) -> bool:
-        return True  # shared dicts (a probe's port) are written out in full, never as &anchors
-
-    def increase_indent(self, flow: bool = False, indentless: bool = False) -> Any:
-        return super().increase_indent(flow, False)
-
-
 def dump(*docs: Mapping[str, Any]) -> str:
-    """YAML documents with the generated-file header, keys in template order."""
-    body = yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, explicit_start=True, width=1000)
+    """YAML documents with the generated-file header, keys in template order.
+
+    PyYAML comes with the dev tools only (the generator runs in a checkout), so it is imported
+    here: `kvstack --help` and every other verb work in an install without it."""
+    import yaml  # type: ignore[import-untyped]  # PyYAML ships no types; not a runtime dep
+
+    class Dumper(yaml.SafeDumper):  # type: ignore[misc]  # the base class is untyped
+        """Indents block sequences under their key, as yamllint's default config expects."""
+
+        def ignore_aliases(self, data: Any) -> bool:
+            return True  # shared dicts (a probe's port) are written out in full, not as &anchors
+
+        def increase_indent(self, flow: bool = False, indentless: bool = False) -> Any:
+            return super().increase_indent(flow, False)
+
+    body = yaml.dump_all(docs, Dumper=Dumper, sort_keys=False, explicit_start=True, width=1000)
     return GENERATED_HEADER + str(body)
 
 

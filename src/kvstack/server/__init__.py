@@ -283,4 +283,4 @@ class Server:
 
 
 def main(argv: list[str]) -> int:
-    return runtime.run(NAME, argv, lambda: Server(runtime.load(ServerConfig)))
+    return runtime.run(NAME, argv, lambda: Server(runtime.load(ServerConfig)), ServerConfig)
