@@ -126,6 +126,27 @@ resource "google_project_iam_member" "deployer_cluster_viewer" {
 
 # -- Inside the cluster: the namespaces and what each deployer may do there -------------------
 
+# The backend's disks (deploy/overlays/gke/storage.yaml names this class): SSD persistent disks
+# replicated synchronously across two zones, so backend-0 can start in the other zone with its
+# data when its zone fails. In a regional cluster GKE picks the second zone, so no
+# allowedTopologies. Cluster-wide, hence here and not in the release (a deployer may change its
+# own namespace only). Retain: deleting a claim never deletes the data.
+# https://cloud.google.com/kubernetes-engine/docs/how-to/persistent-volumes/regional-pd
+resource "kubernetes_storage_class_v1" "regional_ssd" {
+  metadata {
+    name   = "kvstack-regional-ssd"
+    labels = { "app.kubernetes.io/part-of" = "kvstack" }
+  }
+  storage_provisioner    = "pd.csi.storage.gke.io"
+  reclaim_policy         = "Retain"
+  volume_binding_mode    = "WaitForFirstConsumer"
+  allow_volume_expansion = true
+  parameters = {
+    type               = "pd-ssd"
+    "replication-type" = "regional-pd"
+  }
+}
+
 # Made here so the role bindings have somewhere to live; `kvstack deploy` applies the same
 # object (same labels, from deploy/base/namespace.yaml renamed by Kustomize's `namespace:`).
 resource "kubernetes_namespace_v1" "env" {

@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 import hcl2
 import pytest
+import yaml  # type: ignore[import-untyped]  # PyYAML ships no types
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra/gcp"
@@ -133,3 +134,18 @@ def test_deployers_change_only_their_own_namespace(tf: dict[str, Any]) -> None:
     assert v(rule["resources"]) == "namespaces"
     assert v(rule["resource_names"]) == "${each.value}"
     assert sorted(v(rule["verbs"])) == ["get", "patch"]
+
+
+def test_the_backend_disks_are_regional(tf: dict[str, Any]) -> None:
+    """The StorageClass the gke overlay gives the backend's claims exists in Terraform and makes
+    regional SSD persistent disks (two zones), kept when their claim goes (Retain)."""
+    classes = resources(tf, "kubernetes_storage_class_v1")
+    (name,) = [v(v(c["metadata"])["name"]) for c in classes.values()]
+    (sc,) = classes.values()
+    assert v(sc["parameters"]) == {"type": "pd-ssd", "replication-type": "regional-pd"}
+    assert sc["storage_provisioner"] == "pd.csi.storage.gke.io"
+    assert sc["reclaim_policy"] == "Retain"
+    assert sc["volume_binding_mode"] == "WaitForFirstConsumer"
+    patch = yaml.safe_load((ROOT / "deploy/overlays/gke/storage.yaml").read_text())
+    (named,) = [op["value"] for op in patch if op["path"].endswith("/storageClassName")]
+    assert named == name
