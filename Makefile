@@ -52,6 +52,10 @@ down: $(PY) ## Remove the local stack, keeping its data (make down VOLUMES=1 rem
 test: images ## Every test: unit, integration, containers (same set-up as `make up`)
 	$(PY) -m pytest
 
+.PHONY: test-fast
+test-fast: $(PY) ## The tests that need no Docker engine nor images (every level but containers)
+	$(PY) -m pytest -m "not containers"
+
 .PHONY: bench
 bench: $(PY) ## Measure throughput and latency here (about 2 min); writes docs/benchmarks.md
 	$(PY) -m kvstack.dev.bench

@@ -46,3 +46,15 @@ variable "deletion_protection" {
   type        = bool
   default     = false
 }
+
+variable "backup_cron" {
+  description = "When Backup for GKE backs up the kvstack namespaces (cron, UTC): every 6 hours"
+  type        = string
+  default     = "0 */6 * * *"
+}
+
+variable "backup_retain_days" {
+  description = "How many days each scheduled backup is kept"
+  type        = number
+  default     = 14
+}

@@ -149,3 +149,22 @@ def test_the_backend_disks_are_regional(tf: dict[str, Any]) -> None:
     patch = yaml.safe_load((ROOT / "deploy/overlays/gke/storage.yaml").read_text())
     (named,) = [op["value"] for op in patch if op["path"].endswith("/storageClassName")]
     assert named == name
+
+
+def test_backups_are_scheduled_with_backup_for_gke(tf: dict[str, Any]) -> None:
+    """Backup for GKE takes scheduled backups of every kvstack namespace, volume data included,
+    and keeps them; its agent is on in the cluster and its API enabled. (Terraform is parsed,
+    not applied: no Google Cloud here.)"""
+    (plan,) = resources(tf, "google_gke_backup_backup_plan").values()
+    assert plan["cluster"] == "${google_container_cluster.kvstack.id}"
+    config = v(plan["backup_config"])
+    assert v(config["include_volume_data"]) is True
+    assert v(v(config["selected_namespaces"])["namespaces"]) == "${values(var.namespaces)}"
+    assert v(v(plan["backup_schedule"])["cron_schedule"]) == "${var.backup_cron}"
+    assert v(v(plan["retention_policy"])["backup_retain_days"]) == "${var.backup_retain_days}"
+    variables = {k: b for block in tf["variable"] for k, b in block.items()}
+    assert int(v(variables["backup_retain_days"]["default"])) >= 7
+    cluster = resources(tf, "google_container_cluster")["kvstack"]
+    assert v(v(v(cluster["addons_config"])["gke_backup_agent_config"])["enabled"]) is True
+    apis = [v(a) for a in v(next(loc["apis"] for loc in tf["locals"] if "apis" in loc))]
+    assert "gkebackup.googleapis.com" in apis
