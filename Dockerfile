@@ -61,7 +61,7 @@ RUN R=/rootfs; py=/usr/lib/python3.11; \
 # The source last, in two parts: the code every service shares, then the service's own package.
 # A change to one service's code rebuilds only its own layer, and every other image keeps its
 # ID, so a deploy restarts only the changed service. A new shared subpackage is listed here
-# (tests/containers/test_images.py fails until it is).
+# (tests/unit/test_packaging_inputs.py fails until it is).
 FROM build AS shared
 COPY src/kvstack/*.py src/kvstack/py.typed src/kvstack/services.toml /app/kvstack/
 COPY src/kvstack/v1 /app/kvstack/v1
@@ -83,7 +83,7 @@ ENV PATH=/opt/venv/bin:/usr/bin \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /home/nonroot
 
-# Everything per service is metadata: all images share every layer above.
+# Per service: its own package (the one layer images do not share) and its metadata.
 FROM runtime AS service
 ARG SERVICE
 COPY --from=own /app/${SERVICE} /opt/venv/lib/python3.11/site-packages/kvstack/${SERVICE}

@@ -58,10 +58,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("kvstack: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        # The reader went away (`kvstack history | head`): nothing more to say, and Python must
-        # not try to flush into the closed pipe again at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        # The reader went away (`kvstack history | head`): no traceback, and Python must not
+        # flush into the closed pipe again at exit. 141 (128 + SIGPIPE), as a shell tool
+        # killed by the closed pipe would exit: the verb did not finish, so it is no success.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, sys.stderr.fileno())
+        return 141
     return result
 
 

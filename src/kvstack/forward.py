@@ -24,15 +24,31 @@ CHUNK = 64 * 1024
 
 
 async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy one direction until its end; then half-close the other side (the reply may still
+    come back the other way), or close it when the connection failed."""
     try:
         while data := await reader.read(CHUNK):
             writer.write(data)
             await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+            return
     except (ConnectionError, OSError):
         pass
-    finally:
-        with contextlib.suppress(ConnectionError, OSError):
-            writer.close()
+    with contextlib.suppress(ConnectionError, OSError):
+        writer.close()
+
+
+def keepalive(writer: asyncio.StreamWriter) -> None:
+    """TCP keepalive every 10 s, given up after 3 unanswered probes: a peer that vanished
+    without a reset (a killed task) does not hold this connection open forever."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):  # Linux; macOS names them otherwise
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 async def upstream(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -56,7 +72,14 @@ def handler(host: str, port: int):  # type: ignore[no-untyped-def]  # asyncio's 
             log.warning("cannot reach %s:%s (%s): closing the caller's connection", host, port, err)
             writer.close()
             return
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        keepalive(writer)
+        keepalive(up_writer)
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            for end in (writer, up_writer):
+                with contextlib.suppress(ConnectionError, OSError):
+                    end.close()
 
     return handle
 

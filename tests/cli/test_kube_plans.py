@@ -498,8 +498,9 @@ def test_deploy_into_another_namespace(fake: FakeTools) -> None:
     """Fake tools: `kvstack deploy gke --namespace kvstack-staging` names that namespace in every
     kubectl call, and the release (rendered with the real kubectl) puts every namespaced object
     in it: Kustomize's `namespace:` renames the base's Namespace object, which keeps its Pod
-    Security labels; network policies still let the collectors (gke-gmp-system) in, and select
-    pods by label as before; the PodMonitoring sits in, and scrapes, the new one."""
+    Security labels; network policies still let DNS (kube-system) and the collectors
+    (gke-gmp-system) in, and select pods by label as before; the PodMonitoring sits in, and
+    scrapes, the new one."""
     gke_context(fake)
     argv = ["deploy", "gke", "--namespace", STAGING, "--version", "v1", "--registry", REGISTRY]
     assert cli.main(argv) == 0
@@ -522,7 +523,7 @@ def test_deploy_into_another_namespace(fake: FakeTools) -> None:
         for peer in rule.get("from", []) + rule.get("to", [])
         if "namespaceSelector" in peer
     }
-    assert selected == {manifests.GMP_NAMESPACE}
+    assert selected == {"kube-system", manifests.GMP_NAMESPACE}
     (monitor,) = [d for d in docs if d["kind"] == "PodMonitoring"]
     assert monitor["spec"]["selector"]["matchLabels"] == {
         "app.kubernetes.io/part-of": manifests.PART_OF

@@ -96,6 +96,9 @@ def stack(tag: str) -> Iterator[StackUnderTest]:
     try:
         local.deploy(RUNNER, test_stack.name, tag)
         test_stack.wait_healthy(timeout=180)
+        server = registry.get("server")
+        local.ensure_gateway(RUNNER, test_stack.name, images.image_ref(server, tag),
+                             local.local_address())  # fmt: skip
         yield test_stack
     finally:
         local.remove(RUNNER, test_stack.name, volumes=True)

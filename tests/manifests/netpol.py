@@ -236,5 +236,7 @@ def connectivity(workdir: Path) -> str:
         "--connectivity", "policies.yaml", "--pod_list", "pods.yaml",
         "--ns_list", "namespaces.yaml", "--output_format", "md", cwd=workdir,
     )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert len(rows) > 3, f"no connectivity table in nca's output:\n{result.stdout}"
     return "\n".join(r for r in rows if "config:" not in r)

@@ -278,14 +278,18 @@ def test_every_long_running_service_has_a_workload(shipped: dict[str, Rendered])
 
 def test_network_policy_follows_calls(renders: dict[str, Rendered]) -> None:
     """Default deny, and each service reachable on its gRPC port only from the services whose
-    `calls` name it; egress only to what it calls, and DNS by port alone (to any address: see
-    manifests.peer). What these rules permit is checked by an analyser in
+    `calls` name it; egress only to what it calls, and DNS on port 53 to the resolvers (see
+    manifests.peers). What these rules permit is checked by an analyser in
     test_network_analysis.py; this checks only that they are the graph's."""
     docs = next(r for r in renders.values() if r.components == ("network-policy",)).docs
     policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
     assert policies["default-deny"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     for svc in services().values():
-        dns = [r for r in policies[svc.name].get("egress", []) if "to" not in r]
+        dns = [
+            r
+            for r in policies[svc.name].get("egress", [])
+            if any("ipBlock" in peer for peer in r["to"])
+        ]
         assert [{p["port"] for p in r["ports"]} for r in dns] == ([{53}] if svc.calls else [])
         spec = policies[svc.name]
         callers = {
@@ -299,6 +303,7 @@ def test_network_policy_follows_calls(renders: dict[str, Rendered]) -> None:
             peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
             for rule in spec.get("egress", [])
             for peer in rule.get("to", [])
+            if "podSelector" in peer and "namespaceSelector" not in peer
         }
         assert callees == set(svc.calls), svc.name
 

@@ -110,6 +110,9 @@ def must_not(model: Model) -> list[Query]:
     out += [Query(p, registry.METRICS_PORT, target=q) for p in services for q in services if p != q]
     out += [Query(p, 80, target_ip=METADATA_IP) for p in [client_pod, *services]]
     out += [Query(p, 443, target_ip="203.0.113.7") for p in [client_pod, *services]]
+    # DNS to the resolvers only: port 53 to any other address is a channel out of the cluster.
+    out += [Query(p, 53, "TCP", target_ip="203.0.113.7") for p in [client_pod, *services]]
+    out += [Query(p, 53, "UDP", target_ip="203.0.113.7") for p in [client_pod, *services]]
     return out
 
 

@@ -38,6 +38,9 @@ def default_target() -> str:
     server = registry.get("server")
     if os.environ.get("KVSTACK_SERVICE") == "client":
         return os.environ.get("KVSTACK_SERVER_TARGET", server.target)
+    local = os.environ.get("KVSTACK_LOCAL_ADDRESS", "")  # where `kvstack up` put the gateway
+    if local and not local.endswith(":0"):
+        return os.environ.get("KVSTACK_SERVER_TARGET", local)
     return os.environ.get("KVSTACK_SERVER_TARGET", f"localhost:{server.port}")
 
 

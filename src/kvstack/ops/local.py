@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kvstack import registry
+from kvstack import forward, registry
 from kvstack.cli import CommandError
 from kvstack.ops import engine, images
 from kvstack.ops.engine import docker
@@ -298,24 +298,21 @@ def deploy(
             stack,
         )
     )
-    service = published()
-    if service is not None:
-        entry = (services or {}).get(service.name) or {}
-        image = entry.get("image") or images.image_ref(service, tag)
-        ensure_gateway(runner, stack, image, local_address())
 
 
 # -- The gateway: the published service on one fixed loopback address ---------------------------
 
 ADDRESS_ENV = "KVSTACK_LOCAL_ADDRESS"
-DEFAULT_ADDRESS = "127.0.0.1:50051"
 GATEWAY_LABEL = "dev.kvstack.gateway"  # its value: the stack the gateway belongs to
 ADDRESS_LABEL = "dev.kvstack.address"
+FORWARDER_LABEL = "dev.kvstack.forwarder"  # a hash of kvstack/forward.py
 
 
 def local_address() -> str:
-    """HOST:PORT where the host reaches the published service (port 0: the engine picks one)."""
-    return os.environ.get(ADDRESS_ENV, DEFAULT_ADDRESS)
+    """HOST:PORT where the host reaches the published service: $KVSTACK_LOCAL_ADDRESS, else
+    127.0.0.1 and the service's own port (port 0: the engine picks a free one)."""
+    service = published()
+    return os.environ.get(ADDRESS_ENV) or f"127.0.0.1:{service.port if service else 0}"
 
 
 def published() -> registry.Service | None:
@@ -341,10 +338,15 @@ def ensure_gateway(runner: Runner, stack: str, image: str, address: str) -> None
     if service is None or service.port is None:
         return
     name = gateway_name(stack, service)
-    labels = f'{{{{index .Config.Labels "{ADDRESS_LABEL}"}}}}'
-    state = f"{{{{.State.Running}}}} {{{{.Config.Image}}}} {labels}"
+    # Keyed on what the gateway runs (kvstack.forward's code) and where it listens, not on the
+    # image: a new server image must not drop every host connection during a rolling update.
+    forwarder = hashlib.sha256(Path(forward.__file__).read_bytes()).hexdigest()[:16]
+    labels = " ".join(
+        f'{{{{index .Config.Labels "{label}"}}}}' for label in (ADDRESS_LABEL, FORWARDER_LABEL)
+    )
+    state = f"{{{{.State.Running}}}} {labels}"
     current = runner.query(docker("inspect", "--format", state, name)).stdout.split()
-    if current == ["true", image, address]:
+    if current == ["true", address, forwarder]:
         return
     if current:
         runner.run(docker("rm", "--force", name), capture=True)
@@ -355,6 +357,7 @@ def ensure_gateway(runner: Runner, stack: str, image: str, address: str) -> None
         docker(
             "run", "--detach", f"--name={name}", "--restart=unless-stopped",
             f"--label={GATEWAY_LABEL}={stack}", f"--label={ADDRESS_LABEL}={address}",
+            f"--label={FORWARDER_LABEL}={forwarder}",
             f"--network={gateway_network(stack, service)}", f"--publish={publish}",
             "--read-only", "--cap-drop=ALL", "--security-opt=no-new-privileges",
             "--entrypoint=/opt/venv/bin/python", image,
@@ -434,7 +437,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
 def _cmd_down(args: argparse.Namespace) -> int:
     runner = Runner(dry_run=args.dry_run)
     if not engine.answers(runner):
-        say("no Docker engine answers: nothing to remove")
+        if engine.configured_engine():
+            engine.require(runner)  # says which engine did not answer, and fails
+        say("no Docker engine answers on this machine: nothing to remove")
         return 0
     remove(runner, args.stack, volumes=args.volumes)
     return 0
@@ -790,9 +795,6 @@ class Local:
         failure: str | None = None
         if not changed:
             say(f"{version} is already what stack {self.stack} runs: nothing to change")
-            gated = published()
-            if gated is not None:
-                ensure_gateway(runner, self.stack, images_wanted[gated.name], local_address())
         else:
             say("changing: " + ", ".join(s.name for s in changed))
             try:
@@ -807,6 +809,17 @@ class Local:
             )  # fmt: skip
             if failure:
                 break
+        gated = published()
+        if failure is None and gated is not None:
+            try:
+                ensure_gateway(runner, self.stack, images_wanted[gated.name], local_address())
+            except CommandError as err:
+                # The services run; only the host's way in failed: nothing to roll back.
+                raise CommandError(
+                    f"{version} runs on stack {self.stack}, but its gateway on this machine "
+                    f"did not start ({err}); if the address is taken (another stack, or a "
+                    f"server run by hand), set {ADDRESS_ENV}=127.0.0.1:PORT and deploy again"
+                ) from None
         if failure is None and smoke:
             failure = self.smoke_test(runner, version, request.timeout)
         if failure is not None:

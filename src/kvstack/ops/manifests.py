@@ -399,34 +399,41 @@ def component(**fields: Any) -> dict[str, Any]:
     return {"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component", **fields}
 
 
-def peer(end: str, services: Mapping[str, Service]) -> dict[str, Any] | None:
-    """The NetworkPolicy peer for one end of a flow; None for DNS, allowed by port alone."""
+# Where a pod's DNS queries can be answered, by cluster: CoreDNS/kube-dns pods (minikube, GKE
+# Standard's default); NodeLocal DNSCache on the node's host network at its link-local address
+# (always on in Autopilot, default on recent Standard clusters); Cloud DNS at the metadata
+# server (Autopilot's provider). No pod selector matches the last two: they need ipBlocks.
+# https://cloud.google.com/kubernetes-engine/docs/how-to/nodelocal-dns-cache
+# https://cloud.google.com/kubernetes-engine/docs/how-to/cloud-dns
+NODELOCAL_DNS_IP = "169.254.20.10"
+METADATA_SERVER_IP = "169.254.169.254"
+
+
+def peers(end: str, services: Mapping[str, Service]) -> list[dict[str, Any]]:
+    """The NetworkPolicy peers for one end of a flow."""
     if end == registry.METRICS_COLLECTOR:
-        return {"namespaceSelector": {"matchLabels": {NAMESPACE_LABEL: GMP_NAMESPACE}}}
+        return [{"namespaceSelector": {"matchLabels": {NAMESPACE_LABEL: GMP_NAMESPACE}}}]
     if end == registry.DNS:
-        # Which address answers DNS depends on the cluster, and no pod selector matches most of
-        # them: GKE's NodeLocal DNSCache (always on in Autopilot, default on recent Standard)
-        # answers on the node's host network at the kube-dns Service IP or 169.254.20.10; Cloud
-        # DNS (Autopilot's provider) answers at the metadata server, 169.254.169.254; minikube's
-        # CoreDNS runs as kube-dns pods. So DNS is allowed on port 53 to any address: a pod
-        # that may ask the cluster's resolver can already reach any name server through it, so
-        # naming the resolver's address would add no protection, only a cluster-specific IP.
-        # https://cloud.google.com/kubernetes-engine/docs/how-to/nodelocal-dns-cache
-        # https://cloud.google.com/kubernetes-engine/docs/concepts/kube-dns (Autopilot: Cloud DNS)
-        return None
-    return {"podSelector": {"matchLabels": selector_labels(services[end])}}
+        return [
+            {
+                "namespaceSelector": {"matchLabels": {NAMESPACE_LABEL: "kube-system"}},
+                "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+            },
+            {"ipBlock": {"cidr": f"{NODELOCAL_DNS_IP}/32"}},
+            {"ipBlock": {"cidr": f"{METADATA_SERVER_IP}/32"}},
+        ]
+    return [{"podSelector": {"matchLabels": selector_labels(services[end])}}]
 
 
 def flow_rule(
     flow: registry.Flow, ingress: bool, services: Mapping[str, Service]
 ) -> dict[str, Any]:
     """The ingress rule (at its target) or egress rule (at its source) that allows `flow`."""
-    rule: dict[str, Any] = {}
-    remote = peer(flow.source if ingress else flow.target, services)
-    if remote is not None:
-        rule["from" if ingress else "to"] = [remote]
-    rule["ports"] = [{"protocol": proto, "port": flow.port} for proto in flow.protocols]
-    return rule
+    remote = peers(flow.source if ingress else flow.target, services)
+    return {
+        "from" if ingress else "to": remote,
+        "ports": [{"protocol": proto, "port": flow.port} for proto in flow.protocols],
+    }
 
 
 def network_policies(services: Mapping[str, Service]) -> list[dict[str, Any]]:
