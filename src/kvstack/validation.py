@@ -12,6 +12,40 @@ MAX_PAGE_SIZE = 1000
 # Changes a replica may be behind its primary and still answer reads (KVSTACK_MAX_LAG).
 DEFAULT_MAX_LAG = 1000
 
+# Message sizes: the one place every size limit of the API and of replication comes from (see
+# docs/architecture.md, "Limits"). gRPC refuses a message over 4 MiB by default
+# (KVSTACK_MAX_RECEIVE_BYTES); every message a kvstack process builds from stored data (a List
+# page, a Scan entry, a change batch, a snapshot chunk) holds entries while they fit in
+# MESSAGE_BUDGET_BYTES, half of that, and at least one entry, which always fits because a value
+# may be at most MAX_VALUE_LIMIT_BYTES.
+GRPC_MESSAGE_LIMIT_BYTES = 4 << 20
+MESSAGE_BUDGET_BYTES = GRPC_MESSAGE_LIMIT_BYTES // 2
+# Room kept in every message for what is not entries: a page token (a key and a checksum), the
+# message's other fields and protobuf's framing.
+MESSAGE_RESERVE_BYTES = 4096
+# protobuf's framing of one entry or change beyond its key and value (tags, lengths, sequence
+# number, flags, timestamp: 35 bytes at most, measured in tests/unit/test_validation.py).
+ENTRY_OVERHEAD_BYTES = 64
+ENTRIES_BUDGET_BYTES = MESSAGE_BUDGET_BYTES - MESSAGE_RESERVE_BYTES
+# The largest KVSTACK_MAX_VALUE_BYTES a service accepts: one entry of a maximum key and value
+# fills ENTRIES_BUDGET_BYTES at most.
+MAX_VALUE_LIMIT_BYTES = ENTRIES_BUDGET_BYTES - MAX_KEY_BYTES - ENTRY_OVERHEAD_BYTES
+
+
+def entry_bytes(key: bytes, value: bytes) -> int:
+    """What one entry (or change) costs in a message, framing included (an upper bound)."""
+    return len(key) + len(value) + ENTRY_OVERHEAD_BYTES
+
+
+def check_value_limit(max_value_bytes: int) -> None:
+    """Refuse (ValueError) a KVSTACK_MAX_VALUE_BYTES whose values could not fit one message."""
+    if not 0 < max_value_bytes <= MAX_VALUE_LIMIT_BYTES:
+        raise ValueError(
+            f"KVSTACK_MAX_VALUE_BYTES={max_value_bytes} is invalid: give 1 to "
+            f"{MAX_VALUE_LIMIT_BYTES} bytes, so that one entry of the largest value always fits "
+            f"in one gRPC message of at most {MESSAGE_BUDGET_BYTES} bytes"
+        )
+
 
 @dataclass(frozen=True)
 class Invalid(Exception):

@@ -176,12 +176,10 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
         try:
             limit = validation.page_size(request.page_size)
             validation.check_page_token(request.prefix, request.page_token)
-            # One extra entry tells whether another page follows.
-            entries = self.store.page(request.prefix, limit + 1, request.page_token)
+            # A page ends short of `limit` when the next entry would not fit one message.
+            entries, more = self.store.list_page(request.prefix, limit, request.page_token)
         except (validation.Invalid, _Starting) as err:
             await _refuse(context, err)
-        more = len(entries) > limit
-        entries = entries[:limit]
         return kv_pb2.ListResponse(
             entries=[kv_pb2.Entry(key=k, value=v) for k, v in entries],
             next_page_token=entries[-1][0] if more else b"",
@@ -204,6 +202,10 @@ class Backend:
     name = NAME
 
     def __init__(self, config: BackendConfig) -> None:
+        try:
+            validation.check_value_limit(config.max_value_bytes)
+        except ValueError as err:
+            raise runtime.ConfigError(str(err)) from None
         self.config = config
         self.ordinal = (
             config.ordinal if config.ordinal >= 0 else ordinal_from(os.environ.get("HOSTNAME", ""))

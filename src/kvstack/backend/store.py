@@ -19,6 +19,7 @@ from typing import Any, Literal
 import lmdb
 from prometheus_client import Counter, Histogram
 
+from kvstack import validation
 from kvstack.runtime import fields, printable
 from kvstack.v1.replication_pb2 import Change
 
@@ -190,11 +191,15 @@ class Store:
             cursor = txn.cursor(db=self.log)
             return cursor.first() and _unpack(bytes(cursor.key())) <= after + 1
 
-    def changes_after(self, after: int, limit: int) -> list[Change]:
-        """Up to `limit` logged changes after position `after`, in order. Raises LogGap when the
-        change right after `after` has been trimmed from the log (a replica this far behind
-        would otherwise skip changes silently)."""
+    def changes_after(
+        self, after: int, limit: int, max_bytes: int = validation.ENTRIES_BUDGET_BYTES
+    ) -> list[Change]:
+        """Logged changes after position `after`, in order: up to `limit` of them and, but for
+        the first, only while they fit in `max_bytes` (validation.py), so a batch of them
+        fits one gRPC message. Raises LogGap when the change right after `after` has been
+        trimmed from the log (a replica this far behind would otherwise skip changes silently)."""
         changes: list[Change] = []
+        used = 0
         with self.env.begin() as txn:
             cursor = txn.cursor(db=self.log)
             if not cursor.set_range(_pack(after + 1)):
@@ -203,22 +208,32 @@ class Store:
             if first != after + 1:
                 raise LogGap(f"changes {after + 1}..{first - 1} are no longer in the log")
             for _, raw in cursor:
+                cost = len(raw) + validation.ENTRY_OVERHEAD_BYTES
+                if changes and used + cost > max_bytes:
+                    break
                 changes.append(Change.FromString(raw))
+                used += cost
                 if len(changes) >= limit:
                     break
         return changes
 
-    def snapshot(self, chunk: int = 1000) -> Iterator[tuple[int, list[tuple[bytes, bytes]]]]:
-        """Every entry, in chunks, read in ONE transaction (a consistent copy), each chunk with
-        the log position the copy corresponds to."""
+    def snapshot(
+        self, chunk: int = 1000, max_bytes: int = validation.ENTRIES_BUDGET_BYTES
+    ) -> Iterator[tuple[int, list[tuple[bytes, bytes]]]]:
+        """Every entry, in chunks of at most `chunk` entries and (but for a chunk of one)
+        `max_bytes`, read in ONE transaction (a consistent copy), each chunk with the log
+        position the copy corresponds to."""
         with self.env.begin() as txn:
             seq = _unpack(txn.get(_SEQ, db=self.meta))
             entries: list[tuple[bytes, bytes]] = []
+            used = 0
             for key, value in txn.cursor(db=self.kv):
-                entries.append((key, value))
-                if len(entries) >= chunk:
+                cost = validation.entry_bytes(key, value)
+                if entries and (len(entries) >= chunk or used + cost > max_bytes):
                     yield seq, entries
-                    entries = []
+                    entries, used = [], 0
+                entries.append((key, value))
+                used += cost
             yield seq, entries
 
     # -- a replica's writes --------------------------------------------------------------------
@@ -272,26 +287,52 @@ class Store:
             value: bytes | None = txn.get(key, db=self.kv)
             return value
 
-    def page(self, prefix: bytes, limit: int, after: bytes = b"") -> list[tuple[bytes, bytes]]:
-        """Up to `limit` entries with `prefix`, in key order, starting after key `after`."""
+    def page(
+        self,
+        prefix: bytes,
+        limit: int,
+        after: bytes = b"",
+        max_bytes: int = validation.ENTRIES_BUDGET_BYTES,
+    ) -> list[tuple[bytes, bytes]]:
+        """Up to `limit` entries with `prefix`, in key order, starting after key `after`; but
+        for the first, only while they fit in `max_bytes` (validation.entry_bytes)."""
+        return self.list_page(prefix, limit, after, max_bytes)[0]
+
+    def list_page(
+        self,
+        prefix: bytes,
+        limit: int,
+        after: bytes = b"",
+        max_bytes: int = validation.ENTRIES_BUDGET_BYTES,
+    ) -> tuple[list[tuple[bytes, bytes]], bool]:
+        """page(), and whether more entries with `prefix` follow it: a page may end short of
+        `limit` when the next entry would not fit in `max_bytes`."""
         entries: list[tuple[bytes, bytes]] = []
+        used = 0
         with self.env.begin() as txn:
             cursor = txn.cursor(db=self.kv)
             if not cursor.set_range(after or prefix):
-                return entries
+                return entries, False
             if after and cursor.key() == after and not cursor.next():
-                return entries
+                return entries, False
             for key, value in cursor:
-                if not key.startswith(prefix) or len(entries) >= limit:
-                    break
+                if not key.startswith(prefix):
+                    return entries, False
+                cost = validation.entry_bytes(key, value)
+                if len(entries) >= limit or (entries and used + cost > max_bytes):
+                    return entries, True
                 entries.append((key, value))
-        return entries
+                used += cost
+        return entries, False
 
-    def scan(self, prefix: bytes, chunk: int = 256) -> Iterator[list[tuple[bytes, bytes]]]:
-        """Every entry with prefix, in chunks; each chunk is read in a short transaction so a
-        slow reader never pins old pages."""
+    def scan(
+        self, prefix: bytes, chunk: int = 256, max_bytes: int = validation.ENTRIES_BUDGET_BYTES
+    ) -> Iterator[list[tuple[bytes, bytes]]]:
+        """Every entry with prefix, in chunks of at most `chunk` entries and `max_bytes` (but
+        for a chunk of one); each chunk is read in a short transaction so a slow reader never
+        pins old pages, and holds a bounded amount of memory."""
         after = b""
-        while entries := self.page(prefix, chunk, after):
+        while entries := self.page(prefix, chunk, after, max_bytes):
             yield entries
             after = entries[-1][0]
 

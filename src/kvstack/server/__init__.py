@@ -245,6 +245,10 @@ class Server:
     name = NAME
 
     def __init__(self, config: ServerConfig) -> None:
+        try:
+            validation.check_value_limit(config.max_value_bytes)
+        except ValueError as err:
+            raise runtime.ConfigError(str(err)) from None
         self.config = config
         self.directory = Directory(
             config.backend_target, channel_options(config), max_lag=config.max_lag
