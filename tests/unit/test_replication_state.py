@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 
-from kvstack.backend.replication import PrimaryState
+import pytest
+
+from kvstack import runtime
+from kvstack.backend import Backend
+from kvstack.backend.replication import UNREPLICATED, PrimaryState
 
 
 def mode(state: PrimaryState) -> str:
@@ -96,3 +102,51 @@ def test_the_last_replica_leaving_releases_waiting_writes() -> None:
         assert mode(state) == "alone"
 
     asyncio.run(scenario())
+
+
+def test_every_write_acknowledged_without_a_replica_is_counted_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Writes acknowledged alone (no replica, then degraded) are counted one by one, in the
+    metric too; when semi-sync returns, one log line gives how many and when the first and the
+    last were. Writes a replica acknowledged are not counted."""
+    before = UNREPLICATED._value.get()
+
+    async def scenario() -> None:
+        state = PrimaryState(last_seq=10, timeout=0.05)
+        for seq in (11, 12):
+            state.committed(seq)
+            assert await state.replicated(seq) is False  # alone: no replica yet
+        stream = state.connect("backend-1", 12)  # caught up: semi-sync, the run of 2 ends
+        state.committed(13)
+        assert await state.replicated(13) is False  # no ack in time: degraded
+        state.committed(14)
+        assert await state.replicated(14) is False
+        state.ack(stream, 14)
+        state.committed(15)
+        waiting = asyncio.create_task(state.replicated(15))
+        await asyncio.sleep(0)
+        state.ack(stream, 15)
+        assert await waiting is True
+        assert state.unreplicated == 4
+
+    with caplog.at_level(logging.INFO, logger="kvstack.backend.replication"):
+        asyncio.run(scenario())
+    assert UNREPLICATED._value.get() - before == 4
+    runs = [r for r in caplog.records if r.getMessage() == "writes acknowledged without a replica"]
+    assert [r.fields["writes"] for r in runs] == [2, 2]  # type: ignore[attr-defined]
+    for run in runs:
+        fields = run.fields  # type: ignore[attr-defined]
+        assert fields["first_at"] <= fields["last_at"] <= time.time()
+
+
+def test_the_backend_alone_keeps_its_connections() -> None:
+    """KVSTACK_MAX_CONNECTION_AGE closes client connections of the server, never the backend's
+    (it cut every replica's Stream every 30 s), and 0 turns it off."""
+    config = runtime.RuntimeConfig(max_connection_age=30.0)
+    server = dict(runtime.server_options(config))
+    assert server["grpc.max_connection_age_ms"] == 30_000
+    backend = dict(runtime.server_options(config, Backend.recycle_connections))
+    assert "grpc.max_connection_age_ms" not in backend
+    off = dict(runtime.server_options(runtime.RuntimeConfig(max_connection_age=0)))
+    assert "grpc.max_connection_age_ms" not in off

@@ -200,6 +200,10 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
 
 class Backend:
     name = NAME
+    # No KVSTACK_MAX_CONNECTION_AGE here: the server and the replicas find every backend through
+    # the Directory's DNS polling, so there is nothing to re-balance, and recycling cut each
+    # replica's Stream every 30 s (the primary acknowledged writes alone until it reconnected).
+    recycle_connections = False
 
     def __init__(self, config: BackendConfig) -> None:
         try:

@@ -9,7 +9,11 @@
 - Semi-synchronous acknowledgement: with a replica connected and caught up, the primary
   acknowledges a write only once a replica has acknowledged it. When none does within
   KVSTACK_SEMISYNC_TIMEOUT, the primary acknowledges alone ("degraded"), says so in its logs and
-  metrics, and returns to semi-sync as soon as a replica has caught up again.
+  metrics, and returns to semi-sync as soon as a replica has caught up again. Every write
+  acknowledged without a replica's copy is counted (kvstack_replication_unreplicated_writes_total)
+  and each run of them is logged with its first and last time and its count.
+- The backend's server never recycles connections (Backend.recycle_connections), so nothing but
+  a failure cuts a replica's stream, and a replica whose stream was cut streams again at once.
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ REPLICAS = Gauge("kvstack_replication_replicas", "replicas streaming from this p
 DEGRADED = Counter(
     "kvstack_replication_degraded_total", "times the primary fell back to acknowledging alone"
 )
+UNREPLICATED = Counter(
+    "kvstack_replication_unreplicated_writes_total",
+    "writes the primary acknowledged with no replica holding them (modes alone and degraded)",
+)
 LAG = Gauge("kvstack_replication_lag_changes", "changes this replica is behind its primary")
 LAG_SECONDS = Histogram(
     "kvstack_replication_lag_seconds",
@@ -73,6 +81,13 @@ class PrimaryState:
         self._waiters: list[tuple[int, int, asyncio.Future[bool]]] = []
         self._ids = itertools.count()
         self._commit = asyncio.Event()
+        # Writes acknowledged without a replica: in all, and in the current run of them (since
+        # the primary last left semi-sync): how many, and the wall-clock times of the first and
+        # the last.
+        self.unreplicated = 0
+        self._run_count = 0
+        self._run_first = 0.0
+        self._run_last = 0.0
         SEMISYNC.set(0)
 
     # -- commits and the stream ----------------------------------------------------------------
@@ -129,7 +144,41 @@ class PrimaryState:
 
     async def replicated(self, seq: int) -> bool:
         """Wait, in semi-sync mode, until a replica has `seq` on disk. Return whether one has;
-        False means the write is acknowledged by the primary alone."""
+        False means the write is acknowledged by the primary alone, and is counted as such."""
+        if await self._replicated(seq):
+            return True
+        self._unreplicated()
+        return False
+
+    def _unreplicated(self) -> None:
+        now = time.time()
+        self.unreplicated += 1
+        UNREPLICATED.inc()
+        if self._run_count == 0:
+            self._run_first = now
+            log.warning(
+                "acknowledging writes without a replica",
+                extra=fields(mode=self.mode, first_at=round(now, 3), replicas=len(self.acked)),
+            )
+        self._run_count += 1
+        self._run_last = now
+
+    def _end_run(self, why: str) -> None:
+        """Log the run of writes acknowledged without a replica that semi-sync ends."""
+        if self._run_count:
+            log.warning(
+                "writes acknowledged without a replica",
+                extra=fields(
+                    writes=self._run_count,
+                    first_at=round(self._run_first, 3),
+                    last_at=round(self._run_last, 3),
+                    total=self.unreplicated,
+                    reason=why,
+                ),
+            )
+        self._run_count = 0
+
+    async def _replicated(self, seq: int) -> bool:
         if self.mode != "semi-sync":
             return False
         if self.acked and max(self.acked.values()) >= seq:
@@ -161,6 +210,8 @@ class PrimaryState:
             return
         self.mode = mode
         SEMISYNC.set(1 if mode == "semi-sync" else 0)
+        if mode == "semi-sync":
+            self._end_run(why)
         level = logging.WARNING if mode == "degraded" else logging.INFO
         log.log(level, "replication mode", extra=fields(mode=mode, reason=why))
 
@@ -279,6 +330,7 @@ class Follower:
         self.on_readable = on_readable
         self.applied = store.seq()
         self.readable = False
+        self._streamed = False  # the current stream got at least one message from the primary
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -308,6 +360,7 @@ class Follower:
                 waited += 0.5
                 continue
             waited = 0.0
+            self._streamed = False
             try:
                 await self._follow(primary)
             except asyncio.CancelledError:
@@ -326,10 +379,11 @@ class Follower:
                 log.warning("lost the primary", extra=fields(primary=primary.address, error=detail))
             except Exception:  # the follower must never end while the replica runs
                 log.exception("following the primary failed", extra=fields(primary=primary.address))
-            # Stay readable if caught up: while the primary is down it takes no writes, so this
-            # copy is current. The server's own check (Directory.readers) stops reads here if
-            # the primary is up and this replica falls behind (a network partition).
-            await asyncio.sleep(0.5)
+            # A stream that was working and got cut (or ended for a snapshot) starts again at
+            # once: every moment without one is a moment the primary acknowledges writes alone.
+            # Only a primary that did not answer at all is given a pause before the next try.
+            if not self._streamed:
+                await asyncio.sleep(0.5)
 
     async def _follow(self, primary: Member) -> None:
         call = primary.replication.Stream()
@@ -349,6 +403,7 @@ class Follower:
                     received = await call.read()
                 if received is aio.EOF:
                     return
+                self._streamed = True
                 batch = cast(replication_pb2.ChangeBatch, received)
                 if batch.snapshot_required:
                     await self._snapshot(primary)
