@@ -4,10 +4,15 @@ them (issue 13)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import signal
+import socket
+import struct
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,8 +20,9 @@ import grpc
 import pytest
 
 from kvstack import validation
+from kvstack.probe import check
 from kvstack.v1 import kv_pb2, kv_pb2_grpc
-from tests.conftest import Spawn, free_port
+from tests.conftest import ServiceProcess, Spawn, free_port
 from tests.integration.test_replication import Cluster, eventually, log_lines, role, stub
 
 BIG = validation.DEFAULT_MAX_VALUE_BYTES
@@ -212,3 +218,151 @@ def test_semi_sync_holds_through_60_s_of_steady_writes(cluster: Cluster, spawn: 
     assert end[degraded] == base[degraded]
     assert not log_lines(primary, "replica disconnected")
     assert len(log_lines(replica, "streaming from the primary")) == 1
+
+
+class Proxy:
+    """A TCP relay on loopback between a replica and its primary that the test can freeze
+    (bytes stop flowing both ways, connections stay open: a blocked stream, a partition) or cut
+    (every connection reset, the primary untouched)."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.frozen = threading.Event()
+        self.closed = threading.Event()
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                continue
+            try:
+                server = socket.create_connection(("127.0.0.1", self.upstream), timeout=2)
+            except OSError:
+                client.close()
+                continue
+            self.conns += [client, server]
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        src.settimeout(0.05)
+        while not self.closed.is_set():
+            if self.frozen.is_set():
+                time.sleep(0.02)
+                continue
+            try:
+                data = src.recv(1 << 16)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            try:
+                dst.sendall(data)
+            except OSError:
+                break
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def cut(self) -> None:
+        conns, self.conns = self.conns, []
+        for sock in conns:
+            with contextlib.suppress(OSError):  # a reset, not a clean close
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()
+        self.cut()
+
+
+@pytest.fixture
+def behind_proxy(
+    cluster: Cluster, spawn: Spawn
+) -> Iterator[tuple[ServiceProcess, ServiceProcess, ServiceProcess, Proxy]]:
+    """A primary, a replica that reaches it only through a Proxy, and a server that reaches both
+    directly. The replica's staleness bound is the default."""
+    primary = cluster.backend(0).wait_serving()
+    proxy = Proxy(primary.port)
+    replica = spawn(
+        "backend",
+        {
+            "KVSTACK_DATA_DIR": str(cluster.tmp / "data-1"),
+            "KVSTACK_ORDINAL": "1",
+            "KVSTACK_BACKEND_TARGET": f"127.0.0.1:{proxy.port}",
+        },
+        port=cluster.ports[1],
+    ).wait_serving()
+    server = spawn("server", {"KVSTACK_BACKEND_TARGET": cluster.peers}).wait_serving()
+    eventually(lambda: role(replica.target).following, what="replica following")
+    yield primary, replica, server, proxy
+    proxy.close()
+
+
+STALENESS_S = 3.0  # KVSTACK_MAX_STALENESS's default
+BOUND_S = STALENESS_S + 0.5  # documented: the bound, plus the replica's check every 0.25 s
+
+
+def test_a_replica_whose_stream_is_blocked_stops_answering_reads_within_the_bound(
+    behind_proxy: tuple[ServiceProcess, ServiceProcess, ServiceProcess, Proxy],
+) -> None:
+    """With its stream to the primary blocked (nothing flows, nothing is closed), a replica turns
+    NOT_SERVING for kvstack.v1.KeyValue and refuses reads with UNAVAILABLE within
+    KVSTACK_MAX_STALENESS + 0.5 s, while the server keeps answering every read of keys written
+    meanwhile from the primary (never NOT_FOUND); unblocked, the replica follows again."""
+    primary, replica, server, proxy = behind_proxy
+    front, direct = stub(server.target), stub(replica.target)
+    front.Put(kv_pb2.PutRequest(key=b"before", value=b"1"), timeout=5)
+    eventually(lambda: direct.Get(kv_pb2.GetRequest(key=b"before"), timeout=2).value == b"1")
+    proxy.frozen.set()
+    blocked = time.monotonic()
+    eventually(
+        lambda: check(replica.target, 2, "kvstack.v1.KeyValue") == "NOT_SERVING",
+        timeout=10,
+        what="NOT_SERVING",
+    )
+    not_serving = time.monotonic() - blocked
+    with pytest.raises(grpc.RpcError) as refused:
+        direct.Get(kv_pb2.GetRequest(key=b"before"), timeout=2)
+    refused_after = time.monotonic() - blocked
+    print(f"blocked: NOT_SERVING after {not_serving:.2f} s, reads refused by {refused_after:.2f} s")
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "not following" in (refused.value.details() or "")
+    assert not_serving <= BOUND_S
+    for i in range(20):  # written after the replica froze: only the primary has them
+        front.Put(kv_pb2.PutRequest(key=f"during/{i}".encode(), value=b"v"), timeout=5)
+        assert front.Get(kv_pb2.GetRequest(key=f"during/{i}".encode()), timeout=5).value == b"v"
+    assert check(replica.target, 2) == "SERVING"  # the process is fine: only reads stop
+    proxy.frozen.clear()
+    eventually(lambda: role(replica.target).following, timeout=20, what="following again")
+    assert direct.Get(kv_pb2.GetRequest(key=b"during/19"), timeout=5).value == b"v"
+    del primary
+
+
+def test_a_cut_stream_is_reopened_at_once(
+    behind_proxy: tuple[ServiceProcess, ServiceProcess, ServiceProcess, Proxy],
+) -> None:
+    """Every connection between replica and primary reset (the primary still up): the primary
+    has the replica streaming again at once (within 0.4 s; the replica used to pause 0.5 s
+    first, and up to a second more when its Directory had not yet seen the primary again)."""
+    primary, replica, _, proxy = behind_proxy
+    connected = len(log_lines(primary, "replica connected"))
+    proxy.cut()
+    cut = time.monotonic()
+    eventually(
+        lambda: len(log_lines(primary, "replica connected")) > connected,
+        timeout=5,
+        what="streaming again",
+    )
+    again = time.monotonic() - cut
+    print(f"stream reopened {again:.2f} s after the cut")
+    assert again < 0.4
+    eventually(lambda: role(replica.target).following, timeout=2, what="following")

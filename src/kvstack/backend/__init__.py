@@ -74,6 +74,13 @@ class BackendConfig:
         "changes a replica may be behind and still answer reads; further behind it reports "
         "NOT_SERVING for kvstack.v1.KeyValue until it catches up",
     )
+    max_staleness: float = setting(
+        "KVSTACK_MAX_STALENESS",
+        3.0,
+        "seconds a replica may go without a message from its primary (which sends one each "
+        "second when idle) and still answer reads; longer, it reports NOT_SERVING for "
+        "kvstack.v1.KeyValue and refuses reads with UNAVAILABLE",
+    )
     log_retain: int = setting(
         "KVSTACK_LOG_RETAIN",
         100_000,
@@ -101,6 +108,8 @@ async def _refuse(context: Context, err: Exception) -> None:
             grpc.StatusCode.UNAVAILABLE,
             "the backend is starting and its database is not open yet; retry",
         )
+    if isinstance(err, _Stale):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(err), trailing_metadata=NO_RETRY)
     if isinstance(err, _Replica):
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
     if isinstance(err, validation.Invalid):
@@ -108,6 +117,15 @@ async def _refuse(context: Context, err: Exception) -> None:
     if isinstance(err, StoreFull):
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
     raise err
+
+
+class _Stale(Exception):
+    """A read on a replica that is not demonstrably following its primary."""
+
+
+# Trailing metadata that tells a gRPC client not to retry this call on the same channel
+# (gRFC A6 server pushback): the server should try another backend at once instead.
+NO_RETRY = (("grpc-retry-pushback-ms", "-1"),)
 
 
 class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
@@ -122,6 +140,20 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
         if self.backend.store is None:
             raise _Starting
         return self.backend.store
+
+    @property
+    def reader(self) -> Store:
+        """The store, for a read: refused (_Stale) on a replica that may not answer reads."""
+        store = self.store
+        follower = self.backend.follower
+        if follower is not None and not follower.readable_now():
+            raise _Stale(
+                f"backend ordinal {self.backend.ordinal} is a read replica that is not following "
+                f"its primary closely enough (a message from it within "
+                f"{self.config.max_staleness}s, at most {self.config.max_lag} changes behind); "
+                "read from another backend or retry"
+            )
+        return store
 
     async def _write(self, write: Write) -> Applied:
         backend = self.backend
@@ -148,8 +180,8 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
     async def Get(self, request: kv_pb2.GetRequest, context: Context) -> kv_pb2.GetResponse:
         try:
             validation.check_key(request.key)
-            value = self.store.get(request.key)
-        except (validation.Invalid, _Starting) as err:
+            value = self.reader.get(request.key)
+        except (validation.Invalid, _Starting, _Stale) as err:
             await _refuse(context, err)
         if value is None:
             await context.abort(
@@ -177,8 +209,8 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
             limit = validation.page_size(request.page_size)
             validation.check_page_token(request.prefix, request.page_token)
             # A page ends short of `limit` when the next entry would not fit one message.
-            entries, more = self.store.list_page(request.prefix, limit, request.page_token)
-        except (validation.Invalid, _Starting) as err:
+            entries, more = self.reader.list_page(request.prefix, limit, request.page_token)
+        except (validation.Invalid, _Starting, _Stale) as err:
             await _refuse(context, err)
         return kv_pb2.ListResponse(
             entries=[kv_pb2.Entry(key=k, value=v) for k, v in entries],
@@ -189,8 +221,8 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
         self, request: kv_pb2.ScanRequest, context: Context
     ) -> AsyncIterator[kv_pb2.Entry]:
         try:
-            store = self.store
-        except _Starting as err:
+            store = self.reader
+        except (_Starting, _Stale) as err:
             await _refuse(context, err)
         for chunk in store.scan(request.prefix):
             for key, value in chunk:
@@ -256,6 +288,7 @@ class Backend:
                 name=f"{NAME}-{self.ordinal}",
                 max_lag=self.config.max_lag,
                 on_readable=lambda readable: self._set_serving(KEYVALUE, readable),
+                max_staleness=self.config.max_staleness,
             )
             self.follower.start()
         self.store = store

@@ -62,6 +62,10 @@ BATCH_CHANGES = 500
 HEARTBEAT_S = 1.0
 SNAPSHOT_CHUNK_S = 30.0
 SNAPSHOT_QUEUED = 8  # snapshot chunks received but not yet written, at most
+# A replica answers reads only while it heard from its primary this recently (KVSTACK_MAX_STALENESS)
+DEFAULT_MAX_STALENESS_S = 3.0
+WATCH_S = 0.25  # how often a replica checks that bound
+CUT_RETRY_S = 2.0  # after a working stream is cut, retry every 0.05 s (else 0.5 s) this long
 Chunk = tuple[int, list[tuple[bytes, bytes]]]  # a snapshot's position, and entries
 
 
@@ -237,8 +241,9 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
             if follower
             else replication_pb2.BACKEND_ROLE_PRIMARY,
             seq=follower.applied if follower else backend.primary.last_seq,
-            readable=follower.readable if follower else True,
+            readable=follower.readable_now() if follower else True,
             ordinal=backend.ordinal,
+            following=follower.following() if follower else False,
         )
 
     async def _primary(self, context: Context) -> tuple[Store, PrimaryState]:
@@ -322,35 +327,95 @@ class Follower:
         name: str,
         max_lag: int,
         on_readable: Callable[[bool], Any],
+        max_staleness: float = DEFAULT_MAX_STALENESS_S,
     ) -> None:
         self.store = store
         self.directory = directory
         self.name = name
         self.max_lag = max_lag
+        self.max_staleness = max_staleness
         self.on_readable = on_readable
         self.applied = store.seq()
         self.readable = False
         self._streamed = False  # the current stream got at least one message from the primary
-        self._task: asyncio.Task[None] | None = None
+        # When (monotonic) a message from the primary last arrived, the primary's position it
+        # gave, and the address it came from.
+        self.heard_at: float | None = None
+        self.primary_seq = 0
+        self.primary_address = ""
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="follower")
+        self._tasks = [
+            asyncio.create_task(self._run(), name="follower"),
+            asyncio.create_task(self._watch(), name="follower-watch"),
+        ]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def following(self, now: float | None = None) -> bool:
+        """Demonstrably following: a message from the primary (a batch, or the heartbeat it
+        sends each second when idle) arrived within max_staleness seconds, and this replica has
+        applied all but at most max_lag of the changes up to the position that message gave."""
+        if self.heard_at is None:
+            return False
+        now = time.monotonic() if now is None else now
+        recent = now - self.heard_at <= self.max_staleness
+        return recent and self.primary_seq - self.applied <= self.max_lag
+
+    def primary_gone(self) -> bool:
+        """The primary this replica followed is down, not merely silent: no backend says it is
+        the primary, and its address left DNS or refuses connections (UNAVAILABLE). A primary
+        that only stops answering (frozen, or cut off by the network) may still take writes."""
+        if self.heard_at is None or self.directory.primary() is not None:
+            return False
+        member = self.directory.members.get(self.primary_address)
+        return member is None or member.error == "UNAVAILABLE"
+
+    def readable_now(self) -> bool:
+        """Whether this replica may answer reads now: following, or caught up (within max_lag
+        of the primary's last position) when that primary went down and so takes no writes."""
+        if self.following():
+            return True
+        return self.primary_gone() and self.primary_seq - self.applied <= self.max_lag
 
     def _set_readable(self, readable: bool) -> None:
         if readable != self.readable:
             self.readable = readable
-            log.info("readable" if readable else "not readable", extra=fields(seq=self.applied))
+            heard = None if self.heard_at is None else round(time.monotonic() - self.heard_at, 3)
+            log.log(
+                logging.INFO if readable else logging.WARNING,
+                "readable" if readable else "not readable",
+                extra=fields(
+                    seq=self.applied,
+                    primary_seq=self.primary_seq,
+                    heard_s_ago=heard,
+                    max_staleness_s=self.max_staleness,
+                ),
+            )
             self.on_readable(readable)
+
+    async def _watch(self) -> None:
+        """Turn NOT_SERVING within WATCH_S of the staleness bound passing, whatever the stream
+        is doing (a blocked stream delivers nothing that would tell)."""
+        while True:
+            self._set_readable(self.readable_now())
+            await asyncio.sleep(WATCH_S)
 
     async def _run(self) -> None:
         waited = 0.0
+        again: Member | None = None  # the primary whose working stream was just cut
+        cut_at = -CUT_RETRY_S
         while True:
             primary = self.directory.primary()
+            if primary is None and again is not None and again.address in self.directory.members:
+                # The cut may have failed the Directory's last Role call to it too; do not wait
+                # up to a second for the next one to stream again.
+                primary = again
+            again = None
             if primary is None:
                 if waited % 10 < 0.5:
                     log.info(
@@ -382,7 +447,14 @@ class Follower:
             # A stream that was working and got cut (or ended for a snapshot) starts again at
             # once: every moment without one is a moment the primary acknowledges writes alone.
             # Only a primary that did not answer at all is given a pause before the next try.
-            if not self._streamed:
+            # Retrying for 2 s after a cut is quick (the first tries may still meet the old
+            # connection before the channel has seen it reset).
+            if self._streamed:
+                again, cut_at = primary, time.monotonic()
+            elif time.monotonic() - cut_at < CUT_RETRY_S:
+                again = primary
+                await asyncio.sleep(0.05)
+            else:
                 await asyncio.sleep(0.5)
 
     async def _follow(self, primary: Member) -> None:
@@ -405,6 +477,9 @@ class Follower:
                     return
                 self._streamed = True
                 batch = cast(replication_pb2.ChangeBatch, received)
+                self.heard_at = time.monotonic()
+                self.primary_address = primary.address
+                self.primary_seq = max(self.primary_seq, batch.primary_seq)
                 if batch.snapshot_required:
                     await self._snapshot(primary)
                     return  # stream again from the snapshot's position
@@ -423,9 +498,8 @@ class Follower:
                         await call.write(
                             replication_pb2.ReplicaAck(applied_seq=self.applied, replica=self.name)
                         )
-                lag = max(0, batch.primary_seq - self.applied)
-                LAG.set(lag)
-                self._set_readable(lag <= self.max_lag)
+                LAG.set(max(0, batch.primary_seq - self.applied))
+                self._set_readable(self.readable_now())
         finally:
             call.cancel()
 
