@@ -3,6 +3,8 @@ backend (which must never trust its callers). Each failure says what was wrong a
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass
 
 MAX_KEY_BYTES = 511  # LMDB's compiled-in key limit (mdb_env_get_maxkeysize)
@@ -86,9 +88,48 @@ def page_size(requested: int) -> int:
     return requested or DEFAULT_PAGE_SIZE
 
 
-def check_page_token(prefix: bytes, token: bytes) -> None:
-    if token and not token.startswith(prefix):
+# Page tokens are opaque and check themselves: a version byte, the last key of the page, and a
+# checksum over the listing's prefix and both, so a token cut short, altered, made up or taken
+# from a listing of another prefix is refused instead of silently restarting (or skewing) the
+# listing. The checksum is not a secret (a forged token can only start a listing at a key of the
+# caller's choosing, which it may ask for anyway); any backend checks any backend's tokens.
+_TOKEN_VERSION = b"\x01"
+_TOKEN_CHECK_BYTES = 8
+_TOKEN_PERSON = b"kvstack.v1.List"
+
+
+def _token_check(prefix: bytes, body: bytes) -> bytes:
+    framed = len(prefix).to_bytes(2, "big") + prefix + body
+    return hashlib.blake2b(framed, digest_size=_TOKEN_CHECK_BYTES, person=_TOKEN_PERSON).digest()
+
+
+def page_token(prefix: bytes, last_key: bytes) -> bytes:
+    """The next_page_token of a page of the listing of `prefix` that ended at `last_key`."""
+    body = _TOKEN_VERSION + last_key
+    return body + _token_check(prefix, body)
+
+
+def resume_after(prefix: bytes, token: bytes) -> bytes:
+    """The key after which a List with this page_token resumes (b"" for the first page).
+    Raises Invalid when the token is not one the service issued for this prefix."""
+    if not token:
+        return b""
+    body, check = token[:-_TOKEN_CHECK_BYTES], token[-_TOKEN_CHECK_BYTES:]
+    last_key = body[len(_TOKEN_VERSION) :]
+    if (
+        len(token) < len(_TOKEN_VERSION) + 1 + _TOKEN_CHECK_BYTES
+        or not body.startswith(_TOKEN_VERSION)
+        or not hmac.compare_digest(check, _token_check(prefix, body))
+        or not last_key.startswith(prefix)
+    ):
         raise Invalid(
-            "page_token does not belong to this prefix: pass the next_page_token "
-            "returned by the previous List call with the same prefix"
+            "page_token is not one this service issued for this prefix (cut short, altered, or "
+            "from a List with another prefix): pass next_page_token exactly as the previous "
+            "List call with the same prefix returned it, or an empty page_token to start over"
         )
+    return last_key
+
+
+def check_page_token(prefix: bytes, token: bytes) -> None:
+    """Refuse (Invalid) a page_token the service did not issue for this prefix."""
+    resume_after(prefix, token)

@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -366,3 +367,58 @@ def test_a_cut_stream_is_reopened_at_once(
     print(f"stream reopened {again:.2f} s after the cut")
     assert again < 0.4
     eventually(lambda: role(replica.target).following, timeout=2, what="following")
+
+
+@pytest.mark.parametrize("method", ["Put", "Get", "Delete", "List", "Scan"])
+def test_a_malformed_request_is_invalid_argument_with_a_sentence(
+    cluster: Cluster, method: str
+) -> None:
+    """Bytes that are not a valid request message, to the server and to the backend directly:
+    INVALID_ARGUMENT naming the message type and what to send, not UNKNOWN with a Python
+    exception class."""
+    backend = cluster.backend(0).wait_serving()
+    server = cluster.server()
+    garbage = b"\xff\xff\xff"
+    for target in (server.target, backend.target):
+        with grpc.insecure_channel(target) as channel:
+            path = f"/kvstack.v1.KeyValue/{method}"
+
+            def call(channel: grpc.Channel = channel, path: str = path) -> None:
+                # Raw bytes, no serializer: typed loosely on purpose.
+                if method == "Scan":
+                    scan: Any = channel.unary_stream(path)
+                    list(scan(garbage, timeout=5))
+                else:
+                    unary: Any = channel.unary_unary(path)
+                    unary(garbage, timeout=5)
+
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, target
+        details = refused.value.details() or ""
+        assert f"not a valid kvstack.v1.{method}Request message" in details
+        assert "<class" not in details
+
+
+def test_page_tokens_the_service_did_not_issue_are_refused(cluster: Cluster) -> None:
+    """List with a token cut short, altered, raw (a key), or from another prefix's listing is
+    INVALID_ARGUMENT, through the server and on the backend; the issued token pages on."""
+    backend = cluster.backend(0).wait_serving()
+    server = cluster.server()
+    front = stub(server.target)
+    for i in range(5):
+        front.Put(kv_pb2.PutRequest(key=f"t/{i}".encode(), value=b"v"), timeout=5)
+        front.Put(kv_pb2.PutRequest(key=f"u/{i}".encode(), value=b"v"), timeout=5)
+    token = front.List(kv_pb2.ListRequest(prefix=b"t/", page_size=2), timeout=5).next_page_token
+    other = front.List(kv_pb2.ListRequest(prefix=b"u/", page_size=2), timeout=5).next_page_token
+    assert b"t/1" in token
+    page = front.List(kv_pb2.ListRequest(prefix=b"t/", page_size=2, page_token=token), timeout=5)
+    assert [e.key for e in page.entries] == [b"t/2", b"t/3"]
+    for bad in (token[:-1], token[:4], token.replace(b"t/1", b"t/0"), b"t/1", other):
+        for target in (server.target, backend.target):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub(target).List(
+                    kv_pb2.ListRequest(prefix=b"t/", page_size=2, page_token=bad), timeout=5
+                )
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "next_page_token exactly" in (refused.value.details() or "")

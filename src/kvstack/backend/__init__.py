@@ -14,12 +14,12 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from kvstack import registry, runtime, validation
+from kvstack import registry, runtime, validation, wire
 from kvstack.backend.replication import Follower, PrimaryState, ReplicationServicer
 from kvstack.backend.store import Applied, GroupCommitter, Store, StoreFull, Write
 from kvstack.directory import Directory
 from kvstack.runtime import setting
-from kvstack.v1 import kv_pb2, kv_pb2_grpc, replication_pb2, replication_pb2_grpc
+from kvstack.v1 import kv_pb2, kv_pb2_grpc, replication_pb2
 
 NAME = "backend"
 Context = aio.ServicerContext[Any, Any]
@@ -207,14 +207,14 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
     async def List(self, request: kv_pb2.ListRequest, context: Context) -> kv_pb2.ListResponse:
         try:
             limit = validation.page_size(request.page_size)
-            validation.check_page_token(request.prefix, request.page_token)
+            after = validation.resume_after(request.prefix, request.page_token)
             # A page ends short of `limit` when the next entry would not fit one message.
-            entries, more = self.reader.list_page(request.prefix, limit, request.page_token)
+            entries, more = self.reader.list_page(request.prefix, limit, after)
         except (validation.Invalid, _Starting, _Stale) as err:
             await _refuse(context, err)
         return kv_pb2.ListResponse(
             entries=[kv_pb2.Entry(key=k, value=v) for k, v in entries],
-            next_page_token=entries[-1][0] if more else b"",
+            next_page_token=validation.page_token(request.prefix, entries[-1][0]) if more else b"",
         )
 
     async def Scan(
@@ -258,8 +258,16 @@ class Backend:
         self._set_serving = set_serving
 
     def register(self, server: aio.Server) -> list[str]:
-        kv_pb2_grpc.add_KeyValueServicer_to_server(KeyValueServicer(self), server)
-        replication_pb2_grpc.add_ReplicationServicer_to_server(ReplicationServicer(self), server)
+        # wire.add_servicer, not the generated add_*_to_server: a request that is not a valid
+        # message gets INVALID_ARGUMENT with a sentence, not UNKNOWN.
+        wire.add_servicer(
+            KeyValueServicer(self), kv_pb2.DESCRIPTOR.services_by_name["KeyValue"], server
+        )
+        wire.add_servicer(
+            ReplicationServicer(self),
+            replication_pb2.DESCRIPTOR.services_by_name["Replication"],
+            server,
+        )
         return [KEYVALUE, REPLICATION]
 
     async def start(self) -> None:

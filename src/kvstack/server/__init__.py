@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from kvstack import registry, runtime, validation
+from kvstack import registry, runtime, validation, wire
 from kvstack.directory import Directory, Member
 from kvstack.runtime import setting
 from kvstack.v1 import kv_pb2, kv_pb2_grpc
@@ -256,7 +256,9 @@ class Server:
         self.servicer = FrontEnd(config, self.directory)
 
     def register(self, server: aio.Server) -> list[str]:
-        kv_pb2_grpc.add_KeyValueServicer_to_server(self.servicer, server)
+        # Not the generated add_*_to_server: a request that is not a valid message gets
+        # INVALID_ARGUMENT with a sentence, not UNKNOWN (kvstack.wire).
+        wire.add_servicer(self.servicer, kv_pb2.DESCRIPTOR.services_by_name["KeyValue"], server)
         return [kv_pb2.DESCRIPTOR.services_by_name["KeyValue"].full_name]
 
     async def start(self) -> None:
