@@ -173,9 +173,11 @@ class Directory:
 
         return sorted((m for m in self.members.values() if current(m)), key=lambda m: m.address)
 
-    def pick_reader(self, exclude: Member | None = None) -> Member | None:
-        """The next reader in turn (round-robin), other than `exclude` when there is a choice."""
-        readers = [m for m in self.readers() if m is not exclude] or self.readers()
+    def pick_reader(self, exclude: Sequence[Member] | Member | None = None) -> Member | None:
+        """The next reader in turn (round-robin), other than those in `exclude` when there is a
+        choice."""
+        skip = [exclude] if isinstance(exclude, Member) else list(exclude or ())
+        readers = [m for m in self.readers() if m not in skip] or self.readers()
         return readers[next(self._turn) % len(readers)] if readers else None
 
     async def wait_changed(self, timeout: float) -> None:

@@ -422,3 +422,29 @@ def test_page_tokens_the_service_did_not_issue_are_refused(cluster: Cluster) -> 
                 )
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "next_page_token exactly" in (refused.value.details() or "")
+
+
+def test_a_read_fails_over_within_the_call_from_a_frozen_replica(cluster: Cluster) -> None:
+    """A replica frozen mid-service (SIGSTOP: it holds its connections and answers nothing) is
+    still in the server's rotation for a moment; a read sent to it goes to another backend after
+    KVSTACK_READ_ATTEMPT_TIMEOUT (1 s) within the same call, instead of failing after the whole
+    5 s deadline."""
+    cluster.backend(0).wait_serving()
+    replica = cluster.backend(1).wait_serving()
+    server = cluster.server()
+    front = stub(server.target)
+    front.Put(kv_pb2.PutRequest(key=b"k", value=b"v"), timeout=5)
+    eventually(lambda: role(replica.target).following, what="replica following")
+    time.sleep(1.5)  # the server's view has the replica readable too
+    replica.signal(signal.SIGSTOP)
+    try:
+        took = []
+        for _ in range(6):
+            started = time.monotonic()
+            assert front.Get(kv_pb2.GetRequest(key=b"k"), timeout=5).value == b"v"
+            took.append(time.monotonic() - started)
+    finally:
+        replica.signal(signal.SIGCONT)
+    print("read latencies with a frozen replica:", [round(t, 2) for t in took])
+    assert log_lines(server, "backend slow to answer a read; trying another")
+    assert max(took) < 2.5
