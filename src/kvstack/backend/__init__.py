@@ -86,6 +86,12 @@ class BackendConfig:
         100_000,
         "changes the primary keeps in its log for replicas; one further behind copies a snapshot",
     )
+    log_retain_bytes: int = setting(
+        "KVSTACK_LOG_RETAIN_BYTES",
+        0,
+        "most bytes of changes the primary keeps in its log (0: a quarter of KVSTACK_MAP_SIZE), "
+        "so the log never holds the room that deleting values frees",
+    )
 
 
 def ordinal_from(hostname: str) -> int:
@@ -271,7 +277,12 @@ class Backend:
         return [KEYVALUE, REPLICATION]
 
     async def start(self) -> None:
-        store = Store(Path(self.config.data_dir), self.config.map_size, self.config.log_retain)
+        store = Store(
+            Path(self.config.data_dir),
+            self.config.map_size,
+            self.config.log_retain,
+            self.config.log_retain_bytes,
+        )
         role = "primary" if self.is_primary else "replica"
         runtime.log.info(
             "database open",

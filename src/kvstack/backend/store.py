@@ -59,6 +59,7 @@ class Applied:
 
 
 _SEQ = b"seq"  # meta: the last change written (primary) or applied (replica)
+_LOG_BYTES = b"log_bytes"  # meta: bytes the change log holds
 
 
 def _pack(seq: int) -> bytes:
@@ -74,14 +75,17 @@ class Store:
 
     - `kv`: the keys and values;
     - `log`: the change log, by sequence number, written in the same transaction as the change
-      (the primary keeps the last `log_retain` changes for its replicas);
+      (the primary keeps the last `log_retain` changes, and at most `log_retain_bytes` of them,
+      for its replicas: so the log never holds deleted values for long, and deleting frees room);
     - `meta`: the last sequence number written (primary) or applied (replica).
 
     Reads may run on any thread; writes go through apply() (primary) or apply_changes() and
     load_snapshot() (replica), from one thread at a time.
     """
 
-    def __init__(self, path: Path, map_size: int, log_retain: int = 100_000) -> None:
+    def __init__(
+        self, path: Path, map_size: int, log_retain: int = 100_000, log_retain_bytes: int = 0
+    ) -> None:
         try:
             path.mkdir(parents=True, exist_ok=True)
             self.env = lmdb.open(
@@ -98,6 +102,9 @@ class Store:
         self.path = path
         self.map_size = map_size
         self.log_retain = max(1, log_retain)
+        # 0: a quarter of the map, so the log can never take the room that deletes free.
+        self.log_retain_bytes = log_retain_bytes or map_size // 4
+        self._log_bytes = self._count_log_bytes()
         self.commits = 0
 
     def close(self) -> None:
@@ -116,6 +123,7 @@ class Store:
         try:
             with self.env.begin(write=True) as txn:
                 seq = _unpack(txn.get(_SEQ, db=self.meta))
+                log_bytes = _unpack(txn.get(_LOG_BYTES, db=self.meta))
                 results: list[Applied | Exception] = []
                 for write in writes:
                     changed = self._one(txn, write)
@@ -128,14 +136,18 @@ class Store:
                             delete=write.op == "delete",
                             committed_at=committed_at,
                         )
-                        txn.put(_pack(seq), change.SerializeToString(), db=self.log)
+                        raw = change.SerializeToString()
+                        txn.put(_pack(seq), raw, db=self.log)
+                        log_bytes += len(raw)
                     results.append(Applied(changed, seq))
                 txn.put(_SEQ, _pack(seq), db=self.meta)
-                self._trim(txn, seq, budget=2 * len(writes) + 16)
+                log_bytes = self._trim(txn, seq, log_bytes, budget=2 * len(writes) + 16)
+                txn.put(_LOG_BYTES, _pack(log_bytes), db=self.meta)
         except lmdb.MapFullError:
             if len(writes) == 1:
                 return [self._full()]
             return [self.apply([w], committed_at)[0] for w in writes]
+        self._log_bytes = log_bytes
         self._committed(len(writes))
         for write in writes:
             log.info(
@@ -143,13 +155,34 @@ class Store:
             )
         return results
 
-    def _trim(self, txn: lmdb.Transaction, seq: int, budget: int) -> None:
-        """Drop log entries older than the last log_retain, a bounded number per transaction."""
+    def _trim(self, txn: lmdb.Transaction, seq: int, log_bytes: int, budget: int) -> int:
+        """Drop the oldest log entries while the log holds more than log_retain changes or
+        log_retain_bytes bytes, a bounded number per transaction, never the newest change (a
+        replica one change behind streams it). Return the bytes the log holds after."""
         cursor = txn.cursor(db=self.log)
         keep_from = seq - self.log_retain + 1
-        while budget > 0 and cursor.first() and _unpack(bytes(cursor.key())) < keep_from:
+        while budget > 0 and cursor.first():
+            first = _unpack(bytes(cursor.key()))
+            if first >= seq or (first >= keep_from and log_bytes <= self.log_retain_bytes):
+                break
+            log_bytes -= len(cursor.value())
             cursor.delete()
             budget -= 1
+        return max(0, log_bytes)
+
+    def _count_log_bytes(self) -> int:
+        """The log's size in bytes, kept in meta (counted once for a database from before)."""
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(_LOG_BYTES, db=self.meta)
+            if raw is not None:
+                return _unpack(raw)
+            total = sum(len(value) for _, value in txn.cursor(db=self.log))
+            txn.put(_LOG_BYTES, _pack(total), db=self.meta)
+            return total
+
+    def log_bytes(self) -> int:
+        """Bytes the change log holds (the changes' encoded size)."""
+        return self._log_bytes
 
     def _committed(self, writes: int) -> None:
         self.commits += 1
@@ -268,6 +301,7 @@ class Store:
         with self.env.begin(write=True) as txn:
             txn.drop(self.kv, delete=False)
             txn.drop(self.log, delete=False)
+            txn.put(_LOG_BYTES, _pack(0), db=self.meta)
             seq: int | None = None
             for chunk_seq, entries in chunks:
                 seq = chunk_seq
@@ -277,6 +311,7 @@ class Store:
             if seq is None:
                 raise LogGap("the snapshot ended before its first chunk; copy it again")
             txn.put(_SEQ, _pack(seq), db=self.meta)
+        self._log_bytes = 0
         self._committed(count)
         return count
 
