@@ -71,7 +71,16 @@ def converged(primary: str, replica: str, what: str) -> float:
     """Wait until the replica holds exactly the primary's entries; return how long it took."""
     started = time.monotonic()
     want = contents(primary)
-    eventually(lambda: contents(replica) == want, timeout=CONVERGE_S, what=what)
+
+    def same() -> bool:
+        try:
+            return contents(replica) == want
+        except grpc.RpcError as err:  # a replica refuses reads until it follows: not yet
+            if err.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            return False
+
+    eventually(same, timeout=CONVERGE_S, what=what)
     return time.monotonic() - started
 
 
