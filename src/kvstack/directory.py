@@ -54,6 +54,7 @@ class Member:
     role: int = replication_pb2.BACKEND_ROLE_UNSPECIFIED
     seq: int = 0
     readable: bool = False
+    following: bool = False  # a replica that says it is demonstrably following its primary
     ordinal: int = -1
     error: str = ""  # why the last Role call failed, for the logs
     kv: kv_pb2_grpc.KeyValueAsyncStub = field(init=False)
@@ -107,11 +108,13 @@ class Directory:
             )
         except aio.AioRpcError as err:
             member.role, member.readable = replication_pb2.BACKEND_ROLE_UNSPECIFIED, False
+            member.following = False
             member.error = err.code().name
             return
         member.error = ""
         member.role, member.seq = reply.role, reply.seq
         member.readable, member.ordinal = reply.readable, reply.ordinal
+        member.following = reply.following
 
     async def refresh(self) -> None:
         """Resolve the name again and ask every backend what it is."""
@@ -157,7 +160,8 @@ class Directory:
 
     def readers(self) -> list[Member]:
         """Every backend that may answer reads now: the primary, and the replicas that say they
-        are caught up and, when the primary answers too, are within max_lag changes of it."""
+        may and, when the primary answers here too, say they are following it (heard from it
+        within their staleness bound) and are within max_lag changes of it."""
         primary = self.primary()
 
         def current(m: Member) -> bool:
@@ -165,13 +169,15 @@ class Directory:
                 return True
             if m.role != REPLICA or not m.readable:
                 return False
-            return primary is None or primary.seq - m.seq <= self.max_lag
+            return primary is None or (m.following and primary.seq - m.seq <= self.max_lag)
 
         return sorted((m for m in self.members.values() if current(m)), key=lambda m: m.address)
 
-    def pick_reader(self, exclude: Member | None = None) -> Member | None:
-        """The next reader in turn (round-robin), other than `exclude` when there is a choice."""
-        readers = [m for m in self.readers() if m is not exclude] or self.readers()
+    def pick_reader(self, exclude: Sequence[Member] | Member | None = None) -> Member | None:
+        """The next reader in turn (round-robin), other than those in `exclude` when there is a
+        choice."""
+        skip = [exclude] if isinstance(exclude, Member) else list(exclude or ())
+        readers = [m for m in self.readers() if m not in skip] or self.readers()
         return readers[next(self._turn) % len(readers)] if readers else None
 
     async def wait_changed(self, timeout: float) -> None:

@@ -148,7 +148,8 @@ class RuntimeConfig:
         "KVSTACK_MAX_CONNECTION_AGE",
         30.0,
         "seconds before a client connection is closed "
-        "gracefully, so clients re-balance after a scale-out",
+        "gracefully, so clients re-balance after a scale-out (not on the backend, whose callers "
+        "find every backend through DNS; 0 turns it off)",
     )
 
 
@@ -312,6 +313,8 @@ class Service(Protocol):
     async def stop(self) -> None:
         """Release resources once in-flight calls have finished."""
 
+    # Optional: `recycle_connections = False` keeps KVSTACK_MAX_CONNECTION_AGE off this
+    # service's connections (see server_options).
     # Optional: `def bind_health(self, set_serving: Callable[[str, bool], None]) -> None`,
     # called once before start(); the service may then mark one of its gRPC service names
     # NOT_SERVING (and back) while the process as a whole ("") stays SERVING.
@@ -338,8 +341,17 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
-def server_options(config: RuntimeConfig) -> list[tuple[str, Any]]:
-    age_ms = int(config.max_connection_age * 1000)
+def server_options(config: RuntimeConfig, recycle: bool = True) -> list[tuple[str, Any]]:
+    """The gRPC server's options. `recycle` closes each connection after
+    KVSTACK_MAX_CONNECTION_AGE, so clients of a service re-resolve and re-balance; a service
+    whose callers find its instances themselves (the backend: the Directory polls DNS) passes
+    False, so that no long-lived stream of its own (a replica's Stream) is ever cut by it."""
+    age: list[tuple[str, Any]] = []
+    if recycle and config.max_connection_age > 0:
+        age = [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.shutdown_grace * 1000)),
+        ]
     return [
         # Our clients' keepalive (above), and the server's own: a peer that vanished (say a
         # replica's stream) is let go of within seconds.
@@ -353,8 +365,7 @@ def server_options(config: RuntimeConfig) -> list[tuple[str, Any]]:
         ("grpc.http2.max_ping_strikes", 0),
         ("grpc.max_receive_message_length", config.max_receive_bytes),
         ("grpc.max_send_message_length", config.max_receive_bytes),
-        ("grpc.max_connection_age_ms", age_ms),
-        ("grpc.max_connection_age_grace_ms", int(config.shutdown_grace * 1000)),
+        *age,
         ("grpc.so_reuseport", 0),
     ]
 
@@ -367,7 +378,8 @@ class Lifecycle:
         self.config = config
         self.health = health_aio.HealthServicer()
         self.server = aio.server(
-            interceptors=[ObservingInterceptor(access_log)], options=server_options(config)
+            interceptors=[ObservingInterceptor(access_log)],
+            options=server_options(config, getattr(service, "recycle_connections", True)),
         )
         self.names = service.register(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -3,6 +3,8 @@ backend (which must never trust its callers). Each failure says what was wrong a
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass
 
 MAX_KEY_BYTES = 511  # LMDB's compiled-in key limit (mdb_env_get_maxkeysize)
@@ -11,6 +13,40 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 # Changes a replica may be behind its primary and still answer reads (KVSTACK_MAX_LAG).
 DEFAULT_MAX_LAG = 1000
+
+# Message sizes: the one place every size limit of the API and of replication comes from (see
+# docs/architecture.md, "Limits"). gRPC refuses a message over 4 MiB by default
+# (KVSTACK_MAX_RECEIVE_BYTES); every message a kvstack process builds from stored data (a List
+# page, a Scan entry, a change batch, a snapshot chunk) holds entries while they fit in
+# MESSAGE_BUDGET_BYTES, half of that, and at least one entry, which always fits because a value
+# may be at most MAX_VALUE_LIMIT_BYTES.
+GRPC_MESSAGE_LIMIT_BYTES = 4 << 20
+MESSAGE_BUDGET_BYTES = GRPC_MESSAGE_LIMIT_BYTES // 2
+# Room kept in every message for what is not entries: a page token (a key and a checksum), the
+# message's other fields and protobuf's framing.
+MESSAGE_RESERVE_BYTES = 4096
+# protobuf's framing of one entry or change beyond its key and value (tags, lengths, sequence
+# number, flags, timestamp: 35 bytes at most, measured in tests/unit/test_validation.py).
+ENTRY_OVERHEAD_BYTES = 64
+ENTRIES_BUDGET_BYTES = MESSAGE_BUDGET_BYTES - MESSAGE_RESERVE_BYTES
+# The largest KVSTACK_MAX_VALUE_BYTES a service accepts: one entry of a maximum key and value
+# fills ENTRIES_BUDGET_BYTES at most.
+MAX_VALUE_LIMIT_BYTES = ENTRIES_BUDGET_BYTES - MAX_KEY_BYTES - ENTRY_OVERHEAD_BYTES
+
+
+def entry_bytes(key: bytes, value: bytes) -> int:
+    """What one entry (or change) costs in a message, framing included (an upper bound)."""
+    return len(key) + len(value) + ENTRY_OVERHEAD_BYTES
+
+
+def check_value_limit(max_value_bytes: int) -> None:
+    """Refuse (ValueError) a KVSTACK_MAX_VALUE_BYTES whose values could not fit one message."""
+    if not 0 < max_value_bytes <= MAX_VALUE_LIMIT_BYTES:
+        raise ValueError(
+            f"KVSTACK_MAX_VALUE_BYTES={max_value_bytes} is invalid: give 1 to "
+            f"{MAX_VALUE_LIMIT_BYTES} bytes, so that one entry of the largest value always fits "
+            f"in one gRPC message of at most {MESSAGE_BUDGET_BYTES} bytes"
+        )
 
 
 @dataclass(frozen=True)
@@ -52,9 +88,48 @@ def page_size(requested: int) -> int:
     return requested or DEFAULT_PAGE_SIZE
 
 
-def check_page_token(prefix: bytes, token: bytes) -> None:
-    if token and not token.startswith(prefix):
+# Page tokens are opaque and check themselves: a version byte, the last key of the page, and a
+# checksum over the listing's prefix and both, so a token cut short, altered, made up or taken
+# from a listing of another prefix is refused instead of silently restarting (or skewing) the
+# listing. The checksum is not a secret (a forged token can only start a listing at a key of the
+# caller's choosing, which it may ask for anyway); any backend checks any backend's tokens.
+_TOKEN_VERSION = b"\x01"
+_TOKEN_CHECK_BYTES = 8
+_TOKEN_PERSON = b"kvstack.v1.List"
+
+
+def _token_check(prefix: bytes, body: bytes) -> bytes:
+    framed = len(prefix).to_bytes(2, "big") + prefix + body
+    return hashlib.blake2b(framed, digest_size=_TOKEN_CHECK_BYTES, person=_TOKEN_PERSON).digest()
+
+
+def page_token(prefix: bytes, last_key: bytes) -> bytes:
+    """The next_page_token of a page of the listing of `prefix` that ended at `last_key`."""
+    body = _TOKEN_VERSION + last_key
+    return body + _token_check(prefix, body)
+
+
+def resume_after(prefix: bytes, token: bytes) -> bytes:
+    """The key after which a List with this page_token resumes (b"" for the first page).
+    Raises Invalid when the token is not one the service issued for this prefix."""
+    if not token:
+        return b""
+    body, check = token[:-_TOKEN_CHECK_BYTES], token[-_TOKEN_CHECK_BYTES:]
+    last_key = body[len(_TOKEN_VERSION) :]
+    if (
+        len(token) < len(_TOKEN_VERSION) + 1 + _TOKEN_CHECK_BYTES
+        or not body.startswith(_TOKEN_VERSION)
+        or not hmac.compare_digest(check, _token_check(prefix, body))
+        or not last_key.startswith(prefix)
+    ):
         raise Invalid(
-            "page_token does not belong to this prefix: pass the next_page_token "
-            "returned by the previous List call with the same prefix"
+            "page_token is not one this service issued for this prefix (cut short, altered, or "
+            "from a List with another prefix): pass next_page_token exactly as the previous "
+            "List call with the same prefix returned it, or an empty page_token to start over"
         )
+    return last_key
+
+
+def check_page_token(prefix: bytes, token: bytes) -> None:
+    """Refuse (Invalid) a page_token the service did not issue for this prefix."""
+    resume_after(prefix, token)

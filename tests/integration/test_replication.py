@@ -143,7 +143,9 @@ def test_primary_down_writes_fail_fast_reads_continue(cluster: Cluster) -> None:
     assert "primary" in (failed.value.details() or "")
     assert front.Get(kv_pb2.GetRequest(key=b"kept"), timeout=5).value == b"1"
     restarted = cluster.backend(0).wait_serving()
-    eventually(lambda: role(replica.target).readable, what="replica resumed")
+    # Following the restarted primary, not only readable (which it stayed while the primary was
+    # down): until its stream resumes it refuses reads, as the primary takes writes again.
+    eventually(lambda: role(replica.target).following, what="replica resumed")
 
     def writes_work() -> bool:
         try:

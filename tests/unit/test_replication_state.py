@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import cast
 
-from kvstack.backend.replication import PrimaryState
+import pytest
+from grpc import aio
+
+from kvstack import runtime
+from kvstack.backend import Backend
+from kvstack.backend.replication import UNREPLICATED, Follower, PrimaryState
+from kvstack.backend.store import Store
+from kvstack.directory import PRIMARY, REPLICA, Directory, Member
 
 
 def mode(state: PrimaryState) -> str:
@@ -94,5 +105,114 @@ def test_the_last_replica_leaving_releases_waiting_writes() -> None:
         async with asyncio.timeout(1):
             assert await waiting is False
         assert mode(state) == "alone"
+
+    asyncio.run(scenario())
+
+
+def test_every_write_acknowledged_without_a_replica_is_counted_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Writes acknowledged alone (no replica, then degraded) are counted one by one, in the
+    metric too; when semi-sync returns, one log line gives how many and when the first and the
+    last were. Writes a replica acknowledged are not counted."""
+    before = UNREPLICATED._value.get()
+
+    async def scenario() -> None:
+        state = PrimaryState(last_seq=10, timeout=0.05)
+        for seq in (11, 12):
+            state.committed(seq)
+            assert await state.replicated(seq) is False  # alone: no replica yet
+        stream = state.connect("backend-1", 12)  # caught up: semi-sync, the run of 2 ends
+        state.committed(13)
+        assert await state.replicated(13) is False  # no ack in time: degraded
+        state.committed(14)
+        assert await state.replicated(14) is False
+        state.ack(stream, 14)
+        state.committed(15)
+        waiting = asyncio.create_task(state.replicated(15))
+        await asyncio.sleep(0)
+        state.ack(stream, 15)
+        assert await waiting is True
+        assert state.unreplicated == 4
+
+    with caplog.at_level(logging.INFO, logger="kvstack.backend.replication"):
+        asyncio.run(scenario())
+    assert UNREPLICATED._value.get() - before == 4
+    runs = [r for r in caplog.records if r.getMessage() == "writes acknowledged without a replica"]
+    assert [r.fields["writes"] for r in runs] == [2, 2]  # type: ignore[attr-defined]
+    for run in runs:
+        fields = run.fields  # type: ignore[attr-defined]
+        assert fields["first_at"] <= fields["last_at"] <= time.time()
+
+
+def test_the_backend_alone_keeps_its_connections() -> None:
+    """KVSTACK_MAX_CONNECTION_AGE closes client connections of the server, never the backend's
+    (it cut every replica's Stream every 30 s), and 0 turns it off."""
+    config = runtime.RuntimeConfig(max_connection_age=30.0)
+    server = dict(runtime.server_options(config))
+    assert server["grpc.max_connection_age_ms"] == 30_000
+    backend = dict(runtime.server_options(config, Backend.recycle_connections))
+    assert "grpc.max_connection_age_ms" not in backend
+    off = dict(runtime.server_options(runtime.RuntimeConfig(max_connection_age=0)))
+    assert "grpc.max_connection_age_ms" not in off
+
+
+class _NoPrimary:
+    """A Directory stand-in: members by address, and which one is the primary (none here)."""
+
+    def __init__(self, **errors: str) -> None:
+        self.members = {address: type("M", (), {"error": e})() for address, e in errors.items()}
+
+    def primary(self) -> None:
+        return None
+
+
+def follower(tmp_path: Path, directory: object) -> Follower:
+    store = Store(tmp_path / "db", map_size=1 << 20)
+    stand_in = cast(Directory, directory)
+    return Follower(store, stand_in, "b-1", max_lag=10, on_readable=print, max_staleness=3.0)
+
+
+def test_a_replica_is_readable_only_while_it_hears_from_its_primary(tmp_path: Path) -> None:
+    """Following means a message from the primary within max_staleness and within max_lag of the
+    position it gave; silent for longer, or too far behind, it may not answer reads, unless
+    the primary it followed is down (refusing connections, or gone from DNS)."""
+    silent = follower(tmp_path / "a", _NoPrimary(**{"p:1": "DEADLINE_EXCEEDED"}))
+    assert not silent.following()  # never heard from a primary
+    assert not silent.readable_now()
+    silent.heard_at, silent.primary_seq, silent.primary_address = time.monotonic(), 5, "p:1"
+    assert silent.following()
+    assert silent.following(now=silent.heard_at + 3.0)
+    assert not silent.following(now=silent.heard_at + 3.01)
+    silent.primary_seq = 11  # 11 changes behind, over max_lag
+    assert not silent.following()
+    silent.primary_seq, silent.heard_at = 5, time.monotonic() - 10
+    assert not silent.readable_now()  # a primary that only stopped answering may take writes
+    down = follower(tmp_path / "b", _NoPrimary(**{"p:1": "UNAVAILABLE"}))
+    down.heard_at, down.primary_seq, down.primary_address = time.monotonic() - 10, 0, "p:1"
+    assert down.readable_now()  # a primary that is down takes no writes: this copy is current
+    gone = follower(tmp_path / "c", _NoPrimary())
+    gone.heard_at, gone.primary_seq, gone.primary_address = time.monotonic() - 10, 0, "p:1"
+    assert gone.readable_now()
+
+
+def test_the_server_reads_from_a_replica_only_while_it_follows_a_reachable_primary() -> None:
+    """With the primary reachable, a replica that says readable but not following (it lost the
+    primary while the server did not) gets no reads; with no primary, it does."""
+
+    async def scenario() -> None:
+        directory = Directory("127.0.0.1:1")
+        primary = Member("p", aio.insecure_channel("127.0.0.1:1"), role=PRIMARY, seq=100)
+        replica = Member(
+            "r", aio.insecure_channel("127.0.0.1:1"), role=REPLICA, seq=100, readable=True
+        )
+        directory.members = {"p": primary, "r": replica}
+        assert directory.readers() == [primary]
+        replica.following = True
+        assert directory.readers() == [primary, replica]
+        replica.following = False
+        del directory.members["p"]
+        assert directory.readers() == [replica]
+        await directory.close()
 
     asyncio.run(scenario())

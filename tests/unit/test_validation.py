@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -41,7 +43,38 @@ def test_page_size() -> None:
 
 def test_page_token_must_match_prefix() -> None:
     """A token from another listing is refused instead of returning the wrong keys."""
-    validation.check_page_token(b"a/", b"a/9")
+    validation.check_page_token(b"a/", validation.page_token(b"a/", b"a/9"))
     validation.check_page_token(b"a/", b"")
     with pytest.raises(Invalid, match="prefix"):
-        validation.check_page_token(b"a/", b"b/1")
+        validation.check_page_token(b"a/", validation.page_token(b"b/", b"b/1"))
+    with pytest.raises(Invalid, match="prefix"):
+        validation.check_page_token(b"", validation.page_token(b"a/", b"a/1"))
+
+
+@given(st.binary(max_size=40), st.binary(min_size=1, max_size=511))
+def test_page_tokens_round_trip(prefix: bytes, rest: bytes) -> None:
+    """A token the service issued gives back the key the page ended at."""
+    key = prefix + rest
+    assert validation.resume_after(prefix, validation.page_token(prefix, key)) == key
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda t: t[:-1],  # cut short
+        lambda t: t[: len(t) // 2],
+        lambda t: t[:1],
+        lambda t: t[:-9] + bytes([t[-9] ^ 1]) + t[-8:],  # the key altered
+        lambda t: bytes([t[0] + 1]) + t[1:],  # another version
+        lambda t: b"p/0001",  # a raw key, as tokens used to be
+        lambda t: t + b"x",
+    ],
+    ids=["cut-1", "cut-half", "cut-to-1", "altered", "version", "raw-key", "appended"],
+)
+def test_page_tokens_not_issued_are_refused(damage: Callable[[bytes], bytes]) -> None:
+    """Any token but the one issued is refused with a sentence saying what to pass, instead of
+    silently restarting the listing (a truncated raw-key token used to start it over)."""
+    token = validation.page_token(b"p/", b"p/0001")
+    with pytest.raises(Invalid, match="next_page_token exactly") as raised:
+        validation.resume_after(b"p/", damage(token))
+    assert "empty page_token" in str(raised.value)

@@ -14,12 +14,12 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from kvstack import registry, runtime, validation
+from kvstack import registry, runtime, validation, wire
 from kvstack.backend.replication import Follower, PrimaryState, ReplicationServicer
 from kvstack.backend.store import Applied, GroupCommitter, Store, StoreFull, Write
 from kvstack.directory import Directory
 from kvstack.runtime import setting
-from kvstack.v1 import kv_pb2, kv_pb2_grpc, replication_pb2, replication_pb2_grpc
+from kvstack.v1 import kv_pb2, kv_pb2_grpc, replication_pb2
 
 NAME = "backend"
 Context = aio.ServicerContext[Any, Any]
@@ -74,10 +74,23 @@ class BackendConfig:
         "changes a replica may be behind and still answer reads; further behind it reports "
         "NOT_SERVING for kvstack.v1.KeyValue until it catches up",
     )
+    max_staleness: float = setting(
+        "KVSTACK_MAX_STALENESS",
+        3.0,
+        "seconds a replica may go without a message from its primary (which sends one each "
+        "second when idle) and still answer reads; longer, it reports NOT_SERVING for "
+        "kvstack.v1.KeyValue and refuses reads with UNAVAILABLE",
+    )
     log_retain: int = setting(
         "KVSTACK_LOG_RETAIN",
         100_000,
         "changes the primary keeps in its log for replicas; one further behind copies a snapshot",
+    )
+    log_retain_bytes: int = setting(
+        "KVSTACK_LOG_RETAIN_BYTES",
+        0,
+        "most bytes of changes the primary keeps in its log (0: a quarter of KVSTACK_MAP_SIZE), "
+        "so the log never holds the room that deleting values frees",
     )
 
 
@@ -101,6 +114,8 @@ async def _refuse(context: Context, err: Exception) -> None:
             grpc.StatusCode.UNAVAILABLE,
             "the backend is starting and its database is not open yet; retry",
         )
+    if isinstance(err, _Stale):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(err), trailing_metadata=NO_RETRY)
     if isinstance(err, _Replica):
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
     if isinstance(err, validation.Invalid):
@@ -108,6 +123,15 @@ async def _refuse(context: Context, err: Exception) -> None:
     if isinstance(err, StoreFull):
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
     raise err
+
+
+class _Stale(Exception):
+    """A read on a replica that is not demonstrably following its primary."""
+
+
+# Trailing metadata that tells a gRPC client not to retry this call on the same channel
+# (gRFC A6 server pushback): the server should try another backend at once instead.
+NO_RETRY = (("grpc-retry-pushback-ms", "-1"),)
 
 
 class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
@@ -122,6 +146,20 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
         if self.backend.store is None:
             raise _Starting
         return self.backend.store
+
+    @property
+    def reader(self) -> Store:
+        """The store, for a read: refused (_Stale) on a replica that may not answer reads."""
+        store = self.store
+        follower = self.backend.follower
+        if follower is not None and not follower.readable_now():
+            raise _Stale(
+                f"backend ordinal {self.backend.ordinal} is a read replica that is not following "
+                f"its primary closely enough (a message from it within "
+                f"{self.config.max_staleness}s, at most {self.config.max_lag} changes behind); "
+                "read from another backend or retry"
+            )
+        return store
 
     async def _write(self, write: Write) -> Applied:
         backend = self.backend
@@ -148,8 +186,8 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
     async def Get(self, request: kv_pb2.GetRequest, context: Context) -> kv_pb2.GetResponse:
         try:
             validation.check_key(request.key)
-            value = self.store.get(request.key)
-        except (validation.Invalid, _Starting) as err:
+            value = self.reader.get(request.key)
+        except (validation.Invalid, _Starting, _Stale) as err:
             await _refuse(context, err)
         if value is None:
             await context.abort(
@@ -175,24 +213,22 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
     async def List(self, request: kv_pb2.ListRequest, context: Context) -> kv_pb2.ListResponse:
         try:
             limit = validation.page_size(request.page_size)
-            validation.check_page_token(request.prefix, request.page_token)
-            # One extra entry tells whether another page follows.
-            entries = self.store.page(request.prefix, limit + 1, request.page_token)
-        except (validation.Invalid, _Starting) as err:
+            after = validation.resume_after(request.prefix, request.page_token)
+            # A page ends short of `limit` when the next entry would not fit one message.
+            entries, more = self.reader.list_page(request.prefix, limit, after)
+        except (validation.Invalid, _Starting, _Stale) as err:
             await _refuse(context, err)
-        more = len(entries) > limit
-        entries = entries[:limit]
         return kv_pb2.ListResponse(
             entries=[kv_pb2.Entry(key=k, value=v) for k, v in entries],
-            next_page_token=entries[-1][0] if more else b"",
+            next_page_token=validation.page_token(request.prefix, entries[-1][0]) if more else b"",
         )
 
     async def Scan(
         self, request: kv_pb2.ScanRequest, context: Context
     ) -> AsyncIterator[kv_pb2.Entry]:
         try:
-            store = self.store
-        except _Starting as err:
+            store = self.reader
+        except (_Starting, _Stale) as err:
             await _refuse(context, err)
         for chunk in store.scan(request.prefix):
             for key, value in chunk:
@@ -202,8 +238,16 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
 
 class Backend:
     name = NAME
+    # No KVSTACK_MAX_CONNECTION_AGE here: the server and the replicas find every backend through
+    # the Directory's DNS polling, so there is nothing to re-balance, and recycling cut each
+    # replica's Stream every 30 s (the primary acknowledged writes alone until it reconnected).
+    recycle_connections = False
 
     def __init__(self, config: BackendConfig) -> None:
+        try:
+            validation.check_value_limit(config.max_value_bytes)
+        except ValueError as err:
+            raise runtime.ConfigError(str(err)) from None
         self.config = config
         self.ordinal = (
             config.ordinal if config.ordinal >= 0 else ordinal_from(os.environ.get("HOSTNAME", ""))
@@ -220,12 +264,25 @@ class Backend:
         self._set_serving = set_serving
 
     def register(self, server: aio.Server) -> list[str]:
-        kv_pb2_grpc.add_KeyValueServicer_to_server(KeyValueServicer(self), server)
-        replication_pb2_grpc.add_ReplicationServicer_to_server(ReplicationServicer(self), server)
+        # wire.add_servicer, not the generated add_*_to_server: a request that is not a valid
+        # message gets INVALID_ARGUMENT with a sentence, not UNKNOWN.
+        wire.add_servicer(
+            KeyValueServicer(self), kv_pb2.DESCRIPTOR.services_by_name["KeyValue"], server
+        )
+        wire.add_servicer(
+            ReplicationServicer(self),
+            replication_pb2.DESCRIPTOR.services_by_name["Replication"],
+            server,
+        )
         return [KEYVALUE, REPLICATION]
 
     async def start(self) -> None:
-        store = Store(Path(self.config.data_dir), self.config.map_size, self.config.log_retain)
+        store = Store(
+            Path(self.config.data_dir),
+            self.config.map_size,
+            self.config.log_retain,
+            self.config.log_retain_bytes,
+        )
         role = "primary" if self.is_primary else "replica"
         runtime.log.info(
             "database open",
@@ -250,6 +307,7 @@ class Backend:
                 name=f"{NAME}-{self.ordinal}",
                 max_lag=self.config.max_lag,
                 on_readable=lambda readable: self._set_serving(KEYVALUE, readable),
+                max_staleness=self.config.max_staleness,
             )
             self.follower.start()
         self.store = store

@@ -9,7 +9,11 @@
 - Semi-synchronous acknowledgement: with a replica connected and caught up, the primary
   acknowledges a write only once a replica has acknowledged it. When none does within
   KVSTACK_SEMISYNC_TIMEOUT, the primary acknowledges alone ("degraded"), says so in its logs and
-  metrics, and returns to semi-sync as soon as a replica has caught up again.
+  metrics, and returns to semi-sync as soon as a replica has caught up again. Every write
+  acknowledged without a replica's copy is counted (kvstack_replication_unreplicated_writes_total)
+  and each run of them is logged with its first and last time and its count.
+- The backend's server never recycles connections (Backend.recycle_connections), so nothing but
+  a failure cuts a replica's stream, and a replica whose stream was cut streams again at once.
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ REPLICAS = Gauge("kvstack_replication_replicas", "replicas streaming from this p
 DEGRADED = Counter(
     "kvstack_replication_degraded_total", "times the primary fell back to acknowledging alone"
 )
+UNREPLICATED = Counter(
+    "kvstack_replication_unreplicated_writes_total",
+    "writes the primary acknowledged with no replica holding them (modes alone and degraded)",
+)
 LAG = Gauge("kvstack_replication_lag_changes", "changes this replica is behind its primary")
 LAG_SECONDS = Histogram(
     "kvstack_replication_lag_seconds",
@@ -54,6 +62,10 @@ BATCH_CHANGES = 500
 HEARTBEAT_S = 1.0
 SNAPSHOT_CHUNK_S = 30.0
 SNAPSHOT_QUEUED = 8  # snapshot chunks received but not yet written, at most
+# A replica answers reads only while it heard from its primary this recently (KVSTACK_MAX_STALENESS)
+DEFAULT_MAX_STALENESS_S = 3.0
+WATCH_S = 0.25  # how often a replica checks that bound
+CUT_RETRY_S = 2.0  # after a working stream is cut, retry every 0.05 s (else 0.5 s) this long
 Chunk = tuple[int, list[tuple[bytes, bytes]]]  # a snapshot's position, and entries
 
 
@@ -73,6 +85,13 @@ class PrimaryState:
         self._waiters: list[tuple[int, int, asyncio.Future[bool]]] = []
         self._ids = itertools.count()
         self._commit = asyncio.Event()
+        # Writes acknowledged without a replica: in all, and in the current run of them (since
+        # the primary last left semi-sync): how many, and the wall-clock times of the first and
+        # the last.
+        self.unreplicated = 0
+        self._run_count = 0
+        self._run_first = 0.0
+        self._run_last = 0.0
         SEMISYNC.set(0)
 
     # -- commits and the stream ----------------------------------------------------------------
@@ -129,7 +148,41 @@ class PrimaryState:
 
     async def replicated(self, seq: int) -> bool:
         """Wait, in semi-sync mode, until a replica has `seq` on disk. Return whether one has;
-        False means the write is acknowledged by the primary alone."""
+        False means the write is acknowledged by the primary alone, and is counted as such."""
+        if await self._replicated(seq):
+            return True
+        self._unreplicated()
+        return False
+
+    def _unreplicated(self) -> None:
+        now = time.time()
+        self.unreplicated += 1
+        UNREPLICATED.inc()
+        if self._run_count == 0:
+            self._run_first = now
+            log.warning(
+                "acknowledging writes without a replica",
+                extra=fields(mode=self.mode, first_at=round(now, 3), replicas=len(self.acked)),
+            )
+        self._run_count += 1
+        self._run_last = now
+
+    def _end_run(self, why: str) -> None:
+        """Log the run of writes acknowledged without a replica that semi-sync ends."""
+        if self._run_count:
+            log.warning(
+                "writes acknowledged without a replica",
+                extra=fields(
+                    writes=self._run_count,
+                    first_at=round(self._run_first, 3),
+                    last_at=round(self._run_last, 3),
+                    total=self.unreplicated,
+                    reason=why,
+                ),
+            )
+        self._run_count = 0
+
+    async def _replicated(self, seq: int) -> bool:
         if self.mode != "semi-sync":
             return False
         if self.acked and max(self.acked.values()) >= seq:
@@ -161,6 +214,8 @@ class PrimaryState:
             return
         self.mode = mode
         SEMISYNC.set(1 if mode == "semi-sync" else 0)
+        if mode == "semi-sync":
+            self._end_run(why)
         level = logging.WARNING if mode == "degraded" else logging.INFO
         log.log(level, "replication mode", extra=fields(mode=mode, reason=why))
 
@@ -186,8 +241,9 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
             if follower
             else replication_pb2.BACKEND_ROLE_PRIMARY,
             seq=follower.applied if follower else backend.primary.last_seq,
-            readable=follower.readable if follower else True,
+            readable=follower.readable_now() if follower else True,
             ordinal=backend.ordinal,
+            following=follower.following() if follower else False,
         )
 
     async def _primary(self, context: Context) -> tuple[Store, PrimaryState]:
@@ -271,34 +327,95 @@ class Follower:
         name: str,
         max_lag: int,
         on_readable: Callable[[bool], Any],
+        max_staleness: float = DEFAULT_MAX_STALENESS_S,
     ) -> None:
         self.store = store
         self.directory = directory
         self.name = name
         self.max_lag = max_lag
+        self.max_staleness = max_staleness
         self.on_readable = on_readable
         self.applied = store.seq()
         self.readable = False
-        self._task: asyncio.Task[None] | None = None
+        self._streamed = False  # the current stream got at least one message from the primary
+        # When (monotonic) a message from the primary last arrived, the primary's position it
+        # gave, and the address it came from.
+        self.heard_at: float | None = None
+        self.primary_seq = 0
+        self.primary_address = ""
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="follower")
+        self._tasks = [
+            asyncio.create_task(self._run(), name="follower"),
+            asyncio.create_task(self._watch(), name="follower-watch"),
+        ]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def following(self, now: float | None = None) -> bool:
+        """Demonstrably following: a message from the primary (a batch, or the heartbeat it
+        sends each second when idle) arrived within max_staleness seconds, and this replica has
+        applied all but at most max_lag of the changes up to the position that message gave."""
+        if self.heard_at is None:
+            return False
+        now = time.monotonic() if now is None else now
+        recent = now - self.heard_at <= self.max_staleness
+        return recent and self.primary_seq - self.applied <= self.max_lag
+
+    def primary_gone(self) -> bool:
+        """The primary this replica followed is down, not merely silent: no backend says it is
+        the primary, and its address left DNS or refuses connections (UNAVAILABLE). A primary
+        that only stops answering (frozen, or cut off by the network) may still take writes."""
+        if self.heard_at is None or self.directory.primary() is not None:
+            return False
+        member = self.directory.members.get(self.primary_address)
+        return member is None or member.error == "UNAVAILABLE"
+
+    def readable_now(self) -> bool:
+        """Whether this replica may answer reads now: following, or caught up (within max_lag
+        of the primary's last position) when that primary went down and so takes no writes."""
+        if self.following():
+            return True
+        return self.primary_gone() and self.primary_seq - self.applied <= self.max_lag
 
     def _set_readable(self, readable: bool) -> None:
         if readable != self.readable:
             self.readable = readable
-            log.info("readable" if readable else "not readable", extra=fields(seq=self.applied))
+            heard = None if self.heard_at is None else round(time.monotonic() - self.heard_at, 3)
+            log.log(
+                logging.INFO if readable else logging.WARNING,
+                "readable" if readable else "not readable",
+                extra=fields(
+                    seq=self.applied,
+                    primary_seq=self.primary_seq,
+                    heard_s_ago=heard,
+                    max_staleness_s=self.max_staleness,
+                ),
+            )
             self.on_readable(readable)
+
+    async def _watch(self) -> None:
+        """Turn NOT_SERVING within WATCH_S of the staleness bound passing, whatever the stream
+        is doing (a blocked stream delivers nothing that would tell)."""
+        while True:
+            self._set_readable(self.readable_now())
+            await asyncio.sleep(WATCH_S)
 
     async def _run(self) -> None:
         waited = 0.0
+        again: Member | None = None  # the primary whose working stream was just cut
+        cut_at = -CUT_RETRY_S
         while True:
             primary = self.directory.primary()
+            if primary is None and again is not None and again.address in self.directory.members:
+                # The cut may have failed the Directory's last Role call to it too; do not wait
+                # up to a second for the next one to stream again.
+                primary = again
+            again = None
             if primary is None:
                 if waited % 10 < 0.5:
                     log.info(
@@ -308,6 +425,7 @@ class Follower:
                 waited += 0.5
                 continue
             waited = 0.0
+            self._streamed = False
             try:
                 await self._follow(primary)
             except asyncio.CancelledError:
@@ -326,10 +444,18 @@ class Follower:
                 log.warning("lost the primary", extra=fields(primary=primary.address, error=detail))
             except Exception:  # the follower must never end while the replica runs
                 log.exception("following the primary failed", extra=fields(primary=primary.address))
-            # Stay readable if caught up: while the primary is down it takes no writes, so this
-            # copy is current. The server's own check (Directory.readers) stops reads here if
-            # the primary is up and this replica falls behind (a network partition).
-            await asyncio.sleep(0.5)
+            # A stream that was working and got cut (or ended for a snapshot) starts again at
+            # once: every moment without one is a moment the primary acknowledges writes alone.
+            # Only a primary that did not answer at all is given a pause before the next try.
+            # Retrying for 2 s after a cut is quick (the first tries may still meet the old
+            # connection before the channel has seen it reset).
+            if self._streamed:
+                again, cut_at = primary, time.monotonic()
+            elif time.monotonic() - cut_at < CUT_RETRY_S:
+                again = primary
+                await asyncio.sleep(0.05)
+            else:
+                await asyncio.sleep(0.5)
 
     async def _follow(self, primary: Member) -> None:
         call = primary.replication.Stream()
@@ -349,7 +475,11 @@ class Follower:
                     received = await call.read()
                 if received is aio.EOF:
                     return
+                self._streamed = True
                 batch = cast(replication_pb2.ChangeBatch, received)
+                self.heard_at = time.monotonic()
+                self.primary_address = primary.address
+                self.primary_seq = max(self.primary_seq, batch.primary_seq)
                 if batch.snapshot_required:
                     await self._snapshot(primary)
                     return  # stream again from the snapshot's position
@@ -368,9 +498,8 @@ class Follower:
                         await call.write(
                             replication_pb2.ReplicaAck(applied_seq=self.applied, replica=self.name)
                         )
-                lag = max(0, batch.primary_seq - self.applied)
-                LAG.set(lag)
-                self._set_readable(lag <= self.max_lag)
+                LAG.set(max(0, batch.primary_seq - self.applied))
+                self._set_readable(self.readable_now())
         finally:
             call.cancel()
 

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import lmdb
 from prometheus_client import Counter, Histogram
 
+from kvstack import validation
 from kvstack.runtime import fields, printable
 from kvstack.v1.replication_pb2 import Change
 
@@ -58,6 +59,7 @@ class Applied:
 
 
 _SEQ = b"seq"  # meta: the last change written (primary) or applied (replica)
+_LOG_BYTES = b"log_bytes"  # meta: bytes the change log holds
 
 
 def _pack(seq: int) -> bytes:
@@ -73,14 +75,17 @@ class Store:
 
     - `kv`: the keys and values;
     - `log`: the change log, by sequence number, written in the same transaction as the change
-      (the primary keeps the last `log_retain` changes for its replicas);
+      (the primary keeps the last `log_retain` changes, and at most `log_retain_bytes` of them,
+      for its replicas: so the log never holds deleted values for long, and deleting frees room);
     - `meta`: the last sequence number written (primary) or applied (replica).
 
     Reads may run on any thread; writes go through apply() (primary) or apply_changes() and
     load_snapshot() (replica), from one thread at a time.
     """
 
-    def __init__(self, path: Path, map_size: int, log_retain: int = 100_000) -> None:
+    def __init__(
+        self, path: Path, map_size: int, log_retain: int = 100_000, log_retain_bytes: int = 0
+    ) -> None:
         try:
             path.mkdir(parents=True, exist_ok=True)
             self.env = lmdb.open(
@@ -97,6 +102,9 @@ class Store:
         self.path = path
         self.map_size = map_size
         self.log_retain = max(1, log_retain)
+        # 0: a quarter of the map, so the log can never take the room that deletes free.
+        self.log_retain_bytes = log_retain_bytes or map_size // 4
+        self._log_bytes = self._count_log_bytes()
         self.commits = 0
 
     def close(self) -> None:
@@ -115,6 +123,7 @@ class Store:
         try:
             with self.env.begin(write=True) as txn:
                 seq = _unpack(txn.get(_SEQ, db=self.meta))
+                log_bytes = _unpack(txn.get(_LOG_BYTES, db=self.meta))
                 results: list[Applied | Exception] = []
                 for write in writes:
                     changed = self._one(txn, write)
@@ -127,14 +136,18 @@ class Store:
                             delete=write.op == "delete",
                             committed_at=committed_at,
                         )
-                        txn.put(_pack(seq), change.SerializeToString(), db=self.log)
+                        raw = change.SerializeToString()
+                        txn.put(_pack(seq), raw, db=self.log)
+                        log_bytes += len(raw)
                     results.append(Applied(changed, seq))
                 txn.put(_SEQ, _pack(seq), db=self.meta)
-                self._trim(txn, seq, budget=2 * len(writes) + 16)
+                log_bytes = self._trim(txn, seq, log_bytes, budget=2 * len(writes) + 16)
+                txn.put(_LOG_BYTES, _pack(log_bytes), db=self.meta)
         except lmdb.MapFullError:
             if len(writes) == 1:
                 return [self._full()]
             return [self.apply([w], committed_at)[0] for w in writes]
+        self._log_bytes = log_bytes
         self._committed(len(writes))
         for write in writes:
             log.info(
@@ -142,13 +155,34 @@ class Store:
             )
         return results
 
-    def _trim(self, txn: lmdb.Transaction, seq: int, budget: int) -> None:
-        """Drop log entries older than the last log_retain, a bounded number per transaction."""
+    def _trim(self, txn: lmdb.Transaction, seq: int, log_bytes: int, budget: int) -> int:
+        """Drop the oldest log entries while the log holds more than log_retain changes or
+        log_retain_bytes bytes, a bounded number per transaction, never the newest change (a
+        replica one change behind streams it). Return the bytes the log holds after."""
         cursor = txn.cursor(db=self.log)
         keep_from = seq - self.log_retain + 1
-        while budget > 0 and cursor.first() and _unpack(bytes(cursor.key())) < keep_from:
+        while budget > 0 and cursor.first():
+            first = _unpack(bytes(cursor.key()))
+            if first >= seq or (first >= keep_from and log_bytes <= self.log_retain_bytes):
+                break
+            log_bytes -= len(cursor.value())
             cursor.delete()
             budget -= 1
+        return max(0, log_bytes)
+
+    def _count_log_bytes(self) -> int:
+        """The log's size in bytes, kept in meta (counted once for a database from before)."""
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(_LOG_BYTES, db=self.meta)
+            if raw is not None:
+                return _unpack(raw)
+            total = sum(len(value) for _, value in txn.cursor(db=self.log))
+            txn.put(_LOG_BYTES, _pack(total), db=self.meta)
+            return total
+
+    def log_bytes(self) -> int:
+        """Bytes the change log holds (the changes' encoded size)."""
+        return self._log_bytes
 
     def _committed(self, writes: int) -> None:
         self.commits += 1
@@ -190,11 +224,15 @@ class Store:
             cursor = txn.cursor(db=self.log)
             return cursor.first() and _unpack(bytes(cursor.key())) <= after + 1
 
-    def changes_after(self, after: int, limit: int) -> list[Change]:
-        """Up to `limit` logged changes after position `after`, in order. Raises LogGap when the
-        change right after `after` has been trimmed from the log (a replica this far behind
-        would otherwise skip changes silently)."""
+    def changes_after(
+        self, after: int, limit: int, max_bytes: int = validation.ENTRIES_BUDGET_BYTES
+    ) -> list[Change]:
+        """Logged changes after position `after`, in order: up to `limit` of them and, but for
+        the first, only while they fit in `max_bytes` (validation.py), so a batch of them
+        fits one gRPC message. Raises LogGap when the change right after `after` has been
+        trimmed from the log (a replica this far behind would otherwise skip changes silently)."""
         changes: list[Change] = []
+        used = 0
         with self.env.begin() as txn:
             cursor = txn.cursor(db=self.log)
             if not cursor.set_range(_pack(after + 1)):
@@ -203,22 +241,32 @@ class Store:
             if first != after + 1:
                 raise LogGap(f"changes {after + 1}..{first - 1} are no longer in the log")
             for _, raw in cursor:
+                cost = len(raw) + validation.ENTRY_OVERHEAD_BYTES
+                if changes and used + cost > max_bytes:
+                    break
                 changes.append(Change.FromString(raw))
+                used += cost
                 if len(changes) >= limit:
                     break
         return changes
 
-    def snapshot(self, chunk: int = 1000) -> Iterator[tuple[int, list[tuple[bytes, bytes]]]]:
-        """Every entry, in chunks, read in ONE transaction (a consistent copy), each chunk with
-        the log position the copy corresponds to."""
+    def snapshot(
+        self, chunk: int = 1000, max_bytes: int = validation.ENTRIES_BUDGET_BYTES
+    ) -> Iterator[tuple[int, list[tuple[bytes, bytes]]]]:
+        """Every entry, in chunks of at most `chunk` entries and (but for a chunk of one)
+        `max_bytes`, read in ONE transaction (a consistent copy), each chunk with the log
+        position the copy corresponds to."""
         with self.env.begin() as txn:
             seq = _unpack(txn.get(_SEQ, db=self.meta))
             entries: list[tuple[bytes, bytes]] = []
+            used = 0
             for key, value in txn.cursor(db=self.kv):
-                entries.append((key, value))
-                if len(entries) >= chunk:
+                cost = validation.entry_bytes(key, value)
+                if entries and (len(entries) >= chunk or used + cost > max_bytes):
                     yield seq, entries
-                    entries = []
+                    entries, used = [], 0
+                entries.append((key, value))
+                used += cost
             yield seq, entries
 
     # -- a replica's writes --------------------------------------------------------------------
@@ -253,6 +301,7 @@ class Store:
         with self.env.begin(write=True) as txn:
             txn.drop(self.kv, delete=False)
             txn.drop(self.log, delete=False)
+            txn.put(_LOG_BYTES, _pack(0), db=self.meta)
             seq: int | None = None
             for chunk_seq, entries in chunks:
                 seq = chunk_seq
@@ -262,6 +311,7 @@ class Store:
             if seq is None:
                 raise LogGap("the snapshot ended before its first chunk; copy it again")
             txn.put(_SEQ, _pack(seq), db=self.meta)
+        self._log_bytes = 0
         self._committed(count)
         return count
 
@@ -272,26 +322,52 @@ class Store:
             value: bytes | None = txn.get(key, db=self.kv)
             return value
 
-    def page(self, prefix: bytes, limit: int, after: bytes = b"") -> list[tuple[bytes, bytes]]:
-        """Up to `limit` entries with `prefix`, in key order, starting after key `after`."""
+    def page(
+        self,
+        prefix: bytes,
+        limit: int,
+        after: bytes = b"",
+        max_bytes: int = validation.ENTRIES_BUDGET_BYTES,
+    ) -> list[tuple[bytes, bytes]]:
+        """Up to `limit` entries with `prefix`, in key order, starting after key `after`; but
+        for the first, only while they fit in `max_bytes` (validation.entry_bytes)."""
+        return self.list_page(prefix, limit, after, max_bytes)[0]
+
+    def list_page(
+        self,
+        prefix: bytes,
+        limit: int,
+        after: bytes = b"",
+        max_bytes: int = validation.ENTRIES_BUDGET_BYTES,
+    ) -> tuple[list[tuple[bytes, bytes]], bool]:
+        """page(), and whether more entries with `prefix` follow it: a page may end short of
+        `limit` when the next entry would not fit in `max_bytes`."""
         entries: list[tuple[bytes, bytes]] = []
+        used = 0
         with self.env.begin() as txn:
             cursor = txn.cursor(db=self.kv)
             if not cursor.set_range(after or prefix):
-                return entries
+                return entries, False
             if after and cursor.key() == after and not cursor.next():
-                return entries
+                return entries, False
             for key, value in cursor:
-                if not key.startswith(prefix) or len(entries) >= limit:
-                    break
+                if not key.startswith(prefix):
+                    return entries, False
+                cost = validation.entry_bytes(key, value)
+                if len(entries) >= limit or (entries and used + cost > max_bytes):
+                    return entries, True
                 entries.append((key, value))
-        return entries
+                used += cost
+        return entries, False
 
-    def scan(self, prefix: bytes, chunk: int = 256) -> Iterator[list[tuple[bytes, bytes]]]:
-        """Every entry with prefix, in chunks; each chunk is read in a short transaction so a
-        slow reader never pins old pages."""
+    def scan(
+        self, prefix: bytes, chunk: int = 256, max_bytes: int = validation.ENTRIES_BUDGET_BYTES
+    ) -> Iterator[list[tuple[bytes, bytes]]]:
+        """Every entry with prefix, in chunks of at most `chunk` entries and `max_bytes` (but
+        for a chunk of one); each chunk is read in a short transaction so a slow reader never
+        pins old pages, and holds a bounded amount of memory."""
         after = b""
-        while entries := self.page(prefix, chunk, after):
+        while entries := self.page(prefix, chunk, after, max_bytes):
             yield entries
             after = entries[-1][0]
 

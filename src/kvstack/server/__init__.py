@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from kvstack import registry, runtime, validation
+from kvstack import registry, runtime, validation, wire
 from kvstack.directory import Directory, Member
 from kvstack.runtime import setting
 from kvstack.v1 import kv_pb2, kv_pb2_grpc
@@ -48,6 +48,13 @@ class ServerConfig:
     )
     max_value_bytes: int = setting(
         "KVSTACK_MAX_VALUE_BYTES", validation.DEFAULT_MAX_VALUE_BYTES, "largest value accepted"
+    )
+    read_attempt_timeout: float = setting(
+        "KVSTACK_READ_ATTEMPT_TIMEOUT",
+        1.0,
+        "seconds a read waits for one backend while another could answer it; then the read "
+        "goes to the next backend within the same call (the last one gets the rest of the "
+        "deadline)",
     )
     max_lag: int = setting(
         "KVSTACK_MAX_LAG",
@@ -151,19 +158,35 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
         timeout = await self._deadline(context)
         if latest:
             return await self._write(context, method, request)  # same route: the primary
-        tried: Member | None = None
-        for _ in range(2):
+        # Each reader in turn: one that is unavailable, or does not answer within
+        # read_attempt_timeout while another could, hands the read to the next within this call
+        # (a frozen replica used to hold it for the whole deadline). The last gets what is left.
+        tried: list[Member] = []
+        while True:
             member = self.directory.pick_reader(exclude=tried)
             if member is None:
                 break
+            others = [m for m in self.directory.readers() if m is not member and m not in tried]
+            remaining = self._timeout(context)
+            if remaining <= 0:
+                break
+            attempt = min(remaining, self.config.read_attempt_timeout) if others else remaining
             try:
-                return await _forward(member, method, request, self._timeout(context))
+                return await _forward(member, method, request, attempt)
             except aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE or member is tried:
+                slow = err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and bool(others)
+                if err.code() != grpc.StatusCode.UNAVAILABLE and not slow:
                     await context.abort(err.code(), _explain(err))
-                tried = member
+                if slow:
+                    log.warning(
+                        "backend slow to answer a read; trying another",
+                        extra=runtime.fields(backend=member.address, waited_s=attempt),
+                    )
             except ChannelClosed:
-                tried = member  # the next reader, or UNAVAILABLE below
+                pass  # the next reader, or UNAVAILABLE below
+            tried.append(member)
+            if not others:
+                break
         await context.abort(
             grpc.StatusCode.UNAVAILABLE,
             "no backend can answer reads right now (restarting, or replicas catching up); "
@@ -245,6 +268,10 @@ class Server:
     name = NAME
 
     def __init__(self, config: ServerConfig) -> None:
+        try:
+            validation.check_value_limit(config.max_value_bytes)
+        except ValueError as err:
+            raise runtime.ConfigError(str(err)) from None
         self.config = config
         self.directory = Directory(
             config.backend_target, channel_options(config), max_lag=config.max_lag
@@ -252,7 +279,9 @@ class Server:
         self.servicer = FrontEnd(config, self.directory)
 
     def register(self, server: aio.Server) -> list[str]:
-        kv_pb2_grpc.add_KeyValueServicer_to_server(self.servicer, server)
+        # Not the generated add_*_to_server: a request that is not a valid message gets
+        # INVALID_ARGUMENT with a sentence, not UNKNOWN (kvstack.wire).
+        wire.add_servicer(self.servicer, kv_pb2.DESCRIPTOR.services_by_name["KeyValue"], server)
         return [kv_pb2.DESCRIPTOR.services_by_name["KeyValue"].full_name]
 
     async def start(self) -> None:

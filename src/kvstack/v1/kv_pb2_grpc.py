@@ -87,7 +87,9 @@ class KeyValueServicer:
         raise NotImplementedError('Method not implemented!')
 
     def List(self, request, context):
-        """List returns one page of the entries whose key starts with prefix, in key order.
+        """List returns one page of the entries whose key starts with prefix, in key order. A page may
+        hold fewer entries than page_size (even when more follow): it holds what fits in one message
+        of at most 2 MiB, always at least one entry. Follow next_page_token until it is empty.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -44,7 +44,10 @@ class KeyValueStub:
     Delete: _grpc.UnaryUnaryMultiCallable[_kv_pb2.DeleteRequest, _kv_pb2.DeleteResponse]
     """Delete removes key, or returns NOT_FOUND when it was not there."""
     List: _grpc.UnaryUnaryMultiCallable[_kv_pb2.ListRequest, _kv_pb2.ListResponse]
-    """List returns one page of the entries whose key starts with prefix, in key order."""
+    """List returns one page of the entries whose key starts with prefix, in key order. A page may
+    hold fewer entries than page_size (even when more follow): it holds what fits in one message
+    of at most 2 MiB, always at least one entry. Follow next_page_token until it is empty.
+    """
     Scan: _grpc.UnaryStreamMultiCallable[_kv_pb2.ScanRequest, _kv_pb2.Entry]
     """Scan streams every entry whose key starts with prefix, in key order."""
 
@@ -60,7 +63,10 @@ class KeyValueAsyncStub(KeyValueStub):
     Delete: _aio.UnaryUnaryMultiCallable[_kv_pb2.DeleteRequest, _kv_pb2.DeleteResponse]  # type: ignore[assignment]
     """Delete removes key, or returns NOT_FOUND when it was not there."""
     List: _aio.UnaryUnaryMultiCallable[_kv_pb2.ListRequest, _kv_pb2.ListResponse]  # type: ignore[assignment]
-    """List returns one page of the entries whose key starts with prefix, in key order."""
+    """List returns one page of the entries whose key starts with prefix, in key order. A page may
+    hold fewer entries than page_size (even when more follow): it holds what fits in one message
+    of at most 2 MiB, always at least one entry. Follow next_page_token until it is empty.
+    """
     Scan: _aio.UnaryStreamMultiCallable[_kv_pb2.ScanRequest, _kv_pb2.Entry]  # type: ignore[assignment]
     """Scan streams every entry whose key starts with prefix, in key order."""
 
@@ -97,7 +103,10 @@ class KeyValueServicer(metaclass=_abc_1.ABCMeta):
         request: _kv_pb2.ListRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_kv_pb2.ListResponse, _abc.Awaitable[_kv_pb2.ListResponse]]:
-        """List returns one page of the entries whose key starts with prefix, in key order."""
+        """List returns one page of the entries whose key starts with prefix, in key order. A page may
+        hold fewer entries than page_size (even when more follow): it holds what fits in one message
+        of at most 2 MiB, always at least one entry. Follow next_page_token until it is empty.
+        """
 
     @_abc_1.abstractmethod
     def Scan(

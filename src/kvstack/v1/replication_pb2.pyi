@@ -22,16 +22,18 @@ class RoleRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RoleResponse(_message.Message):
-    __slots__ = ("role", "seq", "readable", "ordinal")
+    __slots__ = ("role", "seq", "readable", "ordinal", "following")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     READABLE_FIELD_NUMBER: _ClassVar[int]
     ORDINAL_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWING_FIELD_NUMBER: _ClassVar[int]
     role: BackendRole
     seq: int
     readable: bool
     ordinal: int
-    def __init__(self, role: _Optional[_Union[BackendRole, str]] = ..., seq: _Optional[int] = ..., readable: _Optional[bool] = ..., ordinal: _Optional[int] = ...) -> None: ...
+    following: bool
+    def __init__(self, role: _Optional[_Union[BackendRole, str]] = ..., seq: _Optional[int] = ..., readable: _Optional[bool] = ..., ordinal: _Optional[int] = ..., following: _Optional[bool] = ...) -> None: ...
 
 class Change(_message.Message):
     __slots__ = ("seq", "key", "value", "delete", "committed_at")
