@@ -5,6 +5,11 @@ It finds every backend behind one DNS name (kvstack.directory: one channel per a
 asked its role): writes, and reads that ask for the latest, go to the primary; other reads go
 round-robin to every backend that may answer them. A plain Kubernetes Service would pin the one
 HTTP/2 connection to one pod.
+
+It also serves kvstack.v1.Frontend (frontend.proto): the backends it knows, and, for a read whose
+`kvstack-backend` metadata names one, that backend alone. Every forwarded call says in trailing
+metadata which backend answered. The client's smoke test checks every backend that way, through
+the server: the network lets only the server reach a backend.
 """
 
 from __future__ import annotations
@@ -22,11 +27,14 @@ from grpc import aio
 from kvstack import registry, runtime, validation
 from kvstack.directory import Directory, Member
 from kvstack.runtime import setting
-from kvstack.v1 import kv_pb2, kv_pb2_grpc
+from kvstack.v1 import frontend_pb2, frontend_pb2_grpc, kv_pb2, kv_pb2_grpc, replication_pb2
 
 NAME = "server"
 log = logging.getLogger("kvstack.server")
 Context = aio.ServicerContext[Any, Any]
+# Request metadata: the backend (an address ListBackends returned) a Get or List is for.
+# Trailing metadata of every forwarded call: the backend that answered.
+BACKEND_KEY = "kvstack-backend"
 
 
 @dataclass(frozen=True)
@@ -131,39 +139,87 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
         assert primary is not None  # abort raised otherwise
         return primary
 
-    async def _write(self, context: Context, method: str, request: Any) -> Any:
-        timeout = await self._deadline(context)
-        primary = await self._primary(context)
+    async def _named(self, context: Context, latest: bool) -> Member | None:
+        """The backend a read's `kvstack-backend` metadata names, if it names one."""
+        address = named_backend(context)
+        if address is None:
+            return None
+        if latest:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the read asks for the latest (the primary) and names backend {address!r} in "
+                f"{BACKEND_KEY} metadata; ask for one or the other",
+            )
+        member = self.directory.member(address)
+        if member is None:
+            known = ", ".join(sorted(self.directory.members)) or "none yet"
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this server knows no backend at {address!r} (it knows: {known}); "
+                "kvstack.v1.Frontend/ListBackends lists them",
+            )
+        return member
+
+    async def _refuse_named(self, context: Context, what: str) -> None:
+        address = named_backend(context)
+        if address is not None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{what}, so {BACKEND_KEY} metadata (naming {address!r}) does not apply; "
+                "drop it, or send a Get or List to read from one backend",
+            )
+
+    async def _answer(
+        self, context: Context, member: Member, method: str, request: Any, who: str
+    ) -> Any:
+        """Forward to one backend, no other: its reply, or its failure as this call's."""
         try:
-            return await _forward(primary, method, request, timeout)
+            reply = await _forward(member, method, request, self._timeout(context))
         except aio.AioRpcError as err:
-            await context.abort(err.code(), _explain(err))
+            await context.abort(err.code(), f"{who} ({member.address}): {_explain(err)}")
             raise  # unreachable: abort raises
         except ChannelClosed:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
-                f"the connection to the primary backend ({primary.address}) closed during the "
-                "call (it restarted or left); retry",
+                f"the connection to {who} ({member.address}) closed during the call (it "
+                "restarted or left); retry",
             )
             raise  # unreachable: abort raises
+        answered_by(context, member)
+        return reply
+
+    async def _write(self, context: Context, method: str, request: Any) -> Any:
+        await self._refuse_named(context, "writes always go to the primary")
+        return await self._to_primary(context, method, request)
+
+    async def _to_primary(self, context: Context, method: str, request: Any) -> Any:
+        await self._deadline(context)
+        primary = await self._primary(context)
+        return await self._answer(context, primary, method, request, "the primary backend")
 
     async def _read(self, context: Context, method: str, request: Any, latest: bool) -> Any:
+        named = await self._named(context, latest)
         timeout = await self._deadline(context)
+        if named is not None:
+            return await self._answer(context, named, method, request, "backend")
         if latest:
-            return await self._write(context, method, request)  # same route: the primary
+            return await self._to_primary(context, method, request)  # same route as writes
         tried: Member | None = None
         for _ in range(2):
             member = self.directory.pick_reader(exclude=tried)
             if member is None:
                 break
             try:
-                return await _forward(member, method, request, self._timeout(context))
+                reply = await _forward(member, method, request, self._timeout(context))
             except aio.AioRpcError as err:
                 if err.code() != grpc.StatusCode.UNAVAILABLE or member is tried:
                     await context.abort(err.code(), _explain(err))
                 tried = member
             except ChannelClosed:
                 tried = member  # the next reader, or UNAVAILABLE below
+            else:
+                answered_by(context, member)
+                return reply
         await context.abort(
             grpc.StatusCode.UNAVAILABLE,
             "no backend can answer reads right now (restarting, or replicas catching up); "
@@ -204,6 +260,7 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
     async def Scan(
         self, request: kv_pb2.ScanRequest, context: Context
     ) -> AsyncIterator[kv_pb2.Entry]:
+        await self._refuse_named(context, "Scan streams from the backends in turn")
         # A stream has no single deadline to shrink: it inherits the caller's, if any.
         member = self.directory.primary() if request.latest else self.directory.pick_reader()
         if member is None:
@@ -217,6 +274,43 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
                 yield entry
         except aio.AioRpcError as err:
             await context.abort(err.code(), _explain(err))
+
+
+class BackendList(frontend_pb2_grpc.FrontendServicer):
+    """kvstack.v1.Frontend: the backends this server knows, as its Directory last saw them."""
+
+    def __init__(self, directory: Directory) -> None:
+        self.directory = directory
+
+    async def ListBackends(
+        self, request: frontend_pb2.ListBackendsRequest, context: Context
+    ) -> frontend_pb2.ListBackendsResponse:
+        readers = {m.address for m in self.directory.readers()}
+        return frontend_pb2.ListBackendsResponse(
+            backends=[
+                frontend_pb2.BackendInfo(
+                    address=m.address,
+                    role=replication_pb2.BackendRole.Name(m.role),
+                    ordinal=m.ordinal,
+                    seq=m.seq,
+                    serves_reads=m.address in readers,
+                    error=m.error,
+                )
+                for m in sorted(self.directory.members.values(), key=lambda m: m.address)
+            ]
+        )
+
+
+def named_backend(context: Context) -> str | None:
+    """The value of the call's `kvstack-backend` request metadata, if it has one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == BACKEND_KEY:
+            return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return None
+
+
+def answered_by(context: Context, member: Member) -> None:
+    context.set_trailing_metadata(((BACKEND_KEY, member.address),))
 
 
 async def _validate(context: Context, check: Callable[[], None]) -> None:
@@ -253,7 +347,11 @@ class Server:
 
     def register(self, server: aio.Server) -> list[str]:
         kv_pb2_grpc.add_KeyValueServicer_to_server(self.servicer, server)
-        return [kv_pb2.DESCRIPTOR.services_by_name["KeyValue"].full_name]
+        frontend_pb2_grpc.add_FrontendServicer_to_server(BackendList(self.directory), server)
+        return [
+            kv_pb2.DESCRIPTOR.services_by_name["KeyValue"].full_name,
+            frontend_pb2.DESCRIPTOR.services_by_name["Frontend"].full_name,
+        ]
 
     async def start(self) -> None:
         """Ready once a backend can answer: the primary, or a replica that has caught up."""
