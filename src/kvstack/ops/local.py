@@ -566,7 +566,8 @@ class Local:
             time.sleep(POLL_S)
 
     def smoke_test(self, runner: Runner, version: str, timeout: int) -> str | None:
-        """Run every job (the client's batch) once on the stack's network; the failure or None."""
+        """Run every job once on the stack's network with registry.SMOKE_ARGS (the client's
+        batch, then its check that every backend holds a fresh write); the failure or None."""
         for job in (s for s in registry.services().values() if s.kind == "job"):
             ref = images.image_ref(job, version)
             say(f"smoke test: {job.name} ({ref}) on network {network_name(self.stack)}")
@@ -574,7 +575,7 @@ class Local:
             env = [f"--env={k}={v}" for k, v in callee_targets(job).items()]
             argv = docker(
                 "run", "--rm", f"--name={container}", "--network", network_name(self.stack),
-                *env, ref,
+                *env, ref, *registry.SMOKE_ARGS,
             )  # fmt: skip
             try:
                 code = runner.run(argv, check=False, timeout=timeout).returncode
