@@ -157,6 +157,10 @@ def test_server_lists_backends_and_reads_from_the_one_named(
     front = kv_pb2_grpc.KeyValueStub(grpc.insecure_channel(server.target))
     _, call = front.Put.with_call(kv_pb2.PutRequest(key=b"named", value=b"v"), timeout=5)
     assert dict(call.trailing_metadata())[BACKEND_KEY] == primary.target
+    with pytest.raises(grpc.RpcError) as missing:
+        front.Delete(kv_pb2.DeleteRequest(key=b"nope"), timeout=5)
+    # A write's failure still reads as the backend's own sentence, with no address in front.
+    assert missing.value.details() == "no value for key 'nope'; nothing was deleted"
     for target in [primary.target, replica.target] * 3:  # round-robin would alternate
         reply, call = front.Get.with_call(
             kv_pb2.GetRequest(key=b"named"), timeout=5, metadata=((BACKEND_KEY, target),)

@@ -35,6 +35,7 @@ Context = aio.ServicerContext[Any, Any]
 # Request metadata: the backend (an address ListBackends returned) a Get or List is for.
 # Trailing metadata of every forwarded call: the backend that answered.
 BACKEND_KEY = "kvstack-backend"
+NAMED = "the backend named"  # in messages about a read for a named backend
 
 
 @dataclass(frozen=True)
@@ -172,11 +173,14 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
     async def _answer(
         self, context: Context, member: Member, method: str, request: Any, who: str
     ) -> Any:
-        """Forward to one backend, no other: its reply, or its failure as this call's."""
+        """Forward to one backend, no other: its reply, or its failure as this call's (the
+        backend's own message; a read for a named backend also says which one answered)."""
         try:
             reply = await _forward(member, method, request, self._timeout(context))
         except aio.AioRpcError as err:
-            await context.abort(err.code(), f"{who} ({member.address}): {_explain(err)}")
+            named = who == NAMED
+            detail = f"{who} {member.address}: {_explain(err)}" if named else _explain(err)
+            await context.abort(err.code(), detail)
             raise  # unreachable: abort raises
         except ChannelClosed:
             await context.abort(
@@ -201,7 +205,7 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
         named = await self._named(context, latest)
         timeout = await self._deadline(context)
         if named is not None:
-            return await self._answer(context, named, method, request, "backend")
+            return await self._answer(context, named, method, request, NAMED)
         if latest:
             return await self._to_primary(context, method, request)  # same route as writes
         tried: Member | None = None
