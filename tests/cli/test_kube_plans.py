@@ -397,13 +397,17 @@ def test_stuck_statefulset_pod_is_deleted_after_the_undo(
     assert cli.main(["deploy", "minikube", "--version", "v2", "--timeout", "60"]) == 1
     calls = [c for c in namespaced(fake) if c[0] != "get" or c[1] == "pods"]
     undo = calls.index(["rollout", "undo", "statefulset/backend"])
-    (query,) = [c for c in calls if c[:2] == ["get", "pods"]]
-    assert "app.kubernetes.io/name=backend" in query[3]
-    assert calls[undo + 1 :] == [
-        query,
+    queries = [c for c in calls if c[:2] == ["get", "pods"]]
+    assert queries, "the pods of the bad revision were never looked at"
+    assert "app.kubernetes.io/name=backend" in queries[0][3]
+    assert [c for c in calls[undo + 1 :] if c[:2] != ["get", "pods"]] == [
         ["delete", "pod", "backend-1", "--wait=false"],
         ["rollout", "status", "statefulset/backend", "--timeout=60s"],
     ]
+    # The delete came only once the controller had taken the undo (the third look at it).
+    looks = [i for i, c in enumerate(namespaced(fake)) if c[:2] == ["get", "statefulset/backend"]]
+    deleted = next(i for i, c in enumerate(namespaced(fake)) if c[:2] == ["delete", "pod"])
+    assert len([i for i in looks if i < deleted]) == 4
     err = capsys.readouterr().err
     assert (
         "rolled back statefulset/backend (deleted backend-1, stuck at the bad revision) to the "

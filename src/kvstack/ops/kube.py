@@ -312,6 +312,8 @@ class KubeTarget:
         if runner.dry_run:
             say(f"(dry run) would delete the pods of {resource(svc)} stuck at revision {bad}")
             return ""
+        if not self.stuck_pods(runner, svc, bad):
+            return ""  # nothing stuck: the controller rolls every pod back by itself
         deadline = time.monotonic() + UNDO_SEEN_S
         while True:
             live = get_json(runner, resource(svc), self.namespace) or {}
