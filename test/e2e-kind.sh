@@ -39,9 +39,23 @@ kubectl --context "kind-$CLUSTER" apply --kustomize "$release"
 k rollout status statefulset/backend --timeout=300s
 k rollout status deployment/server --timeout=300s
 
-echo "==> smoke test (the client Job)"
+echo "==> smoke test (the client Job: every tier), polled until Complete or Failed"
+# `kubectl wait --for=condition=complete` would not return on failure (one condition only).
 k patch job/client --type=merge --patch '{"spec":{"suspend":false}}'
-k wait --for=condition=complete job/client --timeout=300s
+state=""
+for _ in $(seq 150); do
+  state=$(k get job/client --output jsonpath='{range .status.conditions[?(@.status=="True")]}{.type}{" "}{end}')
+  case " $state " in
+    *" Complete "*) break ;;
+    *" Failed "* | *" FailureTarget "*)
+      k logs job/client --tail=50 >&2
+      echo "the smoke Job failed (conditions: $state)" >&2
+      false
+      ;;
+  esac
+  sleep 2
+done
+[[ " $state " == *" Complete "* ]] || { echo "the smoke Job did not finish within 300 s" >&2; false; }
 
 echo "==> killing a server pod; the Deployment must replace it"
 victim=$(k get pods --selector app.kubernetes.io/name=server --output jsonpath='{.items[0].metadata.name}')

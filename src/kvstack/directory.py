@@ -154,6 +154,10 @@ class Directory:
             for m in self.members.values()
         )
 
+    def member(self, address: str) -> Member | None:
+        """The backend at `address` (host:port, as `describe` and ListBackends show it)."""
+        return self.members.get(address)
+
     def primary(self) -> Member | None:
         primaries = [m for m in self.members.values() if m.role == PRIMARY]
         return min(primaries, key=lambda m: m.ordinal) if primaries else None

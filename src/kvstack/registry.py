@@ -31,6 +31,9 @@ MAX_REPLICAS = 5
 TMP_BYTES = 64 * 2**20
 # The non-root user every image runs as (set in the Dockerfile, required by the manifests).
 RUNTIME_UID = 65532
+# The arguments a job runs with as a deploy's smoke test, on every target (the local stack's
+# `docker run`, the Kubernetes Job): the client's check of every tier (kvstack.client.run_smoke).
+SMOKE_ARGS = ("smoke",)
 
 
 @dataclass(frozen=True)

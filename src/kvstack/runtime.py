@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import json
 import logging
 import os
@@ -155,6 +156,23 @@ class RuntimeConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Logging: one JSON object per line on stdout.
+#
+# The keys are the ones Google Cloud Logging's agent reads from a JSON line on GKE ("Special JSON
+# fields in messages", https://cloud.google.com/logging/docs/structured-logging): `severity` (a
+# LogSeverity name: DEBUG, INFO, WARNING, ERROR, CRITICAL), `message` (the entry's summary line)
+# and `time` (RFC 3339 with a UTC offset). Every other key lands in jsonPayload as it is.
+# Anywhere else (`docker service logs`, a terminal) the same line stays readable.
+
+# Python's level numbers to Cloud Logging's LogSeverity names, highest first.
+SEVERITIES = ((logging.CRITICAL, "CRITICAL"), (logging.ERROR, "ERROR"),
+              (logging.WARNING, "WARNING"), (logging.INFO, "INFO"))  # fmt: skip
+# The keys the formatter owns: a structured field of the same name cannot replace them.
+RESERVED_KEYS = frozenset({"time", "severity", "message", "service", "logger"})
+
+
+def severity(levelno: int) -> str:
+    """Cloud Logging's LogSeverity for a Python level (custom levels round down)."""
+    return next((name for number, name in SEVERITIES if levelno >= number), "DEBUG")
 
 
 class JsonFormatter(logging.Formatter):
@@ -163,16 +181,19 @@ class JsonFormatter(logging.Formatter):
         self.service = service
 
     def format(self, record: logging.LogRecord) -> str:
+        when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
         entry: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
+            "time": when.isoformat(timespec="milliseconds"),  # 2026-12-01T19:50:00.123+00:00
+            "severity": severity(record.levelno),
             "service": self.service,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "message": record.getMessage(),
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            entry.update(fields)
+            for key, value in fields.items():
+                # Kept, under another name, rather than overwrite (or drop) what Cloud reads.
+                entry[f"field_{key}" if key in RESERVED_KEYS else key] = value
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

@@ -7,6 +7,9 @@ run on. So every test here puts fake `kubectl`, `minikube`, `gcloud` and `docker
 kvstack.cli.main and check which commands it runs, in which order, with which arguments,
 including the automatic rollback path. The release kustomization the CLI writes is rendered with
 the real `kubectl kustomize`.
+
+The fake cluster is healthy by default: the smoke Job reports Complete (a fixture default,
+after every rule a test sets). Polling (kvstack.ops.kube.POLL_S) is made instant.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no types
 
 from kvstack import cli, registry
-from kvstack.ops import manifests
+from kvstack.ops import kube, manifests
 
 REAL_KUBECTL = shutil.which("kubectl")
 REGISTRY = "europe-west1-docker.pkg.dev/kvstack-demo/kvstack"
@@ -69,13 +72,30 @@ class FakeTools:
         exit: int = 0,
         times: int | None = None,
     ) -> None:
-        """Answer calls of `tool` whose argument line contains every string (first match wins)."""
+        """Answer calls of `tool` whose argument line contains every string (first match wins;
+        the fixture's defaults come after every rule a test sets)."""
+        self._add(tool, contains, stdout, stderr, exit, times, default=False)
+
+    def default(self, tool: str, *contains: str, stdout: str = "") -> None:
+        """A rule that applies only when no rule a test sets matches."""
+        self._add(tool, contains, stdout, "", 0, None, default=True)
+
+    def _add(
+        self,
+        tool: str,
+        contains: tuple[str, ...],
+        stdout: str,
+        stderr: str,
+        exit: int,
+        times: int | None,
+        default: bool,
+    ) -> None:
         path = self.state / "rules.json"
         rules = json.loads(path.read_text())
-        rules.append(
-            {"tool": tool, "contains": list(contains), "stdout": stdout, "stderr": stderr,
-             "exit": exit, "times": times}
-        )  # fmt: skip
+        rule = {"tool": tool, "contains": list(contains), "stdout": stdout, "stderr": stderr,
+                "exit": exit, "times": times, "default": default}  # fmt: skip
+        first_default = next((i for i, r in enumerate(rules) if r["default"]), len(rules))
+        rules.insert(len(rules) if default else first_default, rule)
         path.write_text(json.dumps(rules))
 
     def calls(self, *tools: str) -> list[list[str]]:
@@ -107,7 +127,26 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeTools:
     monkeypatch.setenv("KVSTACK_DOCKER", str(bin_dir / "docker"))
     monkeypatch.setenv("FAKE_STATE", str(state))
     monkeypatch.delenv("KVSTACK_GKE_REGISTRY", raising=False)
-    return FakeTools(state)
+    monkeypatch.setattr(kube, "POLL_S", 0.0)
+    tools = FakeTools(state)
+    tools.default("kubectl", "get job/client", stdout=job_status("Complete"))
+    return tools
+
+
+def job_status(*conditions: str, reason: str = "", message: str = "") -> str:
+    """What `kubectl get job/client -o json` prints: the Job with these conditions True."""
+    return json.dumps(
+        {
+            "kind": "Job",
+            "metadata": {"name": "client"},
+            "status": {
+                "conditions": [
+                    {"type": c, "status": "True", "reason": reason, "message": message}
+                    for c in conditions
+                ]
+            },
+        }
+    )
 
 
 def minikube_context(fake: FakeTools) -> None:
@@ -157,7 +196,8 @@ def render(directory: Path) -> list[dict[str, Any]]:
 def test_minikube_deploy_plan(fake: FakeTools) -> None:
     """Fake tools: `kvstack deploy minikube --version v1` checks the context and the images,
     loads each image into minikube, recreates the suspended smoke Job, applies the release,
-    waits for the rollouts callees first, then resumes and awaits the smoke Job."""
+    waits for the rollouts callees first, then resumes the smoke Job and reads its conditions
+    until it is Complete (here at once)."""
     minikube_context(fake)
     assert cli.main(["deploy", "minikube", "--version", "v1"]) == 0
     calls = fake.calls()
@@ -180,7 +220,7 @@ def test_minikube_deploy_plan(fake: FakeTools) -> None:
         [*NS, "rollout", "status", "statefulset/backend", "--timeout=300s"],
         [*NS, "rollout", "status", "deployment/server", "--timeout=300s"],
         [*NS, "patch", "job/client", "--type=merge", "--patch", '{"spec":{"suspend":false}}'],
-        [*NS, "wait", "--for=condition=complete", "job/client", "--timeout=300s"],
+        [*NS, "get", "job/client", "--ignore-not-found", "--output", "json"],
     ]
     assert calls == expected
     docs = render(release)
@@ -263,32 +303,158 @@ def test_failed_rollout_is_rolled_back(fake: FakeTools, capsys: pytest.CaptureFi
     assert "rolled back deployment/server" in err
 
 
-def test_failed_smoke_test_is_rolled_back(
-    fake: FakeTools, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("condition", ["Failed", "FailureTarget"])
+def test_failed_smoke_test_is_noticed_at_once_and_rolled_back(
+    fake: FakeTools, capsys: pytest.CaptureFixture[str], condition: str
 ) -> None:
-    """Fake tools: when the smoke Job does not complete, deploy prints its logs, rolls back the
-    changed workloads (both here) and exits 1 naming the smoke test."""
+    """Fake tools: the smoke Job runs twice more looks, then reports Failed (or, from Kubernetes
+    1.31, FailureTarget first): deploy stops polling at that look (no 300 s `kubectl wait` for a
+    Complete that never comes), prints the Job's logs, rolls back the changed workloads (both
+    here) after it, and exits 1 with the Job's own reason and each rollback as observed."""
     minikube_context(fake)
     for kind, name in (("StatefulSet", "backend"), ("Deployment", "server")):
         fake.rule("kubectl", f"get {kind.lower()}/{name}", stdout=live(kind, name, "old"),
                   times=1)  # fmt: skip
         fake.rule("kubectl", f"get {kind.lower()}/{name}", stdout=live(kind, name, "new"))
-    fake.rule("kubectl", "wait --for=condition=complete job/client", exit=1)
-    assert cli.main(["deploy", "minikube", "--version", "v3"]) == 1
+    fake.rule("kubectl", "get job/client", stdout=job_status(), times=2)
+    failed = job_status(
+        condition, reason="BackoffLimitExceeded", message="Job has reached the backoff limit"
+    )
+    fake.rule("kubectl", "get job/client", stdout=failed)
+    assert cli.main(["deploy", "minikube", "--version", "v3", "--timeout", "5"]) == 1
     calls = namespaced(fake)
-    start = calls.index(["wait", "--for=condition=complete", "job/client", "--timeout=300s"])
-    tail = [c for c in calls[start:] if c[0] != "get"]
-    assert tail == [
-        ["wait", "--for=condition=complete", "job/client", "--timeout=300s"],
-        ["logs", "job/client", "--tail=50"],
-        ["rollout", "undo", "statefulset/backend"],
-        ["rollout", "undo", "deployment/server"],
-        ["rollout", "status", "statefulset/backend", "--timeout=300s"],
-        ["rollout", "status", "deployment/server", "--timeout=300s"],
-    ]
+    assert not [c for c in calls if c[0] == "wait"]
+    looks = [i for i, c in enumerate(calls) if c[:2] == ["get", "job/client"]]
+    assert len(looks) == 3, "it must stop at the first look that shows the failure"
+    after = [c for c in calls[looks[-1] + 1 :] if c[0] != "get"]
+    assert after[0] == ["logs", "job/client", "--tail=50"]
+    undo = [c for c in after if c[:2] == ["rollout", "undo"]]
+    assert undo == [["rollout", "undo", "statefulset/backend"],
+                    ["rollout", "undo", "deployment/server"]]  # fmt: skip
+    # Each rollback is awaited after its undo.
+    for name in ("statefulset/backend", "deployment/server"):
+        assert after.index(["rollout", "undo", name]) < after.index(
+            ["rollout", "status", name, "--timeout=5s"]
+        )
     err = capsys.readouterr().err
-    assert "smoke test job/client did not complete" in err
-    assert "rolled back statefulset/backend, deployment/server" in err
+    assert (
+        "the smoke test job/client failed (BackoffLimitExceeded: Job has reached the backoff "
+        "limit)" in err
+    )
+    assert "did not finish" not in err
+    assert (
+        "rolled back statefulset/backend, deployment/server to the previous release (rollout "
+        "finished)" in err
+    )
+
+
+def test_smoke_job_that_never_finishes_times_out(
+    fake: FakeTools, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fake tools: a smoke Job that neither completes nor fails is given up after --timeout,
+    and the message says it did not finish (not that it failed)."""
+    minikube_context(fake)
+    fake.rule("kubectl", "get job/client", stdout=job_status())
+    assert cli.main(["deploy", "minikube", "--version", "v1", "--timeout", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "the smoke test job/client did not finish within 1 s" in err
+    assert "nothing to roll back" in err
+
+
+def pods(*pods: tuple[str, bool]) -> str:
+    """What `kubectl get pods -o json` prints: (name, ready) for each."""
+    return json.dumps({"items": [
+        {"metadata": {"name": name},
+         "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+        for name, ready in pods
+    ]})  # fmt: skip
+
+
+def statefulset(image: str, update_revision: str, generation: int = 2) -> str:
+    """A live StatefulSet as `kubectl get -o json` prints it, with its rollout status."""
+    obj = json.loads(live("StatefulSet", "backend", image))
+    obj["metadata"]["generation"] = generation
+    obj["status"] = {"updateRevision": update_revision, "observedGeneration": generation}
+    return json.dumps(obj)
+
+
+def test_stuck_statefulset_pod_is_deleted_after_the_undo(
+    fake: FakeTools, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fake tools: the new backend crash-loops, so its rollout fails. After `rollout undo` the
+    CLI waits until the StatefulSet controller has taken the undo (its update revision is no
+    longer the bad one), deletes only the pod of the bad revision that is not Ready (the forced
+    rollback step: OrderedReady never replaces it), then waits for the rollout, and says so."""
+    minikube_context(fake)
+    get_sts = "get statefulset/backend"
+    fake.rule("kubectl", get_sts, stdout=statefulset("b:v1", "backend-good", 1), times=1)
+    fake.rule("kubectl", get_sts, stdout=statefulset("b:v2", "backend-bad", 2), times=1)
+    fake.rule("kubectl", get_sts, stdout=statefulset("b:v1", "backend-bad", 3), times=1)
+    fake.rule("kubectl", get_sts, stdout=statefulset("b:v1", "backend-good", 3))
+    fake.rule("kubectl", "get pods", "controller-revision-hash=backend-bad",
+              stdout=pods(("backend-1", False)))  # fmt: skip
+    fake.rule("kubectl", "rollout status statefulset/backend", exit=1, times=1)
+    assert cli.main(["deploy", "minikube", "--version", "v2", "--timeout", "60"]) == 1
+    calls = [c for c in namespaced(fake) if c[0] != "get" or c[1] == "pods"]
+    undo = calls.index(["rollout", "undo", "statefulset/backend"])
+    queries = [c for c in calls if c[:2] == ["get", "pods"]]
+    assert queries, "the pods of the bad revision were never looked at"
+    assert "app.kubernetes.io/name=backend" in queries[0][3]
+    assert [c for c in calls[undo + 1 :] if c[:2] != ["get", "pods"]] == [
+        ["delete", "pod", "backend-1", "--wait=false"],
+        ["rollout", "status", "statefulset/backend", "--timeout=60s"],
+    ]
+    # The delete came only once the controller had taken the undo (the third look at it).
+    looks = [i for i, c in enumerate(namespaced(fake)) if c[:2] == ["get", "statefulset/backend"]]
+    deleted = next(i for i, c in enumerate(namespaced(fake)) if c[:2] == ["delete", "pod"])
+    assert len([i for i in looks if i < deleted]) == 4
+    err = capsys.readouterr().err
+    assert (
+        "rolled back statefulset/backend (deleted backend-1, stuck at the bad revision) to the "
+        "previous release (rollout finished)" in err
+    )
+
+
+def test_rollback_that_does_not_finish_is_reported_as_such(
+    fake: FakeTools, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fake tools: when the rollout of the rollback itself does not finish, the message says
+    so, and does not claim the workload was rolled back; the Ready pod of the bad revision is
+    left to the controller (not deleted)."""
+    minikube_context(fake)
+    get_sts = "get statefulset/backend"
+    fake.rule("kubectl", get_sts, stdout=statefulset("b:v1", "backend-good", 1), times=1)
+    fake.rule("kubectl", get_sts, stdout=statefulset("b:v2", "backend-bad", 2), times=1)
+    fake.rule("kubectl", get_sts, stdout=statefulset("b:v1", "backend-good", 3))
+    fake.rule("kubectl", "get pods", stdout=pods(("backend-1", True)))
+    fake.rule("kubectl", "rollout status statefulset/backend", exit=1)
+    assert cli.main(["deploy", "minikube", "--version", "v2", "--timeout", "60"]) == 1
+    assert not [c for c in namespaced(fake) if c[0] == "delete" and c[1] == "pod"]
+    err = capsys.readouterr().err
+    assert (
+        "the rollback of statefulset/backend did NOT finish within 60 s: some of its pods may "
+        "still run the new release" in err
+    )
+    assert "rolled back statefulset/backend" not in err
+
+
+def test_failed_undo_is_reported_as_such(
+    fake: FakeTools, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fake tools: a `kubectl rollout undo` that fails is reported as failed, and its rollout is
+    not awaited as if it had been undone."""
+    minikube_context(fake)
+    fake.rule("kubectl", "get deployment/server", stdout=live("Deployment", "server", "s:v1"),
+              times=1)  # fmt: skip
+    fake.rule("kubectl", "get deployment/server", stdout=live("Deployment", "server", "s:v2"))
+    fake.rule("kubectl", "rollout status deployment/server", exit=1, times=1)
+    fake.rule("kubectl", "rollout undo deployment/server", exit=1)
+    assert cli.main(["deploy", "minikube", "--version", "v2"]) == 1
+    statuses = [c for c in namespaced(fake) if c[:3] == ["rollout", "status", "deployment/server"]]
+    assert len(statuses) == 1, "only the deploy's own rollout is awaited"
+    err = capsys.readouterr().err
+    assert "`kubectl rollout undo deployment/server` failed (see above), so it still has" in err
+    assert "rolled back deployment/server" not in err
 
 
 def test_first_deploy_failure_says_nothing_to_roll_back(
@@ -395,7 +561,8 @@ def test_dry_run_changes_nothing(fake: FakeTools, capsys: pytest.CaptureFixture[
         "<<'EOF'",
         "+ kubectl --namespace kvstack apply --kustomize",
         "+ kubectl --namespace kvstack rollout status deployment/server --timeout=300s",
-        "+ kubectl --namespace kvstack wait --for=condition=complete job/client",
+        "+ kubectl --namespace kvstack patch job/client",
+        "(dry run) would poll job/client until it is Complete or has Failed",
     ):
         assert line in err
 

@@ -207,7 +207,7 @@ def logs(container: str) -> list[dict[str, object]]:
 def recent_logs(container: str, count: int = 25) -> str:
     """The last log records of a backend, one short line each: what a failure message needs."""
     lines = [
-        " ".join(f"{k}={v}" for k, v in r.items() if k not in ("level", "logger", "service"))
+        " ".join(f"{k}={v}" for k, v in r.items() if k not in ("severity", "logger", "service"))
         for r in logs(container)
         if r.get("logger") != "kvstack.access"
     ]
@@ -389,7 +389,7 @@ def test_partitioned_replica_converges_after_reconnect(
     run.stop()
     print(run.check(), flush=True)
     assert replica == backends(rstack)[PRIMARY_SLOT + 1].container, "the replica was replaced"
-    snapshots = [r for r in logs(replica) if r.get("msg") == "snapshot loaded"]
+    snapshots = [r for r in logs(replica) if r.get("message") == "snapshot loaded"]
     assert snapshots, "the reconnected replica did not copy a snapshot"
 
 
@@ -424,7 +424,9 @@ def test_scale_out_to_five_and_back(rstack: StackUnderTest, workload: StartWorkl
         run.stop()
         print(run.check(expected_backends=5), flush=True)
         for slot in range(BACKENDS + 1, 6):
-            loaded = [r for r in logs(tasks[slot].container) if r.get("msg") == "snapshot loaded"]
+            loaded = [
+                r for r in logs(tasks[slot].container) if r.get("message") == "snapshot loaded"
+            ]
             assert loaded, f"the new replica in slot {slot} did not start from a snapshot"
 
         run = workload("scale-in")

@@ -78,7 +78,7 @@ def entries(target: str) -> dict[bytes, bytes]:
 
 def log_lines(process: ServiceProcess, msg: str) -> list[dict[str, object]]:
     lines = [json.loads(x) for x in process.logs().splitlines() if x.startswith("{")]
-    return [x for x in lines if x.get("msg") == msg]
+    return [x for x in lines if x.get("message") == msg]
 
 
 def test_replica_copies_every_write_and_primary_waits_for_it(cluster: Cluster) -> None:

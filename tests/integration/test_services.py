@@ -174,7 +174,7 @@ def test_health_follows_the_backend_and_shutdown(spawn: Spawn, tmp_path: Path) -
     time.sleep(0.5)
     assert server.health() == "NOT_SERVING"
     assert server.wait() == 0
-    assert '"msg": "draining"' in server.logs()
+    assert '"message": "draining"' in server.logs()
 
 
 def test_graceful_shutdown_finishes_calls_in_flight(stack: Stack) -> None:

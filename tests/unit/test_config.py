@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -106,8 +107,42 @@ def test_json_log_lines_carry_fields(capsys: pytest.CaptureFixture[str]) -> None
     logging.getLogger("t").info("saved", extra=runtime.fields(key="k", bytes=3))
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["service"] == "unit"
-    assert (line["msg"], line["key"], line["bytes"]) == ("saved", "k", 3)
+    assert (line["message"], line["key"], line["bytes"]) == ("saved", "k", 3)
     logging.getLogger().handlers.clear()
+
+
+@pytest.mark.parametrize(
+    ("level", "severity"),
+    [
+        (logging.DEBUG, "DEBUG"),
+        (logging.INFO, "INFO"),
+        (logging.WARNING, "WARNING"),
+        (logging.ERROR, "ERROR"),
+        (logging.CRITICAL, "CRITICAL"),
+        (logging.INFO + 5, "INFO"),  # a custom level rounds down to the nearest name
+    ],
+)
+def test_json_log_lines_are_what_cloud_logging_reads(level: int, severity: str) -> None:
+    """Every line carries Cloud Logging's special keys: `severity` (a LogSeverity name),
+    `message`, and `time` in RFC 3339 with a UTC offset, at the record's own instant; the
+    old `level`/`msg`/`ts` keys are gone, and a field named like a reserved key is kept under
+    another name instead of replacing it."""
+    import datetime
+    import json
+
+    record = logging.LogRecord("kvstack.t", level, __file__, 1, "took %d ms", (7,), None)
+    record.created = 1796157000.25  # 2026-12-01T20:30:00.250Z
+    record.fields = {"key": "k", "message": "from a field"}
+    line = json.loads(runtime.JsonFormatter("unit").format(record))
+    assert line["severity"] == severity
+    assert line["message"] == "took 7 ms"
+    assert line["time"] == "2026-12-01T20:30:00.250+00:00"
+    parsed = datetime.datetime.fromisoformat(line["time"])
+    assert parsed.utcoffset() == datetime.timedelta(0)
+    assert parsed.timestamp() == record.created
+    assert (line["service"], line["logger"], line["key"]) == ("unit", "kvstack.t", "k")
+    assert line["field_message"] == "from a field"
+    assert not {"level", "msg", "ts"} & set(line)
 
 
 def test_services_refuse_arguments(capsys: pytest.CaptureFixture[str]) -> None:

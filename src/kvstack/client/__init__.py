@@ -2,7 +2,8 @@
 
 Run with no arguments it sends a batch of requests (writes, reads, a listing, a delete) and prints
 every response. Subcommands (put, get, delete, list) serve a person at a terminal; `load` writes
-unique keys and prints each acknowledgement, for the fault tests and benchmarks.
+unique keys and prints each acknowledgement, for the fault tests and benchmarks; `smoke` is what
+every deploy runs as its smoke test: the batch, then a check of every tier (run_smoke).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 from kvstack import registry, runtime
 from kvstack.runtime import printable
-from kvstack.v1 import kv_pb2, kv_pb2_grpc
+from kvstack.v1 import frontend_pb2, frontend_pb2_grpc, kv_pb2, kv_pb2_grpc, replication_pb2
 
 R = TypeVar("R")
 
@@ -232,6 +233,261 @@ def run_load(client: Client, count: int, concurrency: int, prefix: str, value_by
     return 0 if errors == 0 else 1
 
 
+# -- the smoke test: every tier --------------------------------------------------------------------
+#
+# The network lets the client reach the server only (client -> server -> backend; a replica ->
+# the primary), so every backend is checked through the server: it lists the backends it knows
+# (kvstack.v1.Frontend/ListBackends), forwards a read to the one that `kvstack-backend` request
+# metadata names, and says in trailing metadata which backend answered (kvstack.server).
+
+BACKEND_KEY = "kvstack-backend"  # kvstack.server.BACKEND_KEY (the client does not import it)
+SMOKE_WITHIN_ENV = "KVSTACK_SMOKE_WITHIN"
+SMOKE_WITHIN_S = 10.0
+SMOKE_READ_TIMEOUT_S = 1.0  # one read from one backend: a frozen backend costs this much a round
+PRIMARY = replication_pb2.BACKEND_ROLE_PRIMARY
+REPLICA = replication_pb2.BACKEND_ROLE_REPLICA
+
+
+class SmokeFailed(Exception):
+    """A tier did not do its part; the message names the backend and what to look at."""
+
+
+def default_within() -> float:
+    raw = os.environ.get(SMOKE_WITHIN_ENV, "")
+    try:
+        return float(raw) if raw else SMOKE_WITHIN_S
+    except ValueError:
+        raise SystemExit(
+            f"kvstack-client: {SMOKE_WITHIN_ENV}={raw!r} is not a number of seconds; "
+            f"set it to e.g. {SMOKE_WITHIN_S:g} or unset it"
+        ) from None
+
+
+def backend_name(info: frontend_pb2.BackendInfo) -> str:
+    """`backend ordinal 1 (replica at 10.0.0.6:50061)`: the pod backend-1 on Kubernetes, the
+    task in slot 1 on Swarm."""
+    role = {PRIMARY: "primary", REPLICA: "replica"}.get(info.role, "role unknown")
+    ordinal = f"backend ordinal {info.ordinal}" if info.ordinal >= 0 else "backend"
+    return f"{ordinal} ({role} at {info.address})"
+
+
+def _answered_by(call: Any) -> str:
+    return next((str(v) for k, v in call.trailing_metadata() or () if k == BACKEND_KEY), "")
+
+
+@dataclass
+class Seen:
+    """What the smoke test saw of one backend."""
+
+    info: frontend_pb2.BackendInfo
+    held_after: float | None = None  # seconds from the write's acknowledgement to a copy
+    last: str = "not asked yet"
+    reads: int = 0  # ordinary reads (no backend named) it answered
+
+
+class Smoke:
+    """Put a unique key through the server; read it back from every backend by name until each
+    holds it (within `within` seconds); then check that ordinary reads reach every backend."""
+
+    def __init__(self, client: Client, within: float) -> None:
+        self.client = client
+        self.within = within
+        self.frontend = frontend_pb2_grpc.FrontendStub(client.channel)
+        self.seen: dict[str, Seen] = {}
+        self.written = False
+        run = uuid.uuid4().hex[:12]
+        self.key = f"smoke/{run}".encode()
+        self.value = f"{run}-{time.time():.3f}".encode()
+
+    def backends(self) -> list[frontend_pb2.BackendInfo]:
+        """Every backend the server knows; new ones join the check (earlier ones stay in it)."""
+        try:
+            reply: frontend_pb2.ListBackendsResponse = self.client.call(
+                self.frontend.ListBackends, frontend_pb2.ListBackendsRequest()
+            )
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise SmokeFailed(
+                    f"the server at {self.client.target} does not serve kvstack.v1.Frontend, so "
+                    "its backends cannot be checked: it is older than this client; deploy a "
+                    "server of the same version"
+                ) from err
+            raise
+        for info in reply.backends:
+            if info.address in self.seen:
+                self.seen[info.address].info = info
+            else:
+                self.seen[info.address] = Seen(info)
+        return list(reply.backends)
+
+    def read_from(self, address: str, timeout: float) -> str | None:
+        """None when `address` holds the write; otherwise what it answered, as a phrase."""
+        try:
+            reply, call = self.client.stub.Get.with_call(
+                kv_pb2.GetRequest(key=self.key),
+                timeout=timeout,
+                metadata=((BACKEND_KEY, address),),
+            )
+        except grpc.RpcError as err:
+            code = err.code()
+            if code == grpc.StatusCode.NOT_FOUND:
+                return "does not hold it (NOT_FOUND)"
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return f"did not answer within {timeout:.1f} s (DEADLINE_EXCEEDED)"
+            return f"{code.name}: {err.details()}"
+        answered = _answered_by(call)
+        if answered != address:
+            # Not a lagging backend: the check itself cannot be trusted.
+            raise SmokeFailed(
+                f"a read for the backend at {address} was answered by "
+                f"{answered or 'a backend the server did not name'!r}: the server does not "
+                "honour kvstack-backend metadata (is it older than this client?); deploy a "
+                "server of the same version"
+            )
+        if reply.value != self.value:
+            return f"holds another value ({_show(reply.value)})"
+        return None
+
+    def write(self) -> None:
+        backends = self.backends()
+        print(
+            f"kvstack smoke: the server at {self.client.target} knows {len(backends)} "
+            "backend(s): " + ", ".join(backend_name(b) for b in backends)
+        )
+        primaries = sorted((b for b in backends if b.role == PRIMARY), key=lambda b: b.ordinal)
+        if not primaries:
+            raise SmokeFailed(
+                "no backend the server knows says it is the primary, so no write can land; see "
+                "the primary's logs (Kubernetes: backend-0; Swarm: the backend task in slot 1)"
+            )
+        _, call = self.client.call(
+            self.client.stub.Put.with_call, kv_pb2.PutRequest(key=self.key, value=self.value)
+        )
+        self.written = True
+        taken_by = _answered_by(call)
+        print(f"put {_show(self.key)} -> taken by {taken_by or '(not said)'}")
+        if taken_by != primaries[0].address:
+            raise SmokeFailed(
+                f"the write was taken by {taken_by or 'a backend the server did not name'!r}, "
+                f"not by the primary, {backend_name(primaries[0])}; the server routes writes "
+                "wrongly: see its logs"
+            )
+
+    def converge(self) -> None:
+        """Read the write back from every backend, by name, until each holds it."""
+        started = time.monotonic()
+        deadline = started + self.within
+        while True:
+            for address, seen in self.seen.items():
+                if seen.held_after is not None:
+                    continue
+                timeout = max(0.05, min(SMOKE_READ_TIMEOUT_S, deadline - time.monotonic()))
+                problem = self.read_from(address, timeout)
+                if problem is None:
+                    seen.held_after = time.monotonic() - started
+                else:
+                    seen.last = problem
+            lagging = [s for s in self.seen.values() if s.held_after is None]
+            if not lagging or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+            self.backends()  # a backend the server found meanwhile joins the check
+        for seen in self.seen.values():
+            outcome = (
+                f"holds the write after {seen.held_after:.2f} s"
+                if seen.held_after is not None
+                else f"NOT within {self.within:g} s: {seen.last}"
+            )
+            print(f"  {backend_name(seen.info)}: {outcome}")
+        if lagging:
+            names = "; ".join(f"{backend_name(s.info)} {s.last}" for s in lagging)
+            raise SmokeFailed(
+                f"not every backend holds the write within {self.within:g} s: {names}. A "
+                "replica that never gets it is not following the primary (its logs say why: "
+                "it cannot reach it, or it is stopped); one that is only slow needs a longer "
+                f"bound (--within, {SMOKE_WITHIN_ENV})"
+            )
+
+    def spread(self) -> None:
+        """Ordinary reads (no backend named) until every backend has answered one."""
+        deadline = time.monotonic() + self.within
+        total = 0
+        while time.monotonic() < deadline:
+            if all(s.reads for s in self.seen.values()):
+                break
+            try:
+                reply, call = self.client.call(
+                    self.client.stub.Get.with_call, kv_pb2.GetRequest(key=self.key, latest=False)
+                )
+            except grpc.RpcError as err:
+                raise SmokeFailed(
+                    f"an ordinary read (no backend named) failed after {total} that worked: "
+                    f"{err.code().name}: {err.details()}; the server's logs say which backend "
+                    "it tried"
+                ) from err
+            total += 1
+            answered = _answered_by(call)
+            if reply.value != self.value:
+                raise SmokeFailed(
+                    f"an ordinary read answered by {answered or 'an unnamed backend'} returned "
+                    f"{_show(reply.value)}, not the value just written"
+                )
+            if answered in self.seen:
+                self.seen[answered].reads += 1
+            time.sleep(0.02)
+        print(
+            f"ordinary reads: {total}, answered by "
+            + ", ".join(f"{backend_name(s.info)} x{s.reads}" for s in self.seen.values())
+        )
+        unread = [s for s in self.seen.values() if not s.reads]
+        if unread:
+            self.backends()
+            names = "; ".join(
+                f"{backend_name(s.info)} (the server "
+                + ("counts it as readable" if s.info.serves_reads else "does not send it reads")
+                + ")"
+                for s in unread
+            )
+            raise SmokeFailed(
+                f"reads do not spread over every backend: none of {total} ordinary reads in "
+                f"{self.within:g} s reached {names}. A replica out of the read rotation is "
+                "catching up or lags past KVSTACK_MAX_LAG: see its logs"
+            )
+
+    def clean_up(self) -> None:
+        if not self.written:
+            return
+        try:
+            self.client.call(self.client.stub.Delete, kv_pb2.DeleteRequest(key=self.key))
+        except (grpc.RpcError, Unreachable) as err:
+            print(f"(could not delete {_show(self.key)}: {err}; harmless)", file=sys.stderr)
+
+
+def run_smoke(client: Client, within: float) -> int:
+    """The deploys' smoke test: the batch, then every tier. Writes reach the primary; every
+    backend the server knows, each addressed by name, holds the write within `within` seconds;
+    ordinary reads reach every backend. 0 when all holds, 1 (saying which backend) otherwise."""
+    if run_batch(client) != 0:
+        print("kvstack smoke: FAILED: the batch did not get every response right (above)")
+        return 1
+    smoke = Smoke(client, within)
+    try:
+        try:
+            smoke.write()
+            smoke.converge()
+            smoke.spread()
+        finally:
+            smoke.clean_up()
+    except SmokeFailed as err:
+        print(f"kvstack smoke: FAILED: {err}")
+        return 1
+    except grpc.RpcError as err:
+        print(f"kvstack smoke: FAILED: {err.code().name}: {err.details()}")
+        return 1
+    print(f"kvstack smoke: every tier OK ({len(smoke.seen)} backend(s))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvstack-client",
@@ -276,6 +532,19 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--concurrency", type=int, default=8)
     load.add_argument("--prefix", default="load/")
     load.add_argument("--value-bytes", type=int, default=64)
+    smoke = sub.add_parser(
+        "smoke",
+        help="the deploys' smoke test: the batch, then every backend must hold a fresh write "
+        "and answer reads",
+    )
+    smoke.add_argument(
+        "--within",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"how long each backend may take to hold the write (default: ${SMOKE_WITHIN_ENV} "
+        f"or {SMOKE_WITHIN_S:g})",
+    )
     return parser
 
 
@@ -300,6 +569,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{printable(entry.key)}={printable(entry.value)}")
         elif args.command == "load":
             return run_load(client, args.count, args.concurrency, args.prefix, args.value_bytes)
+        elif args.command == "smoke":
+            within = default_within() if args.within is None else args.within
+            if within <= 0:
+                print(
+                    f"kvstack-client: error: the bound must be above 0 s (got {within:g}); "
+                    f"give --within SECONDS or {SMOKE_WITHIN_ENV}, e.g. {SMOKE_WITHIN_S:g}",
+                    file=sys.stderr,
+                )
+                return 2
+            return run_smoke(client, within)
     except Unreachable as err:
         print(f"kvstack-client: error: {err}", file=sys.stderr)
         return 2

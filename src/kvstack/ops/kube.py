@@ -7,9 +7,11 @@ They wrap kubectl (and minikube, gcloud, docker) and reimplement nothing:
   through Kustomize (`images:`, patches; never text substitution) and keeps the current replica
   counts and autoscaler bounds (so deploying the same version twice changes nothing, and a deploy
   does not undo `kvstack scale`), `kubectl apply -k` it, `kubectl rollout status` every workload
-  (callees first), then run the smoke Job (created suspended; resumed here). When a rollout or
-  the smoke test fails, every workload whose pod template this deploy changed is rolled back
-  with `kubectl rollout undo`, and the error says so.
+  (callees first), then run the smoke Job (created suspended; resumed here) and poll it until
+  it is Complete or has Failed. When a rollout or the smoke test fails, every workload whose
+  pod template this deploy changed is rolled back with `kubectl rollout undo` (a StatefulSet's
+  pods stuck at the bad revision deleted: Kubernetes' "forced rollback"), each rollback's
+  rollout is awaited, and the error states what was observed of each.
 - scale: move the autoscaler's bounds first (so it does not undo the change), then
   `kubectl scale` and wait.
 - status, history: kubectl get / rollout history; rollback: `kubectl rollout undo`, with
@@ -29,6 +31,7 @@ import os
 import shlex
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,9 @@ OVERLAYS = manifests.ROOT / manifests.DEPLOY / "overlays"
 VERSION_LABEL = "app.kubernetes.io/version"
 CHANGE_CAUSE = "kubernetes.io/change-cause"
 GKE_REGISTRY_ENV = "KVSTACK_GKE_REGISTRY"
+REVISION_LABEL = "controller-revision-hash"  # the StatefulSet revision a pod was made from
+POLL_S = 2.0  # between two looks at a Job or a StatefulSet's status
+UNDO_SEEN_S = 60.0  # how long the StatefulSet controller may take to act on `rollout undo`
 
 
 def kubectl(*args: str, namespace: str = NAMESPACE) -> list[str]:
@@ -264,25 +270,144 @@ class KubeTarget:
             path.write_text(text, encoding="utf-8")
         return directory
 
-    def roll_back_changed(self, runner: Runner, snap: Snapshot, timeout: int) -> list[str]:
-        """Undo every workload whose pod template differs from before the deploy."""
-        undone = []
+    def stuck_pods(self, runner: Runner, svc: registry.Service, revision: str) -> list[str]:
+        """The pods of a StatefulSet made from `revision` that are not Ready."""
+        selector = ",".join(
+            f"{k}={v}"
+            for k, v in {**manifests.selector_labels(svc), REVISION_LABEL: revision}.items()
+        )
+        result = runner.query(
+            self.kubectl("get", "pods", "--selector", selector, "--output", "json")
+        )
+        if result.returncode != 0 or not result.stdout.strip():
+            return []
+        stuck = []
+        for pod in json.loads(result.stdout).get("items", []):
+            conditions = pod.get("status", {}).get("conditions", [])
+            ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+            if not ready:
+                stuck.append(str(pod["metadata"]["name"]))
+        return sorted(stuck)
+
+    def force_rollback(self, runner: Runner, svc: registry.Service, bad: str) -> str:
+        """Kubernetes' forced rollback of an OrderedReady StatefulSet: `rollout undo` reverts the
+        template, but a pod stuck at the bad revision (crash loop, image pull error) is never
+        replaced, and the rollout waits for it forever. Once the controller has taken the undo
+        (its update revision is no longer `bad`), delete the pods of the bad revision that are
+        not Ready; the controller recreates them from the reverted template.
+        https://kubernetes.io/docs/concepts/workloads/controllers/statefulset/#forced-rollback
+        What was done, as a phrase ("" when nothing was stuck)."""
+        if runner.dry_run:
+            say(f"(dry run) would delete the pods of {resource(svc)} stuck at revision {bad}")
+            return ""
+        if not self.stuck_pods(runner, svc, bad):
+            return ""  # nothing stuck: the controller rolls every pod back by itself
+        deadline = time.monotonic() + UNDO_SEEN_S
+        while True:
+            live = get_json(runner, resource(svc), self.namespace) or {}
+            status = live.get("status", {})
+            generation = live.get("metadata", {}).get("generation", 0)
+            taken = (
+                status.get("updateRevision", bad) != bad
+                and status.get("observedGeneration", generation) >= generation
+            )
+            if taken:
+                break
+            if time.monotonic() > deadline:
+                return (
+                    f"the StatefulSet controller had not taken the undo after {UNDO_SEEN_S:.0f} s "
+                    f"(update revision still {bad}), so no stuck pod was deleted"
+                )
+            time.sleep(POLL_S)
+        stuck = self.stuck_pods(runner, svc, bad)
+        if not stuck:
+            return ""
+        say(f"{resource(svc)}: deleting {', '.join(stuck)}, stuck at the bad revision {bad}")
+        deleted = runner.run(self.kubectl("delete", "pod", *stuck, "--wait=false"), check=False)
+        if deleted.returncode != 0:
+            return f"could not delete {', '.join(stuck)}, stuck at the bad revision (see above)"
+        return f"deleted {', '.join(stuck)}, stuck at the bad revision"
+
+    def roll_back_changed(self, runner: Runner, snap: Snapshot, timeout: int) -> str:
+        """Undo every workload whose pod template differs from before the deploy, wait for each
+        rollback's rollout, and say what was observed of each (never what was only hoped)."""
+        undone: list[tuple[registry.Service, str]] = []  # and the bad revision (StatefulSets)
+        failed: list[str] = []
         for svc in long_running():
             before = snap.templates[resource(svc)]
             if not before:
                 continue  # created by this deploy: there is no earlier revision to return to
-            after = template_of(get_json(runner, resource(svc), self.namespace))
+            live = get_json(runner, resource(svc), self.namespace)
+            after = template_of(live)
             if after and after != before:
                 say(f"rolling back {resource(svc)}")
-                runner.run(self.kubectl("rollout", "undo", resource(svc)), check=False)
-                undone.append(resource(svc))
-        for svc in long_running():
-            if resource(svc) in undone:
-                rollout_status(runner, svc, timeout, self.namespace)
-        return undone
+                bad = str((live or {}).get("status", {}).get("updateRevision", ""))
+                if runner.run(
+                    self.kubectl("rollout", "undo", resource(svc)), check=False
+                ).returncode:
+                    failed.append(
+                        f"`kubectl rollout undo {resource(svc)}` failed (see above), so it still "
+                        "has the new release's template"
+                    )
+                    continue
+                undone.append((svc, bad))
+        finished: list[str] = []
+        for svc, bad in undone:
+            forced = self.force_rollback(runner, svc, bad) if svc.kind == "stateful" and bad else ""
+            done = rollout_status(runner, svc, timeout, self.namespace)
+            note = f" ({forced})" if forced else ""
+            if done:
+                finished.append(resource(svc) + note)
+            else:
+                failed.append(
+                    f"the rollback of {resource(svc)}{note} did NOT finish within {timeout} s: "
+                    "some of its pods may still run the new release"
+                )
+        parts = []
+        if finished:
+            parts.append(
+                f"rolled back {', '.join(finished)} to the previous release (rollout finished)"
+            )
+        parts += failed
+        return "; ".join(parts) or "nothing to roll back (no workload had an earlier release)"
+
+    def wait_job(self, runner: Runner, svc: registry.Service, timeout: int) -> str | None:
+        """Wait until the Job is Complete (None) or has failed (the failure, as the Job says).
+
+        `kubectl wait --for=condition=complete` does not return when a Job fails, and waits
+        for one condition only (kubectl 1.27-1.33), so this polls the Job's conditions:
+        Complete; Failed, or FailureTarget (Kubernetes 1.31 on sets it first, while the Job's
+        last pods terminate)."""
+        if runner.dry_run:
+            say(f"(dry run) would poll {resource(svc)} until it is Complete or has Failed")
+            return None
+        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        while True:
+            try:
+                job = get_json(runner, resource(svc), self.namespace)
+            except CommandError as err:
+                return f"the smoke test {resource(svc)} could not be read ({err})"
+            if job is None:
+                return f"the smoke test {resource(svc)} is gone (deleted while it ran?)"
+            conditions = {
+                c.get("type"): c
+                for c in job.get("status", {}).get("conditions", [])
+                if c.get("status") == "True"
+            }
+            if "Complete" in conditions:
+                say(f"{resource(svc)} complete ({time.monotonic() - started:.0f} s)")
+                return None
+            failed = conditions.get("Failed") or conditions.get("FailureTarget")
+            if failed:
+                why = ": ".join(x for x in (failed.get("reason"), failed.get("message")) if x)
+                return f"the smoke test {resource(svc)} failed" + (f" ({why})" if why else "")
+            if time.monotonic() > deadline:
+                return f"the smoke test {resource(svc)} did not finish within {timeout} s"
+            time.sleep(POLL_S)
 
     def smoke_test(self, runner: Runner, timeout: int) -> str | None:
-        """Resume each (suspended) Job and wait for it; the failure, if any."""
+        """Resume each (suspended) Job and wait until it completes or fails; the failure."""
         for svc in jobs():
             say(f"smoke test: running {resource(svc)}")
             runner.run(
@@ -290,12 +415,10 @@ class KubeTarget:
                     "patch", resource(svc), "--type=merge", "--patch", '{"spec":{"suspend":false}}'
                 )
             )
-            wait = self.kubectl(
-                "wait", "--for=condition=complete", resource(svc), f"--timeout={timeout}s"
-            )
-            if runner.run(wait, check=False).returncode != 0:
+            failure = self.wait_job(runner, svc, timeout)
+            if failure:
                 runner.run(self.kubectl("logs", resource(svc), "--tail=50"), check=False)
-                return f"the smoke test {resource(svc)} did not complete within {timeout} s"
+                return failure
         return None
 
     # -- verbs ----------------------------------------------------------------------------------
@@ -325,12 +448,7 @@ class KubeTarget:
         if failure is None:
             failure = self.smoke_test(runner, request.timeout)
         if failure is not None:
-            undone = self.roll_back_changed(runner, snap, request.timeout)
-            what = (
-                f"rolled back {', '.join(undone)} to the previous release"
-                if undone
-                else "nothing to roll back (no workload had an earlier release)"
-            )
+            what = self.roll_back_changed(runner, snap, request.timeout)
             raise CommandError(
                 f"{failure}; {what}. See `kubectl --namespace {self.namespace} get pods` and "
                 f"`kubectl --namespace {self.namespace} describe` / `logs` of the failing pods, "
@@ -417,15 +535,24 @@ class KubeTarget:
     ) -> None:
         self.preflight(runner)
         chosen = [service] if service else long_running()
+        bad: dict[str, str] = {}  # StatefulSet -> its update revision before the undo
         for svc in chosen:
             argv = self.kubectl("rollout", "undo", resource(svc))
             if version:
                 argv.append(f"--to-revision={self.revision_of(runner, svc, version)}")
+            if svc.kind == "stateful":
+                live = get_json(runner, resource(svc), self.namespace) or {}
+                bad[resource(svc)] = str(live.get("status", {}).get("updateRevision", ""))
             if runner.run(argv, check=False).returncode != 0:
                 raise CommandError(
                     f"`kubectl rollout undo {resource(svc)}` failed (see above); a workload "
                     f"deployed once has no earlier release: `kvstack history {self.cli_target}`"
                 )
+        for svc in chosen:
+            if bad.get(resource(svc)):
+                forced = self.force_rollback(runner, svc, bad[resource(svc)])
+                if forced:
+                    say(f"{resource(svc)}: {forced}")
         failed = [
             resource(s) for s in chosen if not rollout_status(runner, s, timeout, self.namespace)
         ]

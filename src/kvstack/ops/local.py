@@ -719,7 +719,8 @@ class Local:
             time.sleep(POLL_S)
 
     def smoke_test(self, runner: Runner, version: str, timeout: int) -> str | None:
-        """Run every job (the client's batch) once on the stack's network; the failure or None."""
+        """Run every job once on the stack's network with registry.SMOKE_ARGS (the client's
+        batch, then its check that every backend holds a fresh write); the failure or None."""
         for job in (s for s in registry.services().values() if s.kind == "job"):
             ref = images.image_ref(job, version)
             network = job_network(self.stack, job)
@@ -728,7 +729,7 @@ class Local:
             env = [f"--env={k}={v}" for k, v in callee_targets(job).items()]
             argv = docker(
                 "run", "--rm", f"--name={container}", "--network", network,
-                *env, ref,
+                *env, ref, *registry.SMOKE_ARGS,
             )  # fmt: skip
             try:
                 code = runner.run(argv, check=False, timeout=timeout).returncode
@@ -859,8 +860,12 @@ class Local:
                 and live.update_state in ROLLED_BACK_STATES
             )
             if not rolled_by_swarm:
-                runner.run(docker("service", "rollback", "--detach", self.service(svc)),
-                           capture=True, check=False)  # fmt: skip
+                ran = runner.run(docker("service", "rollback", "--detach", self.service(svc)),
+                                 capture=True, check=False)  # fmt: skip
+                if ran.returncode != 0:
+                    why = (ran.stderr or "").strip().splitlines()[-1:] or ["no message"]
+                    failed.append(f"{svc.name} to {was.image} (docker service rollback: {why[0]})")
+                    continue
             problem = self.wait(runner, svc, was.image, timeout)
             (failed if problem else undone).append(f"{svc.name} to {was.image}")
         parts = []
@@ -969,17 +974,24 @@ class Local:
                 # Swarm's own rollback restores the previous spec whole (env, config...).
                 runner.run(docker("service", "rollback", "--detach", name), capture=True)
                 failure = self.wait(runner, svc, image, timeout)
-                runner.run(
-                    docker("service", "update", "--detach", "--label-add", label, name),
-                    capture=True,
-                )
+                if not failure:  # the history records what happened, not what was tried
+                    runner.run(
+                        docker("service", "update", "--detach", "--label-add", label, name),
+                        capture=True,
+                    )
             else:
                 runner.run(set_image(name, image, {RELEASES_LABEL: releases_json}), capture=True)
                 failure = self.wait(runner, svc, image, timeout, updated_after=live.update_started)
             if failure:
+                now = self.live(runner, svc)
+                seen = (
+                    f"now its spec names {now.image}, {self.progress(runner, svc, now.image)}"
+                    if now is not None and not runner.dry_run
+                    else "its state could not be read"
+                )
                 raise CommandError(
-                    f"rollback of {svc.name} to {image} failed: {failure}. It runs "
-                    f"{live.image} or is still moving; see `kvstack status local`"
+                    f"rollback of {svc.name} to {image} failed: {failure}. As seen after it: "
+                    f"{seen}; see `kvstack status local` and `docker service ps --no-trunc {name}`"
                 )
             done.append(f"{svc.name} to {release}")
         if done:

@@ -287,6 +287,9 @@ def statefulset(svc: Service, services: Mapping[str, Service]) -> dict[str, Any]
 
 
 def job(svc: Service, services: Mapping[str, Service]) -> dict[str, Any]:
+    template = pod_template(svc, services)
+    # The smoke test proper: every backend must hold a fresh write (kvstack.client.run_smoke).
+    template["spec"]["containers"][0]["args"] = list(registry.SMOKE_ARGS)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -295,10 +298,21 @@ def job(svc: Service, services: Mapping[str, Service]) -> dict[str, Any]:
             # Created suspended: `kvstack deploy` resumes it once every rollout is done, so it
             # tests the new release (it is the smoke test), not a half-rolled one.
             "suspend": True,
-            "backoffLimit": 2,
+            # One run decides: the check retries within its own bound, and a second pod passing
+            # later would hide replicas that did not converge in time. A pod the cluster itself
+            # took away (eviction, preemption, node drain) does not count, and runs again.
+            "backoffLimit": 0,
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "Ignore",
+                        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                    },
+                ]
+            },
             "activeDeadlineSeconds": 300,
             "ttlSecondsAfterFinished": 86400,
-            "template": pod_template(svc, services),
+            "template": template,
         },
     }
 

@@ -5,6 +5,11 @@ It finds every backend behind one DNS name (kvstack.directory: one channel per a
 asked its role): writes, and reads that ask for the latest, go to the primary; other reads go
 round-robin to every backend that may answer them. A plain Kubernetes Service would pin the one
 HTTP/2 connection to one pod.
+
+It also serves kvstack.v1.Frontend (frontend.proto): the backends it knows, and, for a read whose
+`kvstack-backend` metadata names one, that backend alone. Every forwarded call says in trailing
+metadata which backend answered. The client's smoke test checks every backend that way, through
+the server: the network lets only the server reach a backend.
 """
 
 from __future__ import annotations
@@ -22,11 +27,15 @@ from grpc import aio
 from kvstack import registry, runtime, validation, wire
 from kvstack.directory import Directory, Member
 from kvstack.runtime import setting
-from kvstack.v1 import kv_pb2, kv_pb2_grpc
+from kvstack.v1 import frontend_pb2, frontend_pb2_grpc, kv_pb2, kv_pb2_grpc, replication_pb2
 
 NAME = "server"
 log = logging.getLogger("kvstack.server")
 Context = aio.ServicerContext[Any, Any]
+# Request metadata: the backend (an address ListBackends returned) a Get or List is for.
+# Trailing metadata of every forwarded call: the backend that answered.
+BACKEND_KEY = "kvstack-backend"
+NAMED = "the backend named"  # in messages about a read for a named backend
 
 
 @dataclass(frozen=True)
@@ -138,26 +147,74 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
         assert primary is not None  # abort raised otherwise
         return primary
 
-    async def _write(self, context: Context, method: str, request: Any) -> Any:
-        timeout = await self._deadline(context)
-        primary = await self._primary(context)
+    async def _named(self, context: Context, latest: bool) -> Member | None:
+        """The backend a read's `kvstack-backend` metadata names, if it names one."""
+        address = named_backend(context)
+        if address is None:
+            return None
+        if latest:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the read asks for the latest (the primary) and names backend {address!r} in "
+                f"{BACKEND_KEY} metadata; ask for one or the other",
+            )
+        member = self.directory.member(address)
+        if member is None:
+            known = ", ".join(sorted(self.directory.members)) or "none yet"
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this server knows no backend at {address!r} (it knows: {known}); "
+                "kvstack.v1.Frontend/ListBackends lists them",
+            )
+        return member
+
+    async def _refuse_named(self, context: Context, what: str) -> None:
+        address = named_backend(context)
+        if address is not None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{what}, so {BACKEND_KEY} metadata (naming {address!r}) does not apply; "
+                "drop it, or send a Get or List to read from one backend",
+            )
+
+    async def _answer(
+        self, context: Context, member: Member, method: str, request: Any, who: str
+    ) -> Any:
+        """Forward to one backend, no other: its reply, or its failure as this call's (the
+        backend's own message; a read for a named backend also says which one answered)."""
         try:
-            return await _forward(primary, method, request, timeout)
+            reply = await _forward(member, method, request, self._timeout(context))
         except aio.AioRpcError as err:
-            await context.abort(err.code(), _explain(err))
+            named = who == NAMED
+            detail = f"{who} {member.address}: {_explain(err)}" if named else _explain(err)
+            await context.abort(err.code(), detail)
             raise  # unreachable: abort raises
         except ChannelClosed:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
-                f"the connection to the primary backend ({primary.address}) closed during the "
-                "call (it restarted or left); retry",
+                f"the connection to {who} ({member.address}) closed during the call (it "
+                "restarted or left); retry",
             )
             raise  # unreachable: abort raises
+        answered_by(context, member)
+        return reply
+
+    async def _write(self, context: Context, method: str, request: Any) -> Any:
+        await self._refuse_named(context, "writes always go to the primary")
+        return await self._to_primary(context, method, request)
+
+    async def _to_primary(self, context: Context, method: str, request: Any) -> Any:
+        await self._deadline(context)
+        primary = await self._primary(context)
+        return await self._answer(context, primary, method, request, "the primary backend")
 
     async def _read(self, context: Context, method: str, request: Any, latest: bool) -> Any:
+        named = await self._named(context, latest)
         timeout = await self._deadline(context)
+        if named is not None:
+            return await self._answer(context, named, method, request, NAMED)
         if latest:
-            return await self._write(context, method, request)  # same route: the primary
+            return await self._to_primary(context, method, request)  # same route as writes
         # Each reader in turn: one that is unavailable, or does not answer within
         # read_attempt_timeout while another could, hands the read to the next within this call
         # (a frozen replica used to hold it for the whole deadline). The last gets what is left.
@@ -172,7 +229,7 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
                 break
             attempt = min(remaining, self.config.read_attempt_timeout) if others else remaining
             try:
-                return await _forward(member, method, request, attempt)
+                reply = await _forward(member, method, request, attempt)
             except aio.AioRpcError as err:
                 slow = err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and bool(others)
                 if err.code() != grpc.StatusCode.UNAVAILABLE and not slow:
@@ -184,6 +241,9 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
                     )
             except ChannelClosed:
                 pass  # the next reader, or UNAVAILABLE below
+            else:
+                answered_by(context, member)
+                return reply
             tried.append(member)
             if not others:
                 break
@@ -227,6 +287,7 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
     async def Scan(
         self, request: kv_pb2.ScanRequest, context: Context
     ) -> AsyncIterator[kv_pb2.Entry]:
+        await self._refuse_named(context, "Scan streams from the backends in turn")
         # A stream has no single deadline to shrink: it inherits the caller's, if any.
         member = self.directory.primary() if request.latest else self.directory.pick_reader()
         if member is None:
@@ -240,6 +301,43 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
                 yield entry
         except aio.AioRpcError as err:
             await context.abort(err.code(), _explain(err))
+
+
+class BackendList(frontend_pb2_grpc.FrontendServicer):
+    """kvstack.v1.Frontend: the backends this server knows, as its Directory last saw them."""
+
+    def __init__(self, directory: Directory) -> None:
+        self.directory = directory
+
+    async def ListBackends(
+        self, request: frontend_pb2.ListBackendsRequest, context: Context
+    ) -> frontend_pb2.ListBackendsResponse:
+        readers = {m.address for m in self.directory.readers()}
+        return frontend_pb2.ListBackendsResponse(
+            backends=[
+                frontend_pb2.BackendInfo(
+                    address=m.address,
+                    role=replication_pb2.BackendRole.Name(m.role),
+                    ordinal=m.ordinal,
+                    seq=m.seq,
+                    serves_reads=m.address in readers,
+                    error=m.error,
+                )
+                for m in sorted(self.directory.members.values(), key=lambda m: m.address)
+            ]
+        )
+
+
+def named_backend(context: Context) -> str | None:
+    """The value of the call's `kvstack-backend` request metadata, if it has one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == BACKEND_KEY:
+            return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return None
+
+
+def answered_by(context: Context, member: Member) -> None:
+    context.set_trailing_metadata(((BACKEND_KEY, member.address),))
 
 
 async def _validate(context: Context, check: Callable[[], None]) -> None:
@@ -281,8 +379,11 @@ class Server:
     def register(self, server: aio.Server) -> list[str]:
         # Not the generated add_*_to_server: a request that is not a valid message gets
         # INVALID_ARGUMENT with a sentence, not UNKNOWN (kvstack.wire).
-        wire.add_servicer(self.servicer, kv_pb2.DESCRIPTOR.services_by_name["KeyValue"], server)
-        return [kv_pb2.DESCRIPTOR.services_by_name["KeyValue"].full_name]
+        kv = kv_pb2.DESCRIPTOR.services_by_name["KeyValue"]
+        frontend = frontend_pb2.DESCRIPTOR.services_by_name["Frontend"]
+        wire.add_servicer(self.servicer, kv, server)
+        wire.add_servicer(BackendList(self.directory), frontend, server)
+        return [kv.full_name, frontend.full_name]
 
     async def start(self) -> None:
         """Ready once a backend can answer: the primary, or a replica that has caught up."""
