@@ -69,6 +69,17 @@ def check_key(key: bytes) -> None:
         )
 
 
+MAX_REQUEST_ID_CHARS = 64
+
+
+def check_request_id(request_id: str) -> None:
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise Invalid(
+            f"request_id is {len(request_id)} characters, over the limit of "
+            f"{MAX_REQUEST_ID_CHARS}: use a random id (a UUID is 36)"
+        )
+
+
 def check_value(value: bytes, max_value_bytes: int) -> None:
     if len(value) > max_value_bytes:
         raise Invalid(

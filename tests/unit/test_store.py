@@ -277,3 +277,24 @@ def test_the_log_is_bounded_by_bytes_so_deleting_frees_room(tmp_path: Path) -> N
     assert reopened.log_bytes() == logged
     assert reopened.can_stream_from(seq - 1)  # the newest changes are still there to stream
     reopened.close()
+
+
+def test_a_request_id_is_applied_once_until_it_ages_out(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write repeated with its request id, in the same batch or later, gets the first answer
+    and adds no change; ids older than the last REQUESTS_KEPT changes are forgotten (so the
+    table stays bounded), after which the id is a new write."""
+    from kvstack.backend import store as store_module
+
+    monkeypatch.setattr(store_module, "REQUESTS_KEPT", 3)
+    first, again = store.apply(
+        [Write("put", b"k", b"v1", b"id-1"), Write("put", b"k", b"v1", b"id-1")]
+    )
+    assert first == again == Applied(True, 1)
+    assert store.apply([Write("put", b"k", b"v1", b"id-1")]) == [Applied(True, 1)]
+    assert store.seq() == 1
+    for i in range(4):
+        store.apply([Write("put", f"o{i}".encode(), b"x", f"other-{i}".encode())])
+    assert store.seq() == 5
+    assert store.apply([Write("put", b"k", b"v1", b"id-1")]) == [Applied(False, 6)]  # forgotten

@@ -178,7 +178,9 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
         try:
             validation.check_key(request.key)
             validation.check_value(request.value, self.config.max_value_bytes)
-            applied = await self._write(Write("put", request.key, request.value))
+            applied = await self._write(
+                Write("put", request.key, request.value, request_id(request.request_id))
+            )
         except (validation.Invalid, StoreFull, _Starting, _Replica) as err:
             await _refuse(context, err)
         return kv_pb2.PutResponse(created=applied.changed)
@@ -200,7 +202,9 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
     ) -> kv_pb2.DeleteResponse:
         try:
             validation.check_key(request.key)
-            applied = await self._write(Write("delete", request.key))
+            applied = await self._write(
+                Write("delete", request.key, request_id=request_id(request.request_id))
+            )
         except (validation.Invalid, StoreFull, _Starting, _Replica) as err:
             await _refuse(context, err)
         if not applied.changed:
@@ -234,6 +238,12 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
             for key, value in chunk:
                 yield kv_pb2.Entry(key=key, value=value)
             await asyncio.sleep(0)  # let other calls in between chunks
+
+
+def request_id(text: str) -> bytes:
+    """A request id as the store keeps it (validation.check_request_id has bounded it)."""
+    validation.check_request_id(text)
+    return text.encode()
 
 
 class Backend:

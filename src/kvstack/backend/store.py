@@ -47,6 +47,14 @@ class Write:
     op: Literal["put", "delete"]
     key: bytes
     value: bytes = b""
+    # The caller's identity for this write, the same on every attempt (kv.proto's request_id):
+    # a repeat is answered as the first attempt was and applied no second time. b"": none.
+    request_id: bytes = b""
+
+
+# How many of the latest changes keep their request ids: a retry of a write this recent (the
+# client's and the server's retries are seconds apart) is recognised, an older one is not.
+REQUESTS_KEPT = 100_000
 
 
 @dataclass(frozen=True)
@@ -89,11 +97,14 @@ class Store:
         try:
             path.mkdir(parents=True, exist_ok=True)
             self.env = lmdb.open(
-                str(path), map_size=map_size, sync=True, metasync=True, max_dbs=3, readahead=False
+                str(path), map_size=map_size, sync=True, metasync=True, max_dbs=5, readahead=False
             )
             self.kv = self.env.open_db(b"kv")
             self.log = self.env.open_db(b"log")
             self.meta = self.env.open_db(b"meta")
+            # request id -> (seq, changed) of the write it made; seq + id -> b"", to trim by age
+            self.requests = self.env.open_db(b"requests")
+            self.request_order = self.env.open_db(b"request_order")
         except (OSError, lmdb.Error) as err:
             raise OSError(
                 f"cannot open the LMDB database in {path}: {err}. Mount a writable "
@@ -126,6 +137,11 @@ class Store:
                 log_bytes = _unpack(txn.get(_LOG_BYTES, db=self.meta))
                 results: list[Applied | Exception] = []
                 for write in writes:
+                    if write.request_id and (done := txn.get(write.request_id, db=self.requests)):
+                        # A repeat of a write already made (its answer was lost): the first
+                        # answer again, and nothing applied twice.
+                        results.append(Applied(done[8:] == b"\x01", _unpack(done[:8])))
+                        continue
                     changed = self._one(txn, write)
                     if changed or write.op == "put":
                         seq += 1
@@ -139,9 +155,14 @@ class Store:
                         raw = change.SerializeToString()
                         txn.put(_pack(seq), raw, db=self.log)
                         log_bytes += len(raw)
+                    if write.request_id:
+                        flag = b"\x01" if changed else b"\x00"
+                        txn.put(write.request_id, _pack(seq) + flag, db=self.requests)
+                        txn.put(_pack(seq) + write.request_id, b"", db=self.request_order)
                     results.append(Applied(changed, seq))
                 txn.put(_SEQ, _pack(seq), db=self.meta)
                 log_bytes = self._trim(txn, seq, log_bytes, budget=2 * len(writes) + 16)
+                self._forget_requests(txn, seq, budget=2 * len(writes) + 16)
                 txn.put(_LOG_BYTES, _pack(log_bytes), db=self.meta)
         except lmdb.MapFullError:
             if len(writes) == 1:
@@ -169,6 +190,18 @@ class Store:
             cursor.delete()
             budget -= 1
         return max(0, log_bytes)
+
+    def _forget_requests(self, txn: lmdb.Transaction, seq: int, budget: int) -> None:
+        """Forget the request ids of writes older than the last REQUESTS_KEPT changes, a
+        bounded number per transaction."""
+        cursor = txn.cursor(db=self.request_order)
+        while budget > 0 and cursor.first():
+            key = bytes(cursor.key())
+            if _unpack(key[:8]) > seq - REQUESTS_KEPT:
+                break
+            txn.delete(key[8:], db=self.requests)
+            cursor.delete()
+            budget -= 1
 
     def _count_log_bytes(self) -> int:
         """The log's size in bytes, kept in meta (counted once for a database from before)."""

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
@@ -65,6 +65,11 @@ class Client:
 
     target: str
     timeout: float = 5.0
+    # A write's deadline is longer: the server holds a write while the primary restarts
+    # (KVSTACK_PRIMARY_WAIT) instead of failing it, so one attempt rides out a restart.
+    write_timeout: float = field(
+        default_factory=lambda: float(os.environ.get("KVSTACK_WRITE_TIMEOUT", "30"))
+    )
     attempts: int = 5
     backoff: float = 0.1
     verbose: bool = True
@@ -81,11 +86,12 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
-    def call(self, method: Callable[..., R], request: object) -> R:
-        """Call with a deadline; retry transient failures with exponential backoff and jitter."""
+    def call(self, method: Callable[..., R], request: object, timeout: float | None = None) -> R:
+        """Call with a deadline; retry transient failures with exponential backoff and jitter
+        (a write's attempts all carry its one request_id: the primary applies it once)."""
         for attempt in range(1, self.attempts + 1):
             try:
-                return method(request, timeout=self.timeout)
+                return method(request, timeout=timeout or self.timeout)
             except grpc.RpcError as err:
                 code = err.code()
                 if code not in TRANSIENT:
@@ -109,9 +115,8 @@ class Client:
         raise AssertionError("unreachable")
 
     def put(self, key: bytes, value: bytes) -> bool:
-        reply: kv_pb2.PutResponse = self.call(
-            self.stub.Put, kv_pb2.PutRequest(key=key, value=value)
-        )
+        request = kv_pb2.PutRequest(key=key, value=value, request_id=uuid.uuid4().hex)
+        reply: kv_pb2.PutResponse = self.call(self.stub.Put, request, self.write_timeout)
         return reply.created
 
     def get(self, key: bytes) -> bytes:
@@ -121,7 +126,8 @@ class Client:
         return reply.value
 
     def delete(self, key: bytes) -> None:
-        self.call(self.stub.Delete, kv_pb2.DeleteRequest(key=key))
+        request = kv_pb2.DeleteRequest(key=key, request_id=uuid.uuid4().hex)
+        self.call(self.stub.Delete, request, self.write_timeout)
 
     def list(self, prefix: bytes, page_size: int = 0) -> Iterator[kv_pb2.Entry]:
         """Every entry under prefix, following the pages."""
@@ -360,9 +366,8 @@ class Smoke:
                 "no backend the server knows says it is the primary, so no write can land; see "
                 "the primary's logs (Kubernetes: backend-0; Swarm: the backend task in slot 1)"
             )
-        _, call = self.client.call(
-            self.client.stub.Put.with_call, kv_pb2.PutRequest(key=self.key, value=self.value)
-        )
+        put = kv_pb2.PutRequest(key=self.key, value=self.value, request_id=uuid.uuid4().hex)
+        _, call = self.client.call(self.client.stub.Put.with_call, put, self.client.write_timeout)
         self.written = True
         taken_by = _answered_by(call)
         print(f"put {_show(self.key)} -> taken by {taken_by or '(not said)'}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,10 @@ from kvstack.runtime import setting
 from kvstack.v1 import frontend_pb2, frontend_pb2_grpc, kv_pb2, kv_pb2_grpc, replication_pb2
 
 NAME = "server"
+# A write that waits for the primary gives up this long before the caller's deadline, so the
+# caller gets the server's reason rather than its own DEADLINE_EXCEEDED.
+WAIT_MARGIN_S = 0.2
+PRIMARY_POLL_S = 0.25
 log = logging.getLogger("kvstack.server")
 Context = aio.ServicerContext[Any, Any]
 # Request metadata: the backend (an address ListBackends returned) a Get or List is for.
@@ -57,6 +62,12 @@ class ServerConfig:
     )
     max_value_bytes: int = setting(
         "KVSTACK_MAX_VALUE_BYTES", validation.DEFAULT_MAX_VALUE_BYTES, "largest value accepted"
+    )
+    primary_wait: float = setting(
+        "KVSTACK_PRIMARY_WAIT",
+        30.0,
+        "seconds a write (or a read for the latest) waits for a primary to answer while it "
+        "restarts, within the caller's deadline; then UNAVAILABLE saying how long it waited",
     )
     read_attempt_timeout: float = setting(
         "KVSTACK_READ_ATTEMPT_TIMEOUT",
@@ -136,17 +147,6 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
             )
         return timeout
 
-    async def _primary(self, context: Context) -> Member:
-        primary = self.directory.primary()
-        if primary is None:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                "the primary backend is restarting (or unreachable), so writes fail fast; "
-                "retry in a few seconds. Reads still work from the replicas",
-            )
-        assert primary is not None  # abort raised otherwise
-        return primary
-
     async def _named(self, context: Context, latest: bool) -> Member | None:
         """The backend a read's `kvstack-backend` metadata names, if it names one."""
         address = named_backend(context)
@@ -204,9 +204,45 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
         return await self._to_primary(context, method, request)
 
     async def _to_primary(self, context: Context, method: str, request: Any) -> Any:
-        await self._deadline(context)
-        primary = await self._primary(context)
-        return await self._answer(context, primary, method, request, "the primary backend")
+        """Send to the primary; while there is none that answers (it restarts, drains, or is not
+        SERVING yet), wait for it within the caller's deadline, up to KVSTACK_PRIMARY_WAIT,
+        rather than fail at once. A write repeated here carries the caller's request_id, which
+        the primary applies once, so waiting and retrying never applies a write twice."""
+        started = time.monotonic()
+        remaining = context.time_remaining()
+        budget = self.config.primary_wait if remaining is None else remaining - WAIT_MARGIN_S
+        budget = min(budget, self.config.primary_wait)
+        why = "no backend says it is the primary"
+        while True:
+            left = budget - (time.monotonic() - started)
+            primary = self.directory.primary()
+            if primary is not None and left > 0:
+                try:
+                    reply = await _forward(
+                        primary, method, request, min(left, self.config.backend_timeout)
+                    )
+                except aio.AioRpcError as err:
+                    if err.code() != grpc.StatusCode.UNAVAILABLE:
+                        await context.abort(err.code(), _explain(err))
+                    why = f"the primary at {primary.address} was unavailable ({err.details()})"
+                except ChannelClosed:
+                    why = f"the connection to the primary at {primary.address} closed"
+                else:
+                    answered_by(context, primary)
+                    return reply
+                left = budget - (time.monotonic() - started)
+            if left <= 0:
+                break
+            await self.directory.wait_changed(min(PRIMARY_POLL_S, left))
+        waited = time.monotonic() - started
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"no primary backend took the call in the {waited:.1f} s it waited ({why}); it is "
+            "restarting or unreachable. If this was a write, it may or may not have been "
+            "applied: retry it with the same request_id (the client does), which is applied "
+            "once. Reads still work from the replicas",
+        )
+        raise AssertionError(waited)  # unreachable: abort raises
 
     async def _read(self, context: Context, method: str, request: Any, latest: bool) -> Any:
         named = await self._named(context, latest)
@@ -258,6 +294,7 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
         def check() -> None:
             validation.check_key(request.key)
             validation.check_value(request.value, self.config.max_value_bytes)
+            validation.check_request_id(request.request_id)
 
         await _validate(context, check)
         reply: kv_pb2.PutResponse = await self._write(context, "Put", request)
@@ -271,7 +308,11 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
     async def Delete(
         self, request: kv_pb2.DeleteRequest, context: Context
     ) -> kv_pb2.DeleteResponse:
-        await _validate(context, lambda: validation.check_key(request.key))
+        def check() -> None:
+            validation.check_key(request.key)
+            validation.check_request_id(request.request_id)
+
+        await _validate(context, check)
         reply: kv_pb2.DeleteResponse = await self._write(context, "Delete", request)
         return reply
 

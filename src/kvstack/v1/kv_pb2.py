@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kvstack/v1/kv.proto\x12\nkvstack.v1\"#\n\x05\x45ntry\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"(\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"\x1e\n\x0bPutResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\")\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0e\n\x06latest\x18\x02 \x01(\x08\"\x1c\n\x0bGetResponse\x12\r\n\x05value\x18\x01 \x01(\x0c\"\x1c\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"\x10\n\x0e\x44\x65leteResponse\"T\n\x0bListRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\x0c\x12\x0e\n\x06latest\x18\x04 \x01(\x08\"K\n\x0cListResponse\x12\"\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x11.kvstack.v1.Entry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\x0c\"-\n\x0bScanRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\x12\x0e\n\x06latest\x18\x02 \x01(\x08\x32\xac\x02\n\x08KeyValue\x12\x36\n\x03Put\x12\x16.kvstack.v1.PutRequest\x1a\x17.kvstack.v1.PutResponse\x12\x36\n\x03Get\x12\x16.kvstack.v1.GetRequest\x1a\x17.kvstack.v1.GetResponse\x12?\n\x06\x44\x65lete\x12\x19.kvstack.v1.DeleteRequest\x1a\x1a.kvstack.v1.DeleteResponse\x12\x39\n\x04List\x12\x17.kvstack.v1.ListRequest\x1a\x18.kvstack.v1.ListResponse\x12\x34\n\x04Scan\x12\x17.kvstack.v1.ScanRequest\x1a\x11.kvstack.v1.Entry0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kvstack/v1/kv.proto\x12\nkvstack.v1\"#\n\x05\x45ntry\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"<\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x1e\n\x0bPutResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\")\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0e\n\x06latest\x18\x02 \x01(\x08\"\x1c\n\x0bGetResponse\x12\r\n\x05value\x18\x01 \x01(\x0c\"0\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x10\n\x0e\x44\x65leteResponse\"T\n\x0bListRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\x0c\x12\x0e\n\x06latest\x18\x04 \x01(\x08\"K\n\x0cListResponse\x12\"\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x11.kvstack.v1.Entry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\x0c\"-\n\x0bScanRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\x12\x0e\n\x06latest\x18\x02 \x01(\x08\x32\xac\x02\n\x08KeyValue\x12\x36\n\x03Put\x12\x16.kvstack.v1.PutRequest\x1a\x17.kvstack.v1.PutResponse\x12\x36\n\x03Get\x12\x16.kvstack.v1.GetRequest\x1a\x17.kvstack.v1.GetResponse\x12?\n\x06\x44\x65lete\x12\x19.kvstack.v1.DeleteRequest\x1a\x1a.kvstack.v1.DeleteResponse\x12\x39\n\x04List\x12\x17.kvstack.v1.ListRequest\x1a\x18.kvstack.v1.ListResponse\x12\x34\n\x04Scan\x12\x17.kvstack.v1.ScanRequest\x1a\x11.kvstack.v1.Entry0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENTRY']._serialized_start=35
   _globals['_ENTRY']._serialized_end=70
   _globals['_PUTREQUEST']._serialized_start=72
-  _globals['_PUTREQUEST']._serialized_end=112
-  _globals['_PUTRESPONSE']._serialized_start=114
-  _globals['_PUTRESPONSE']._serialized_end=144
-  _globals['_GETREQUEST']._serialized_start=146
-  _globals['_GETREQUEST']._serialized_end=187
-  _globals['_GETRESPONSE']._serialized_start=189
-  _globals['_GETRESPONSE']._serialized_end=217
-  _globals['_DELETEREQUEST']._serialized_start=219
-  _globals['_DELETEREQUEST']._serialized_end=247
-  _globals['_DELETERESPONSE']._serialized_start=249
-  _globals['_DELETERESPONSE']._serialized_end=265
-  _globals['_LISTREQUEST']._serialized_start=267
-  _globals['_LISTREQUEST']._serialized_end=351
-  _globals['_LISTRESPONSE']._serialized_start=353
-  _globals['_LISTRESPONSE']._serialized_end=428
-  _globals['_SCANREQUEST']._serialized_start=430
-  _globals['_SCANREQUEST']._serialized_end=475
-  _globals['_KEYVALUE']._serialized_start=478
-  _globals['_KEYVALUE']._serialized_end=778
+  _globals['_PUTREQUEST']._serialized_end=132
+  _globals['_PUTRESPONSE']._serialized_start=134
+  _globals['_PUTRESPONSE']._serialized_end=164
+  _globals['_GETREQUEST']._serialized_start=166
+  _globals['_GETREQUEST']._serialized_end=207
+  _globals['_GETRESPONSE']._serialized_start=209
+  _globals['_GETRESPONSE']._serialized_end=237
+  _globals['_DELETEREQUEST']._serialized_start=239
+  _globals['_DELETEREQUEST']._serialized_end=287
+  _globals['_DELETERESPONSE']._serialized_start=289
+  _globals['_DELETERESPONSE']._serialized_end=305
+  _globals['_LISTREQUEST']._serialized_start=307
+  _globals['_LISTREQUEST']._serialized_end=391
+  _globals['_LISTRESPONSE']._serialized_start=393
+  _globals['_LISTRESPONSE']._serialized_end=468
+  _globals['_SCANREQUEST']._serialized_start=470
+  _globals['_SCANREQUEST']._serialized_end=515
+  _globals['_KEYVALUE']._serialized_start=518
+  _globals['_KEYVALUE']._serialized_end=818
 # @@protoc_insertion_point(module_scope)
