@@ -336,6 +336,9 @@ class Service(Protocol):
 
     # Optional: `recycle_connections = False` keeps KVSTACK_MAX_CONNECTION_AGE off this
     # service's connections (see server_options).
+    # Optional: `async def drain(self, grace: float) -> None`, run while the server stops: end
+    # long-lived calls (streams) once the short ones are done, so the drain need not wait out
+    # its grace period.
     # Optional: `def bind_health(self, set_serving: Callable[[str, bool], None]) -> None`,
     # called once before start(); the service may then mark one of its gRPC service names
     # NOT_SERVING (and back) while the process as a whole ("") stays SERVING.
@@ -472,9 +475,16 @@ class Lifecycle:
         await self.health.enter_graceful_shutdown()
         if self.config.shutdown_delay > 0:
             await asyncio.sleep(self.config.shutdown_delay)
-        await self.server.stop(self.config.shutdown_grace)
+        started = time.monotonic()
+        stopping = asyncio.create_task(self.server.stop(self.config.shutdown_grace))
+        drain = getattr(self.service, "drain", None)
+        if drain is not None:
+            # New calls are refused from here; the service ends what would hold the drain open
+            # although no call of its own is left (the backend's replication streams).
+            await drain(self.config.shutdown_grace)
+        await stopping
         await self.service.stop()
-        log.info("stopped")
+        log.info("stopped", extra=fields(drained_s=round(time.monotonic() - started, 2)))
 
 
 def run(

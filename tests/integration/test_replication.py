@@ -232,3 +232,21 @@ def test_reads_spread_over_every_backend(cluster: Cluster) -> None:
         assert client_cli.main(["--target", server.target, "get", "spread"]) == 0
     time.sleep(0.3)
     assert [gets(b) - n for b, n in zip(backends, before, strict=True)] == [6, 0, 0]
+
+
+def test_a_primary_with_replicas_drains_without_waiting_out_its_grace(cluster: Cluster) -> None:
+    """SIGTERM to a primary that a replica streams from, with no client call in flight: it
+    ends the replication stream and exits in well under its 10 s grace (the stream, a call
+    that never ends by itself, used to hold the drain open for all of it); the replica keeps
+    what it had."""
+    primary = cluster.backend(0, KVSTACK_SHUTDOWN_GRACE="10").wait_serving()
+    replica = cluster.backend(1).wait_serving()
+    stub(primary.target).Put(kv_pb2.PutRequest(key=b"d", value=b"1"), timeout=10)
+    eventually(lambda: role(replica.target).following, what="the replica follows")
+    started = time.monotonic()
+    primary.signal(signal.SIGTERM)
+    assert primary.wait(timeout=30) == 0
+    took = time.monotonic() - started
+    assert took < 5, f"the primary took {took:.1f} s to drain"
+    stopped = log_lines(primary, "stopped")
+    assert stopped, primary.logs()[-2000:]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,8 +171,12 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
                 f"backend ordinal {backend.ordinal} is a read replica; writes go to the primary "
                 f"(ordinal {self.config.primary_ordinal}). Call the server, which routes them"
             )
-        applied = await backend.writer.submit(write)
-        await backend.primary.replicated(applied.seq)
+        backend.writes_in_flight += 1
+        try:
+            applied = await backend.writer.submit(write)
+            await backend.primary.replicated(applied.seq)
+        finally:
+            backend.writes_in_flight -= 1
         return applied
 
     async def Put(self, request: kv_pb2.PutRequest, context: Context) -> kv_pb2.PutResponse:
@@ -269,9 +274,21 @@ class Backend:
         self.follower: Follower | None = None
         self.directory: Directory | None = None
         self._set_serving: Callable[[str, bool], None] = lambda name, serving: None
+        self.writes_in_flight = 0
 
     def bind_health(self, set_serving: Callable[[str, bool], None]) -> None:
         self._set_serving = set_serving
+
+    async def drain(self, grace: float) -> None:
+        """On a primary: once the writes in flight are done (they still get their replica
+        acknowledgement), end the replication streams, which would otherwise hold the drain
+        open for its whole grace period."""
+        if self.primary is None:
+            return
+        deadline = time.monotonic() + grace / 2
+        while self.writes_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.primary.draining.set()
 
     def register(self, server: aio.Server) -> list[str]:
         # wire.add_servicer, not the generated add_*_to_server: a request that is not a valid

@@ -83,6 +83,8 @@ class PrimaryState:
         # Writes waiting for a replica: (position, tie-breaker, resolved with True when a replica
         # has it, False when the primary stops waiting and acknowledges alone).
         self._waiters: list[tuple[int, int, asyncio.Future[bool]]] = []
+        # Set when the primary drains: its streams end (replicas reconnect to its successor).
+        self.draining = asyncio.Event()
         self._ids = itertools.count()
         self._commit = asyncio.Event()
         # Writes acknowledged without a replica: in all, and in the current run of them (since
@@ -281,7 +283,7 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
         reader = asyncio.create_task(acks())
         after = hello.applied_seq
         try:
-            while not reader.done():
+            while not reader.done() and not state.draining.is_set():
                 try:
                     changes = store.changes_after(after, BATCH_CHANGES)
                 except LogGap as gap:  # a slow replica fell out of the log while streaming
