@@ -149,12 +149,17 @@ def service_spec(
         # there is no privilege to gain.)
         "read_only": True,
         "cap_drop": ["ALL"],
+        # Swarm has one check for what Kubernetes splits in two: it gates updates (a task counts
+        # once it says SERVING for its readiness name, e.g. a replica once it follows) and it
+        # replaces a task that stays unhealthy. So it fails only after a minute (12 x 5 s): a
+        # replica cut off from its primary for less is waited for, not killed, and a task on a
+        # saturated host is not killed for one slow answer (10 s timeout).
         "healthcheck": {
             "test": [*PROBE, "--service", service.readiness],
-            "interval": "3s",
-            "timeout": "3s",
-            "retries": 3,
-            "start_period": "30s",
+            "interval": "5s",
+            "timeout": "10s",
+            "retries": 12,
+            "start_period": "120s",
         },
         "stop_grace_period": "20s",
         "deploy": {
