@@ -122,10 +122,11 @@ def test_new_replica_bootstraps_from_a_snapshot(cluster: Cluster) -> None:
     assert b"s/000" not in entries(replica.target)
 
 
-def test_primary_down_writes_fail_fast_reads_continue(cluster: Cluster) -> None:
-    """With the primary gone, writes through the server fail fast with UNAVAILABLE saying the
-    primary is restarting, reads keep working from the replica; when the primary comes back on
-    its own files, the replica resumes and writes work again."""
+def test_primary_down_writes_wait_then_fail_reads_continue(cluster: Cluster) -> None:
+    """With the primary gone for good, a write through the server waits for it for its whole
+    deadline (it may only be restarting), then fails with UNAVAILABLE saying it waited; reads
+    keep working from the replica; when the primary comes back on its own files, the replica
+    resumes and writes work again."""
     primary = cluster.backend(0).wait_serving()
     replica = cluster.backend(1).wait_serving()
     server = cluster.server()
@@ -138,9 +139,9 @@ def test_primary_down_writes_fail_fast_reads_continue(cluster: Cluster) -> None:
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as failed:
         front.Put(kv_pb2.PutRequest(key=b"lost", value=b"x"), timeout=5)
-    assert time.monotonic() - started < 1.0
+    assert 4.0 < time.monotonic() - started < 5.5
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "primary" in (failed.value.details() or "")
+    assert "waited" in (failed.value.details() or "")
     assert front.Get(kv_pb2.GetRequest(key=b"kept"), timeout=5).value == b"1"
     restarted = cluster.backend(0).wait_serving()
     # Following the restarted primary, not only readable (which it stayed while the primary was
