@@ -441,27 +441,75 @@ def test_page_tokens_the_service_did_not_issue_are_refused(cluster: Cluster) -> 
             assert "next_page_token exactly" in (refused.value.details() or "")
 
 
-def test_a_read_fails_over_within_the_call_from_a_frozen_replica(cluster: Cluster) -> None:
-    """A replica frozen mid-service (SIGSTOP: it holds its connections and answers nothing) is
-    still in the server's rotation for a moment; a read sent to it goes to another backend after
-    KVSTACK_READ_ATTEMPT_TIMEOUT (1 s) within the same call, instead of failing after the whole
-    5 s deadline."""
+@contextlib.contextmanager
+def frozen_replica(
+    cluster: Cluster, keys: list[bytes]
+) -> Iterator[tuple[ServiceProcess, kv_pb2_grpc.KeyValueStub]]:
+    """A primary, a replica holding `keys` and a server; the replica frozen (SIGSTOP: it holds
+    its connections and answers nothing) while still in the server's rotation, until the block
+    ends. Yields the server and a stub to it."""
     cluster.backend(0).wait_serving()
     replica = cluster.backend(1).wait_serving()
     server = cluster.server()
     front = stub(server.target)
-    front.Put(kv_pb2.PutRequest(key=b"k", value=b"v"), timeout=5)
-    eventually(lambda: role(replica.target).following, what="replica following")
+    for key in keys:
+        front.Put(kv_pb2.PutRequest(key=key, value=b"v"), timeout=5)
+
+    def replica_holds_all() -> bool:
+        try:
+            scan = stub(replica.target).Scan(kv_pb2.ScanRequest(), timeout=5)
+            return len(list(scan)) == len(keys)
+        except grpc.RpcError:  # refusing reads until it follows closely enough: not yet
+            return False
+
+    eventually(replica_holds_all, what="the replica following, holding every key")
     time.sleep(1.5)  # the server's view has the replica readable too
     replica.signal(signal.SIGSTOP)
     try:
+        yield server, front
+    finally:
+        replica.signal(signal.SIGCONT)
+
+
+def test_a_read_fails_over_within_the_call_from_a_frozen_replica(cluster: Cluster) -> None:
+    """A replica frozen mid-service is still in the server's rotation for a moment; a read sent
+    to it goes to another backend after KVSTACK_READ_ATTEMPT_TIMEOUT (1 s) within the same call,
+    instead of failing after the whole 5 s deadline."""
+    with frozen_replica(cluster, [b"k"]) as (server, front):
         took = []
         for _ in range(6):
             started = time.monotonic()
             assert front.Get(kv_pb2.GetRequest(key=b"k"), timeout=5).value == b"v"
             took.append(time.monotonic() - started)
-    finally:
-        replica.signal(signal.SIGCONT)
     print("read latencies with a frozen replica:", [round(t, 2) for t in took])
     assert log_lines(server, "backend slow to answer a read; trying another")
     assert max(took) < 2.5
+
+
+def test_a_scan_fails_over_before_its_first_entry_from_a_frozen_replica(cluster: Cluster) -> None:
+    """A Scan sent to a frozen replica goes to another backend when nothing came back within
+    KVSTACK_READ_ATTEMPT_TIMEOUT (1 s), before any entry reached the caller: every scan returns
+    all the entries, in order, once, within its deadline (before, the one that met the frozen
+    replica failed DEADLINE_EXCEEDED after 5 s)."""
+    keys = [f"scan/{i:03d}".encode() for i in range(300)]  # more than one backend read chunk
+    with frozen_replica(cluster, keys) as (server, front):
+        took = []
+        for _ in range(6):
+            started = time.monotonic()
+            scan = front.Scan(kv_pb2.ScanRequest(prefix=b"scan/"), timeout=5)
+            try:
+                got = [e.key for e in scan]
+            except grpc.RpcError as err:
+                pytest.fail(
+                    f"a scan failed after {time.monotonic() - started:.1f} s with {err.code()}: "
+                    f"{err.details()}; the server did not move it off the frozen replica before "
+                    "its first entry (FrontEnd._start_scan in kvstack.server)"
+                )
+            assert got == keys, f"{len(got)} entries, not the {len(keys)} written, once each"
+            took.append(time.monotonic() - started)
+    print("scan latencies with a frozen replica:", [round(t, 2) for t in took])
+    assert log_lines(server, "backend slow to start a scan; trying another"), (
+        "no scan met the frozen replica: the server's rotation skipped it, so this run proved "
+        "nothing; see the server's log for how it saw the replica"
+    )
+    assert max(took) < 2.5, f"a scan took {max(took):.2f} s: it waited on the frozen replica"

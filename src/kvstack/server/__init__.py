@@ -259,7 +259,7 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
             member = self.directory.pick_reader(exclude=tried)
             if member is None:
                 break
-            others = [m for m in self.directory.readers() if m is not member and m not in tried]
+            others = self._others(member, tried)
             remaining = self._timeout(context)
             if remaining <= 0:
                 break
@@ -283,11 +283,7 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
             tried.append(member)
             if not others:
                 break
-        await context.abort(
-            grpc.StatusCode.UNAVAILABLE,
-            "no backend can answer reads right now (restarting, or replicas catching up); "
-            "retry in a few seconds",
-        )
+        await self._no_reader(context)
         raise AssertionError(timeout)  # unreachable: abort raises
 
     async def Put(self, request: kv_pb2.PutRequest, context: Context) -> kv_pb2.PutResponse:
@@ -330,18 +326,84 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
     ) -> AsyncIterator[kv_pb2.Entry]:
         await self._refuse_named(context, "Scan streams from the backends in turn")
         # A stream has no single deadline to shrink: it inherits the caller's, if any.
-        member = self.directory.primary() if request.latest else self.directory.pick_reader()
-        if member is None:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                "no backend can answer reads right now; retry in a few seconds",
-            )
-        assert member is not None
+        member, call, first = await self._start_scan(context, request)
+        answered_by(context, member)
         try:
-            async for entry in member.kv.Scan(request, timeout=context.time_remaining()):
+            entry = first
+            while entry is not aio.EOF:
                 yield entry
+                entry = await call.read()
         except aio.AioRpcError as err:
+            # Entries went to the caller already: the stream cannot move to another backend
+            # without repeating or skipping some, so the caller gets the failure.
             await context.abort(err.code(), _explain(err))
+        finally:
+            call.cancel()  # the caller left (or the stream ended: then a no-op)
+
+    async def _start_scan(
+        self, context: Context, request: kv_pb2.ScanRequest
+    ) -> tuple[Member, Any, Any]:
+        """Open the Scan on a backend and wait for its first message (an entry, or the end of
+        an empty scan). As for the other reads, a reader that is unavailable, or sends nothing
+        within read_attempt_timeout while another could, hands the stream to the next before
+        anything reached the caller; the last gets the rest of the caller's deadline."""
+        tried: list[Member] = []
+        while True:
+            if request.latest:
+                member = None if tried else self.directory.primary()
+                others: list[Member] = []
+            else:
+                member = self.directory.pick_reader(exclude=tried)
+                others = self._others(member, tried)
+            if member is None:
+                break
+            remaining = context.time_remaining()
+            wait = self.config.read_attempt_timeout if others else None
+            if remaining is not None:
+                wait = remaining if wait is None else min(wait, remaining)
+            call = member.kv.Scan(request, timeout=remaining)
+            try:
+                async with asyncio.timeout(wait):
+                    first = await call.read()
+            except TimeoutError:
+                call.cancel()
+                if not others:
+                    await context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"the backend ({member.address}) sent nothing before the deadline; "
+                        "retry, or give the call a longer deadline",
+                    )
+                log.warning(
+                    "backend slow to start a scan; trying another",
+                    extra=runtime.fields(backend=member.address, waited_s=wait),
+                )
+            except aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or not others:
+                    await context.abort(err.code(), _explain(err))
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    call.cancel()
+                    raise  # this handler itself was cancelled: the client left, or shutdown
+                # the Directory closed the channel of a backend that left: try the next
+            else:
+                return member, call, first
+            tried.append(member)
+            if not others:
+                break
+        await self._no_reader(context)
+        raise AssertionError(tried)  # unreachable: abort raises
+
+    def _others(self, member: Member | None, tried: list[Member]) -> list[Member]:
+        """The readers a read could still go to after `member`."""
+        return [m for m in self.directory.readers() if m is not member and m not in tried]
+
+    async def _no_reader(self, context: Context) -> None:
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            "no backend can answer reads right now (restarting, or replicas catching up); "
+            "retry in a few seconds",
+        )
 
 
 class BackendList(frontend_pb2_grpc.FrontendServicer):
