@@ -49,7 +49,9 @@ def test_a_new_service_gets_an_image_and_a_place_in_the_stack(
     assert cache["image"] == "kvstack-cache:t1"
     assert cache["deploy"]["replicas"] == 2
     assert cache["deploy"]["update_config"]["order"] == "start-first"
-    assert cache["healthcheck"]["test"] == [*local.PROBE, "--service", ""]
+    assert cache["healthcheck"]["test"] == [
+        *local.PROBE, "--target", "localhost:50071", "--timeout", "8", "--service", ""
+    ]  # fmt: skip
     assert spec["services"]["server"]["environment"] == {
         "KVSTACK_BACKEND_TARGET": "dns:///backend:50061",
         "KVSTACK_CACHE_TARGET": "dns:///cache:50071",
