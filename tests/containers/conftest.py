@@ -8,12 +8,14 @@ services only from containers on that stack's attachable network.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -89,20 +91,30 @@ class StackUnderTest:
         local.wait_healthy(RUNNER, self.name, self.tag, timeout)
 
 
-@pytest.fixture(scope="session")
-def stack(tag: str) -> Iterator[StackUnderTest]:
-    """A stack of every long-running service, deployed for this session and removed after it."""
-    test_stack = StackUnderTest(f"kvtest-{uuid.uuid4().hex[:6]}", tag)
+@contextlib.contextmanager
+def own_stack(
+    prefix: str, tag: str, services: dict[str, dict[str, Any]] | None = None
+) -> Iterator[StackUnderTest]:
+    """A stack of its own (PREFIX-XXXXXX; `services` overrides entries of the stack file),
+    deployed and healthy; removed with its volumes afterwards, whatever happened."""
+    test_stack = StackUnderTest(f"{prefix}-{uuid.uuid4().hex[:6]}", tag)
     try:
-        local.deploy(RUNNER, test_stack.name, tag)
+        local.deploy(RUNNER, test_stack.name, tag, services=services)
         test_stack.wait_healthy(timeout=180)
-        server = registry.get("server")
-        local.ensure_gateway(RUNNER, test_stack.name, images.image_ref(server, tag),
-                             local.local_address())  # fmt: skip
         yield test_stack
     finally:
         local.remove(RUNNER, test_stack.name, volumes=True)
         (local.BUILD_DIR / f"{test_stack.name}.stack.json").unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def stack(tag: str) -> Iterator[StackUnderTest]:
+    """A stack of every long-running service, deployed for this session and removed after it."""
+    with own_stack("kvtest", tag) as test_stack:
+        server = registry.get("server")
+        local.ensure_gateway(RUNNER, test_stack.name, images.image_ref(server, tag),
+                             local.local_address())  # fmt: skip
+        yield test_stack
 
 
 @dataclass
