@@ -4,8 +4,8 @@ Asks the gRPC health service (`grpc.health.v1.Health/Check`) of the service in t
 and exits 0 only when it says SERVING. Kubernetes does not need it: it probes gRPC health natively.
 
 It speaks the one call it needs over HTTP/2 itself, with the standard library only: importing
-grpcio and the generated health code cost about 130 ms of CPU per check, five times the rest
-(Python's own start-up included; measured in docs/architecture.md, "What a health check costs").
+grpcio and the generated health code cost about 130 ms of CPU per check, where the whole check
+now costs about 60 ms, Docker's exec included (docs/architecture.md, "What a health check costs").
 Swarm runs a check of every task every few seconds, on a host that may be saturated, where each
 millisecond of CPU a check needs becomes many of waiting. So: no import beyond the standard
 library on the check's path (tests/unit/test_probe_imports.py keeps it so), and the same

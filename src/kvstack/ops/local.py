@@ -154,10 +154,10 @@ def service_spec(
         # once it says SERVING for its readiness name, e.g. a replica once it follows) and it
         # replaces a task that stays unhealthy. So it fails only after a minute (12 x 5 s): a
         # replica cut off from its primary for less is waited for, not killed. The figures are
-        # measured (docs/architecture.md, "What a health check costs"): a check costs 30-50 ms
-        # of CPU, every 5 s (under 1% of a core per task), and took at most 4.3 s on a
-        # saturated host, so a 10 s timeout (the probe's own deadline 8 s, so that it says why)
-        # is twice the worst seen. --target spares the probe reading services.toml (20 ms).
+        # measured (docs/architecture.md, "What a health check costs"): a check costs about
+        # 60 ms of CPU with the exec itself, every 5 s (about 1% of a core per task), and took
+        # at most 6.8 s on a saturated host, under the 10 s timeout (the probe's own deadline
+        # is 8 s, so that it says why). --target spares it reading services.toml (20 ms).
         "healthcheck": {
             "test": [
                 *PROBE,

@@ -176,10 +176,10 @@ def container(svc: Service, services: Mapping[str, Service]) -> dict[str, Any]:
             "grpc": {"port": svc.port, **({"service": svc.readiness} if svc.readiness else {})}
         }
         # The kubelet makes these calls itself, from the node: no process starts in the
-        # container (what makes a Swarm check cost 30-50 ms of CPU), the service only answers
-        # one Check, measured at a few ms typical and at most 0.24 s even with the host
+        # container (what makes a Swarm check cost about 60 ms of CPU), the service only answers
+        # one Check, measured at a few ms typical and at most 0.31 s even with the host
         # saturated (docs/architecture.md, "What a health check costs"). Every timeout is
-        # explicit (the default is 1 s) and at least 8x that worst answer: a false timeout takes
+        # explicit (the default is 1 s) and at least 6x that worst answer: a false timeout takes
         # a healthy pod out of its Service (readiness) or restarts it (liveness, 3 in a row).
         spec["startupProbe"] = {
             **grpc,
