@@ -383,7 +383,7 @@ def restore(target: str, path: Path, force: bool) -> backup_pb2.RestoreResponse:
     return reply
 
 
-def _describe(err: grpc.RpcError) -> str:
+def describe(err: grpc.RpcError) -> str:
     code = err.code()
     if code == grpc.StatusCode.UNAVAILABLE:
         return (
@@ -401,7 +401,7 @@ def run(action: Callable[[], object]) -> int:
         say(f"kvstack backup: error: {err}")
         return 1
     except grpc.RpcError as err:
-        say(f"kvstack backup: error: {_describe(err)}")
+        say(f"kvstack backup: error: {describe(err)}")
         return 1
     except OSError as err:
         say(f"kvstack backup: error: {err}")
