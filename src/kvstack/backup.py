@@ -300,8 +300,10 @@ def _received(manifest: Manifest | None, size: int, digest: str) -> Manifest:
     return manifest
 
 
-def take(target: str, output: Path) -> Manifest:
-    """Take a backup of the primary at `target` into `output` and its manifest beside it."""
+def take(target: str, output: Path, shown: str = "") -> Manifest:
+    """Take a backup of the primary at `target` into `output` and its manifest beside it
+    (`shown`: how to name the file to the person, e.g. its path outside a container)."""
+    shown = shown or str(output)
     primary = find_primary(target)
     say(f"backup: copying the primary ({primary}) in one read transaction; writes go on")
     partial = output.with_name(output.name + ".partial")
@@ -324,7 +326,7 @@ def take(target: str, output: Path) -> Manifest:
             file.flush()
             os.fsync(file.fileno())
         manifest = _received(manifest, size, digest.hexdigest())
-        check_copy(partial, manifest, str(output))
+        check_copy(partial, manifest, shown)
         partial.replace(output)
         manifest_path(output).write_text(manifest.to_json())
     except BaseException:
@@ -333,7 +335,7 @@ def take(target: str, output: Path) -> Manifest:
     say(
         f"backup: done in {progress.elapsed():.1f} s: {manifest.keys} keys at change-log "
         f"position {manifest.seq}, {_mib(manifest.bytes)}, SHA-256 {manifest.sha256[:16]}... -> "
-        f"{output} (manifest {manifest_path(output).name} beside it; keep the two together)"
+        f"{shown} (manifest {manifest_path(output).name} beside it; keep the two together)"
     )
     return manifest
 
@@ -354,11 +356,12 @@ def _restore_requests(
     )
 
 
-def restore(target: str, path: Path, force: bool) -> backup_pb2.RestoreResponse:
-    """Check the backup at `path`, then restore it onto the primary at `target`."""
+def restore(target: str, path: Path, force: bool, shown: str = "") -> backup_pb2.RestoreResponse:
+    """Check the backup at `path`, then restore it onto the primary at `target` (`shown`: how
+    to name the file to the person)."""
     manifest = check_file(path)
     say(
-        f"restore: {path} checked (size, SHA-256, LMDB contents): {manifest.keys} keys at "
+        f"restore: {shown or path} checked (size, SHA-256, LMDB contents): {manifest.keys} keys at "
         f"change-log position {manifest.seq}, taken {manifest.created_at} by kvstack "
         f"{manifest.kvstack_version}"
     )
@@ -415,17 +418,19 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("take", help="copy the primary's data into FILE (and FILE.manifest.json)")
     p.add_argument("--backend", required=True, help="HOST:PORT of the backends (any of them)")
     p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--shown-as", default="", help="the file's name in messages")
     p = sub.add_parser("restore", help="check FILE, then restore it onto the primary")
     p.add_argument("--backend", required=True, help="HOST:PORT of the backends (any of them)")
     p.add_argument("file", type=Path)
     p.add_argument("--force", action="store_true", help="replace the data the primary holds")
+    p.add_argument("--shown-as", default="", help="the file's name in messages")
     p = sub.add_parser("check", help="check FILE and its manifest; print the manifest")
     p.add_argument("file", type=Path)
     args = parser.parse_args(argv)
     if args.command == "take":
-        return run(lambda: take(args.backend, args.output))
+        return run(lambda: take(args.backend, args.output, args.shown_as))
     if args.command == "restore":
-        return run(lambda: restore(args.backend, args.file, args.force))
+        return run(lambda: restore(args.backend, args.file, args.force, args.shown_as))
     return run(lambda: print(check_file(args.file).to_json(), end=""))
 
 

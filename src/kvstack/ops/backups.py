@@ -94,7 +94,8 @@ def local_run(runner: Runner, stack: str, image: str, mount: str, args: list[str
 def local_backup(runner: Runner, stack: str, image: str, output: Path) -> None:
     output = check_output(output)
     mount = f"{output.parent}:{MOUNT}"
-    code = local_run(runner, stack, image, mount, ["take", "--output", f"{MOUNT}/{output.name}"])
+    args = ["take", "--output", f"{MOUNT}/{output.name}", "--shown-as", str(output)]
+    code = local_run(runner, stack, image, mount, args)
     if code != 0:
         raise CommandError(f"the backup failed (its reason is above); {output} was not written")
 
@@ -102,7 +103,8 @@ def local_backup(runner: Runner, stack: str, image: str, output: Path) -> None:
 def local_restore(runner: Runner, stack: str, image: str, path: Path, force: bool) -> None:
     path = check_backup(path)
     mount = f"{path.parent}:{MOUNT}:ro"
-    args = ["restore", f"{MOUNT}/{path.name}", *(["--force"] if force else [])]
+    args = ["restore", f"{MOUNT}/{path.name}", "--shown-as", str(path)]
+    args += ["--force"] if force else []
     if local_run(runner, stack, image, mount, args) != 0:
         raise CommandError("the restore did not happen (its reason is above)")
 
