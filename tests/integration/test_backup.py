@@ -267,3 +267,51 @@ def test_a_replica_refuses_backup_and_restore(spawn: Spawn, tmp_path: Path) -> N
     assert backup.find_primary(pair.procs[0].target) == pair.primary
     with pytest.raises(backup.BadTarget, match="not the primary"):
         backup.find_primary(pair.procs[1].target)
+
+
+def test_writes_during_a_restore_are_refused_and_none_acknowledged_after_it_is_lost(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """Writers keep writing straight to the primary through a restore: a write refused says a
+    restore is running (UNAVAILABLE, which callers retry), and every write acknowledged after
+    the restore returned is there afterwards, on the primary and the replica."""
+    pair = Pair(spawn, tmp_path).up()
+    base = put_many(pair.primary, "base/", 3000)
+    out = tmp_path / "b.mdb"
+    backup.take(pair.primary, out)
+    stop = threading.Event()
+    acked: list[tuple[float, bytes]] = []
+    refusals: list[str] = []
+
+    def writer(n: int) -> None:
+        kv = stub(pair.primary)
+        i = 0
+        while not stop.is_set():
+            key = f"during{n}/{i:06d}".encode()
+            i += 1
+            try:
+                kv.Put(kv_pb2.PutRequest(key=key, value=b"v"), timeout=10)
+            except grpc.RpcError as err:
+                refusals.append(f"{err.code().name}: {err.details()}")
+                continue
+            acked.append((time.monotonic(), key))
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        backup.restore(pair.primary, out, force=True)
+        ended = time.monotonic()
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert all("UNAVAILABLE: a restore from a backup" in r for r in refusals), refusals[:3]
+    after = {key for at, key in acked if at > ended}
+    assert after, "writes must resume after the restore"
+    held = contents(pair.primary)
+    assert after <= set(held), "a write acknowledged after the restore is missing"
+    assert set(base) <= set(held)
+    converged(pair, held)

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -183,12 +183,11 @@ def _forwarded_port(proc: subprocess.Popen[str]) -> int | None:
     return found[0] if found else None
 
 
-def _client(action: str, call: object) -> None:
+def _client(action: str, call: Callable[[], object]) -> None:
     """Run the backup client's step, turning its failures into CommandError."""
     import grpc
 
     try:
-        assert callable(call)
         call()
     except (backup.BadBackup, backup.BadTarget) as err:
         raise CommandError(str(err)) from None
