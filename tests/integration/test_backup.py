@@ -315,3 +315,28 @@ def test_writes_during_a_restore_are_refused_and_none_acknowledged_after_it_is_l
     assert after <= set(held), "a write acknowledged after the restore is missing"
     assert set(base) <= set(held)
     converged(pair, held)
+
+
+def test_one_restore_at_a_time(spawn: Spawn, tmp_path: Path) -> None:
+    """A second restore while one is arriving is refused at once; the first then completes."""
+    pair = Pair(spawn, tmp_path).up()
+    put_many(pair.primary, "one/", 10)
+    out = tmp_path / "b.mdb"
+    backup.take(pair.primary, out)
+    manifest = backup.manifest_path(out).read_text()
+    go = threading.Event()
+
+    def slow() -> Iterator[backup_pb2.RestoreChunk]:
+        yield backup_pb2.RestoreChunk(manifest=manifest, force=True)
+        go.wait(30)
+        yield backup_pb2.RestoreChunk(data=out.read_bytes())
+
+    channel = grpc.insecure_channel(pair.primary)
+    first = backup_pb2_grpc.BackupStub(channel).Restore.future(slow(), timeout=60)
+    time.sleep(1.0)  # the first restore's manifest has arrived
+    err = restore_raw(pair.primary, manifest, out.read_bytes())
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "another restore is running" in (err.details() or "")
+    go.set()
+    assert first.result().keys == 10
+    channel.close()

@@ -131,6 +131,19 @@ class BackupServicer(backup_pb2_grpc.BackupServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "another restore is running on this primary; wait for it to end",
             )
+        backend.restoring = True  # before any await: one restore at a time
+        try:
+            return await self._restore(store, request_iterator, context)
+        finally:
+            backend.restoring = False
+
+    async def _restore(
+        self,
+        store: Store,
+        request_iterator: AsyncIterator[backup_pb2.RestoreChunk],
+        context: Context,
+    ) -> backup_pb2.RestoreResponse:
+        backend = self.backend
         requests = aiter(request_iterator)
         try:
             first = await anext(requests)
@@ -147,8 +160,7 @@ class BackupServicer(backup_pb2_grpc.BackupServicer):
                 f"the primary's data volume has {free} bytes free; the backup needs "
                 f"{manifest.bytes} (plus 64 MiB) to arrive: grow the volume; nothing was changed",
             )
-        backend.restoring = True  # one restore at a time; writes go on while the file arrives
-        writes_stopped = False
+        writes_stopped = False  # writes go on while the file arrives and is checked
         try:
             with incoming.open("wb") as file:
                 size = 0
@@ -201,7 +213,6 @@ class BackupServicer(backup_pb2_grpc.BackupServicer):
                 source.close()
             backend.primary.restored(manifest.seq)
         finally:
-            backend.restoring = False
             if writes_stopped:
                 backend.writes_stopped = False
                 log.warning("restore: writes resumed")
