@@ -91,7 +91,9 @@ ARG VERSION=0.0.0
 ARG REVISION=unknown
 ARG SOURCE=""
 ARG CONTEXT_HASH=""
-ENV KVSTACK_SERVICE=${SERVICE}
+# KVSTACK_VERSION: the version a backup's manifest names (kvstack.backup).
+ENV KVSTACK_SERVICE=${SERVICE} \
+    KVSTACK_VERSION=${VERSION}
 LABEL org.opencontainers.image.title="kvstack-${SERVICE}" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \

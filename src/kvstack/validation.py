@@ -29,6 +29,9 @@ MESSAGE_RESERVE_BYTES = 4096
 # number, flags, timestamp: 35 bytes at most, measured in tests/unit/test_validation.py).
 ENTRY_OVERHEAD_BYTES = 64
 ENTRIES_BUDGET_BYTES = MESSAGE_BUDGET_BYTES - MESSAGE_RESERVE_BYTES
+# A backup travels as raw bytes of its LMDB copy, in messages of at most this much (half the
+# budget: well inside gRPC's limit, and a few of them in flight hold little memory).
+BACKUP_CHUNK_BYTES = MESSAGE_BUDGET_BYTES // 2
 # The largest KVSTACK_MAX_VALUE_BYTES a service accepts: one entry of a maximum key and value
 # fills ENTRIES_BUDGET_BYTES at most.
 MAX_VALUE_LIMIT_BYTES = ENTRIES_BUDGET_BYTES - MAX_KEY_BYTES - ENTRY_OVERHEAD_BYTES

@@ -24,11 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no types
 
-from kvstack import cli, registry
+from kvstack import backup, cli, registry
 from kvstack.ops import kube, manifests
+from kvstack.v1 import kv_pb2, kv_pb2_grpc
+from tests.conftest import ServiceProcess, Spawn
 
 REAL_KUBECTL = shutil.which("kubectl")
 REGISTRY = "europe-west1-docker.pkg.dev/kvstack-demo/kvstack"
@@ -746,3 +749,111 @@ def test_namespace_errors(fake: FakeTools, capsys: pytest.CaptureFixture[str]) -
     assert "the local target has no namespaces" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["status", "gke", "--namespace", "Not_A_Namespace"])
+
+
+# -- backup and restore -------------------------------------------------------------------------
+#
+# The fake `kubectl port-forward` prints the line the real one prints and "forwards" to a real
+# backend process on loopback, so the backup and the restore run end to end through the CLI.
+
+
+@pytest.fixture
+def forwarded(fake: FakeTools, spawn: Spawn, tmp_path: Path) -> ServiceProcess:
+    """A real primary backend, which the fake port-forward says it forwards to."""
+    env = {"KVSTACK_DATA_DIR": str(tmp_path / "data"), "KVSTACK_ORDINAL": "0",
+           "KVSTACK_BACKEND_TARGET": "127.0.0.1:1"}  # fmt: skip
+    primary = spawn("backend", env).wait_serving()
+    fake.rule("kubectl", "port-forward",
+              stdout=f"Forwarding from 127.0.0.1:{primary.port} -> 50061\n")  # fmt: skip
+    return primary
+
+
+def put(target: str, key: bytes, value: bytes) -> None:
+    with grpc.insecure_channel(target) as channel:
+        kv_pb2_grpc.KeyValueStub(channel).Put(kv_pb2.PutRequest(key=key, value=value), timeout=5)
+
+
+def port_forwards(fake: FakeTools) -> list[list[str]]:
+    return [c[1:] for c in fake.calls("kubectl") if "port-forward" in c]
+
+
+def test_gke_backup_goes_through_a_port_forward_to_backend_0_and_changes_nothing(
+    fake: FakeTools, forwarded: ServiceProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fake tools: `kvstack backup gke` checks the context, port-forwards 127.0.0.1 to
+    backend-0's gRPC port in the namespace, and copies the primary through it: no exec (the image
+    has no shell), no object created or changed in the cluster. The file is a checked backup."""
+    gke_context(fake)
+    put(forwarded.target, b"a", b"1")
+    out = tmp_path / "b.mdb"
+    assert cli.main(["backup", "gke", "--output", str(out)]) == 0
+    assert port_forwards(fake) == [
+        ["--namespace", "kvstack", "port-forward", "--address=127.0.0.1", "pod/backend-0", ":50061"]
+    ]
+    assert [c for c in fake.mutating() if "port-forward" not in c] == []
+    assert backup.check_file(out).keys == 1
+    err = capsys.readouterr().err
+    assert "port-forward to pod/backend-0 on 127.0.0.1:" in err
+    assert "backup: done" in err
+
+
+def test_minikube_restore_refuses_live_data_without_force_then_restores_with_it(
+    fake: FakeTools, forwarded: ServiceProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fake tools, real primary: over live data the restore is refused saying how many keys it
+    would replace and lose, and the data stays; with --force it is the backup's, and
+    --namespace reaches the pod in that namespace."""
+    minikube_context(fake)
+    put(forwarded.target, b"a", b"1")
+    out = tmp_path / "b.mdb"
+    assert cli.main(["backup", "minikube", "--output", str(out)]) == 0
+    put(forwarded.target, b"b", b"2")
+    assert cli.main(["restore", "minikube", str(out), "--namespace", "other"]) == 1
+    err = capsys.readouterr().err
+    assert "holds 2 keys" in err
+    assert "replace 1" in err
+    assert "lose 1" in err
+    assert "--force" in err
+    assert port_forwards(fake)[-1][:2] == ["--namespace", "other"]
+    assert cli.main(["restore", "minikube", str(out), "--force"]) == 0
+    assert "1 replaced, 1 lost" in capsys.readouterr().err
+    with grpc.insecure_channel(forwarded.target) as channel:
+        keys = kv_pb2_grpc.KeyValueStub(channel).List(kv_pb2.ListRequest(), timeout=5).entries
+    assert [e.key for e in keys] == [b"a"]
+
+
+def test_a_bad_backup_is_refused_before_any_call_to_the_cluster(
+    fake: FakeTools, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gke_context(fake)
+    other = tmp_path / "notes.mdb"
+    other.write_bytes(b"not lmdb")
+    assert cli.main(["restore", "gke", str(other), "--force"]) == 1
+    err = capsys.readouterr().err
+    assert "not a kvstack backup" in err
+    assert "Nothing was sent to the target" in err
+    assert port_forwards(fake) == []
+
+
+def test_a_port_forward_that_fails_says_what_to_check(
+    fake: FakeTools, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gke_context(fake)
+    fake.rule("kubectl", "port-forward", exit=1,
+              stderr="error: unable to forward port because pod is not running. "
+              "Current status=Pending\n")  # fmt: skip
+    assert cli.main(["backup", "gke", "--output", str(tmp_path / "b.mdb")]) == 1
+    err = capsys.readouterr().err
+    assert "pod is not running" in err
+    assert "Is pod/backend-0 Running" in err
+    assert not (tmp_path / "b.mdb").exists()
+
+
+def test_backup_dry_run_prints_the_port_forward_and_runs_nothing(
+    fake: FakeTools, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gke_context(fake)
+    assert cli.main(["backup", "gke", "--dry-run", "--output", str(tmp_path / "b.mdb")]) == 0
+    err = capsys.readouterr().err
+    assert "port-forward --address=127.0.0.1 pod/backend-0 :50061" in err
+    assert port_forwards(fake) == []

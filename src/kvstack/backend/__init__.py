@@ -16,16 +16,18 @@ import grpc
 from grpc import aio
 
 from kvstack import registry, runtime, validation, wire
+from kvstack.backend.backup import INCOMING, BackupServicer
 from kvstack.backend.replication import Follower, PrimaryState, ReplicationServicer
 from kvstack.backend.store import Applied, GroupCommitter, Store, StoreFull, Write
 from kvstack.directory import Directory
 from kvstack.runtime import setting
-from kvstack.v1 import kv_pb2, kv_pb2_grpc, replication_pb2
+from kvstack.v1 import backup_pb2, kv_pb2, kv_pb2_grpc, replication_pb2
 
 NAME = "backend"
 Context = aio.ServicerContext[Any, Any]
 KEYVALUE = kv_pb2.DESCRIPTOR.services_by_name["KeyValue"].full_name
 REPLICATION = replication_pb2.DESCRIPTOR.services_by_name["Replication"].full_name
+BACKUP = backup_pb2.DESCRIPTOR.services_by_name["Backup"].full_name
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,10 @@ class _Replica(Exception):
     """A write sent to a read replica."""
 
 
+class _Restoring(Exception):
+    """A write while a restore replaces the primary's data."""
+
+
 async def _refuse(context: Context, err: Exception) -> None:
     if isinstance(err, _Starting):
         await context.abort(
@@ -119,6 +125,12 @@ async def _refuse(context: Context, err: Exception) -> None:
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(err), trailing_metadata=NO_RETRY)
     if isinstance(err, _Replica):
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+    if isinstance(err, _Restoring):
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            "a restore from a backup is replacing the primary's data; writes are refused until "
+            "it ends (seconds for 100k keys): retry",
+        )
     if isinstance(err, validation.Invalid):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
     if isinstance(err, StoreFull):
@@ -171,6 +183,8 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
                 f"backend ordinal {backend.ordinal} is a read replica; writes go to the primary "
                 f"(ordinal {self.config.primary_ordinal}). Call the server, which routes them"
             )
+        if backend.writes_stopped:
+            raise _Restoring
         backend.writes_in_flight += 1
         try:
             applied = await backend.writer.submit(write)
@@ -186,7 +200,7 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
             applied = await self._write(
                 Write("put", request.key, request.value, request_id(request.request_id))
             )
-        except (validation.Invalid, StoreFull, _Starting, _Replica) as err:
+        except (validation.Invalid, StoreFull, _Starting, _Replica, _Restoring) as err:
             await _refuse(context, err)
         return kv_pb2.PutResponse(created=applied.changed)
 
@@ -210,7 +224,7 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
             applied = await self._write(
                 Write("delete", request.key, request_id=request_id(request.request_id))
             )
-        except (validation.Invalid, StoreFull, _Starting, _Replica) as err:
+        except (validation.Invalid, StoreFull, _Starting, _Replica, _Restoring) as err:
             await _refuse(context, err)
         if not applied.changed:
             await context.abort(
@@ -275,6 +289,8 @@ class Backend:
         self.directory: Directory | None = None
         self._set_serving: Callable[[str, bool], None] = lambda name, serving: None
         self.writes_in_flight = 0
+        self.restoring = False  # a restore is arriving or loading (one at a time)
+        self.writes_stopped = False  # a restore is loading: writes are refused
 
     def bind_health(self, set_serving: Callable[[str, bool], None]) -> None:
         self._set_serving = set_serving
@@ -301,7 +317,10 @@ class Backend:
             replication_pb2.DESCRIPTOR.services_by_name["Replication"],
             server,
         )
-        return [KEYVALUE, REPLICATION]
+        wire.add_servicer(
+            BackupServicer(self), backup_pb2.DESCRIPTOR.services_by_name["Backup"], server
+        )
+        return [KEYVALUE, REPLICATION, BACKUP]
 
     async def start(self) -> None:
         store = Store(
@@ -310,6 +329,7 @@ class Backend:
             self.config.log_retain,
             self.config.log_retain_bytes,
         )
+        (store.path / INCOMING).unlink(missing_ok=True)  # a restore cut short by a restart
         role = "primary" if self.is_primary else "replica"
         runtime.log.info(
             "database open",

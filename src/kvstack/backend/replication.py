@@ -85,6 +85,9 @@ class PrimaryState:
         self._waiters: list[tuple[int, int, asyncio.Future[bool]]] = []
         # Set when the primary drains: its streams end (replicas reconnect to its successor).
         self.draining = asyncio.Event()
+        # Moves on with each restore: every stream of an earlier generation ends, telling its
+        # replica to copy a snapshot (its data is of the history the restore replaced).
+        self.generation = 0
         self._ids = itertools.count()
         self._commit = asyncio.Event()
         # Writes acknowledged without a replica: in all, and in the current run of them (since
@@ -205,6 +208,19 @@ class PrimaryState:
                 self._release_all()
             return False
 
+    def restored(self, seq: int) -> None:
+        """After a restore (writes stopped, none in flight): the log continues from `seq`, and
+        no replica holds any of it. Forget every stream's position (a late ack of the old
+        history must not count as a copy of a new write) and end the streams."""
+        self.last_seq = seq
+        self.acked.clear()
+        self.names.clear()
+        REPLICAS.set(0)
+        self._release_all()
+        self._switch("alone", "the data was restored from a backup; replicas copy it again")
+        self.generation += 1
+        self.committed(seq)  # wakes the streams waiting for a commit, so they end at once
+
     def _release_all(self) -> None:
         for _, _, future in self._waiters:
             if not future.done():
@@ -267,10 +283,15 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
         requests = aiter(request_iterator)
         hello = await anext(requests)
         replica = hello.replica or context.peer()
-        if not store.can_stream_from(hello.applied_seq):
+        if not store.can_stream_from(hello.applied_seq, hello.history):
             log.info(
                 "replica needs a snapshot",
-                extra=fields(replica=replica, seq=hello.applied_seq, first=store.first_logged()),
+                extra=fields(
+                    replica=replica,
+                    seq=hello.applied_seq,
+                    first=store.first_logged(),
+                    same_history=hello.history == store.history(),
+                ),
             )
             yield replication_pb2.ChangeBatch(snapshot_required=True, primary_seq=state.last_seq)
             return
@@ -282,8 +303,17 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
 
         reader = asyncio.create_task(acks())
         after = hello.applied_seq
+        generation = state.generation
         try:
             while not reader.done() and not state.draining.is_set():
+                if state.generation != generation:  # restored: the replica's data is history
+                    log.info(
+                        "replica needs a snapshot", extra=fields(replica=replica, why="restore")
+                    )
+                    yield replication_pb2.ChangeBatch(
+                        snapshot_required=True, primary_seq=state.last_seq
+                    )
+                    return
                 try:
                     changes = store.changes_after(after, BATCH_CHANGES)
                 except LogGap as gap:  # a slow replica fell out of the log while streaming
@@ -313,9 +343,12 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
         store, _ = await self._primary(context)
         # One read transaction for the whole copy: consistent, and LMDB readers never block
         # the writer.
-        for seq, entries in store.snapshot():
+        history: list[bytes] = []
+        for seq, entries in store.snapshot(history=history):
             yield replication_pb2.SnapshotChunk(
-                seq=seq, entries=[kv_pb2.Entry(key=k, value=v) for k, v in entries]
+                seq=seq,
+                entries=[kv_pb2.Entry(key=k, value=v) for k, v in entries],
+                history=history[0],
             )
 
 
@@ -338,6 +371,7 @@ class Follower:
         self.max_staleness = max_staleness
         self.on_readable = on_readable
         self.applied = store.seq()
+        self.history = store.history()  # the primary's history this replica's data is of
         self.readable = False
         self._streamed = False  # the current stream got at least one message from the primary
         # When (monotonic) a message from the primary last arrived, the primary's position it
@@ -466,7 +500,9 @@ class Follower:
             # primary vanished without a reset, may otherwise never complete (grpc/grpc#32005).
             async with asyncio.timeout(5 * HEARTBEAT_S):
                 await call.write(
-                    replication_pb2.ReplicaAck(applied_seq=self.applied, replica=self.name)
+                    replication_pb2.ReplicaAck(
+                        applied_seq=self.applied, replica=self.name, history=self.history
+                    )
                 )
             log.info(
                 "streaming from the primary",
@@ -479,12 +515,17 @@ class Follower:
                     return
                 self._streamed = True
                 batch = cast(replication_pb2.ChangeBatch, received)
-                self.heard_at = time.monotonic()
                 self.primary_address = primary.address
-                self.primary_seq = max(self.primary_seq, batch.primary_seq)
                 if batch.snapshot_required:
+                    # Not following until the copy is in: this replica's data may be of a
+                    # history a restore replaced, or far behind. No reads from it meanwhile.
+                    self.heard_at = None
+                    self.primary_seq = batch.primary_seq
+                    self._set_readable(False)
                     await self._snapshot(primary)
                     return  # stream again from the snapshot's position
+                self.heard_at = time.monotonic()
+                self.primary_seq = max(self.primary_seq, batch.primary_seq)
                 if batch.changes:
                     changes = list(batch.changes)
                     try:
@@ -518,7 +559,10 @@ class Follower:
                     raise item
                 yield item
 
-        loader = asyncio.ensure_future(asyncio.to_thread(self.store.load_snapshot, chunks()))
+        history: list[bytes] = []  # the copy's history, as its chunks say
+        loader = asyncio.ensure_future(
+            asyncio.to_thread(self.store.load_snapshot, chunks(), lambda: history[-1])
+        )
         call = primary.replication.Snapshot(replication_pb2.SnapshotRequest())
         seq = 0
         try:
@@ -532,6 +576,7 @@ class Follower:
                     break
                 chunk = cast(replication_pb2.SnapshotChunk, received)
                 seq = chunk.seq
+                history[:] = [chunk.history]
                 pipe.put((chunk.seq, [(e.key, e.value) for e in chunk.entries]))
                 while pipe.qsize() >= SNAPSHOT_QUEUED and not loader.done():
                     await asyncio.sleep(0.01)  # the disk is behind the network: wait for it
@@ -543,4 +588,5 @@ class Follower:
             call.cancel()
         entries = await loader
         self.applied = seq
+        self.history = history[-1]
         log.info("snapshot loaded", extra=fields(seq=seq, entries=entries))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -68,6 +69,29 @@ class Applied:
 
 _SEQ = b"seq"  # meta: the last change written (primary) or applied (replica)
 _LOG_BYTES = b"log_bytes"  # meta: bytes the change log holds
+# meta: the history the data belongs to. Empty until the first restore; each restore begins a
+# new one (16 random bytes), so a replica can tell that its position, from the old history,
+# means nothing on this primary (see can_stream_from).
+_HISTORY = b"history"
+
+
+class NotEmpty(Exception):
+    """A restore refused because the store holds keys and it was not forced."""
+
+    def __init__(self, counts: RestoreCounts) -> None:
+        super().__init__(f"the primary holds {counts.before} keys")
+        self.counts = counts
+
+
+@dataclass(frozen=True)
+class RestoreCounts:
+    """What a restore does: keys held before, of them replaced (also in the backup) and lost
+    (not in it), and the keys held after (the backup's)."""
+
+    before: int
+    replaced: int
+    lost: int
+    after: int
 
 
 def _pack(seq: int) -> bytes:
@@ -246,9 +270,17 @@ class Store:
             cursor = txn.cursor(db=self.log)
             return _unpack(bytes(cursor.key())) if cursor.first() else 0
 
-    def can_stream_from(self, after: int) -> bool:
-        """Whether a replica at position `after` can catch up from the log alone."""
+    def history(self) -> bytes:
+        """The history this store's data belongs to (b"" before any restore)."""
         with self.env.begin() as txn:
+            return bytes(txn.get(_HISTORY, b"", db=self.meta))
+
+    def can_stream_from(self, after: int, history: bytes = b"") -> bool:
+        """Whether a replica at position `after` of `history` can catch up from the log alone
+        (never from another history: after a restore its positions mean nothing here)."""
+        with self.env.begin() as txn:
+            if bytes(txn.get(_HISTORY, b"", db=self.meta)) != history:
+                return False
             last = _unpack(txn.get(_SEQ, db=self.meta))
             if after > last:
                 return False  # the replica is ahead: this primary's data is not its origin
@@ -284,13 +316,18 @@ class Store:
         return changes
 
     def snapshot(
-        self, chunk: int = 1000, max_bytes: int = validation.ENTRIES_BUDGET_BYTES
+        self,
+        chunk: int = 1000,
+        max_bytes: int = validation.ENTRIES_BUDGET_BYTES,
+        history: list[bytes] | None = None,
     ) -> Iterator[tuple[int, list[tuple[bytes, bytes]]]]:
         """Every entry, in chunks of at most `chunk` entries and (but for a chunk of one)
         `max_bytes`, read in ONE transaction (a consistent copy), each chunk with the log
-        position the copy corresponds to."""
+        position the copy corresponds to. The copy's history is appended to `history`."""
         with self.env.begin() as txn:
             seq = _unpack(txn.get(_SEQ, db=self.meta))
+            if history is not None:
+                history.append(bytes(txn.get(_HISTORY, b"", db=self.meta)))
             entries: list[tuple[bytes, bytes]] = []
             used = 0
             for key, value in txn.cursor(db=self.kv):
@@ -325,11 +362,16 @@ class Store:
         self._committed(len(changes))
         return seq
 
-    def load_snapshot(self, chunks: Iterable[tuple[int, list[tuple[bytes, bytes]]]]) -> int:
+    def load_snapshot(
+        self,
+        chunks: Iterable[tuple[int, list[tuple[bytes, bytes]]]],
+        history: Callable[[], bytes] = lambda: b"",
+    ) -> int:
         """Replace every entry with a snapshot that arrives in chunks (each with the position
         the copy corresponds to), written as it arrives into ONE transaction: readers see the
         old contents until it commits, and a copy cut short (the iterator raises) changes
-        nothing. Only one chunk is in memory at a time. Returns the number of entries."""
+        nothing. Only one chunk is in memory at a time. Returns the number of entries.
+        `history()`, asked once every chunk has arrived, is the primary's history it is of."""
         count = 0
         with self.env.begin(write=True) as txn:
             txn.drop(self.kv, delete=False)
@@ -344,9 +386,40 @@ class Store:
             if seq is None:
                 raise LogGap("the snapshot ended before its first chunk; copy it again")
             txn.put(_SEQ, _pack(seq), db=self.meta)
+            txn.put(_HISTORY, history(), db=self.meta)
         self._log_bytes = 0
         self._committed(count)
         return count
+
+    # -- restoring a backup (the primary) ------------------------------------------------------
+
+    def restore_from(self, source: lmdb.Environment, seq: int, force: bool) -> RestoreCounts:
+        """Replace every entry with those of `source` (a backup's LMDB environment, checked by
+        kvstack.backup.check_copy) in ONE write transaction, continuing from position `seq`
+        in a new history, with an empty change log and no remembered request ids (they
+        belong to the old history). When the store holds keys and `force` is false, raise
+        NotEmpty with the counts and change nothing."""
+        source_kv = source.open_db(b"kv", create=False)
+        with self.env.begin(write=True) as txn, source.begin() as src:
+            before = replaced = 0
+            for key in txn.cursor(db=self.kv).iternext(keys=True, values=False):
+                before += 1
+                if src.get(key, db=source_kv) is not None:
+                    replaced += 1
+            after = int(src.stat(source_kv)["entries"])
+            counts = RestoreCounts(before, replaced, before - replaced, after)
+            if before and not force:
+                raise NotEmpty(counts)  # leaving the block aborts the transaction
+            for db in (self.kv, self.log, self.requests, self.request_order):
+                txn.drop(db, delete=False)
+            cursor = txn.cursor(db=self.kv)
+            cursor.putmulti(src.cursor(db=source_kv).iternext(), append=True)
+            txn.put(_SEQ, _pack(seq), db=self.meta)
+            txn.put(_LOG_BYTES, _pack(0), db=self.meta)
+            txn.put(_HISTORY, os.urandom(16), db=self.meta)
+        self._log_bytes = 0
+        self._committed(after)
+        return counts
 
     # -- reads ---------------------------------------------------------------------------------
 

@@ -563,6 +563,18 @@ class KubeTarget:
             )
         say("rolled back: " + ", ".join(resource(s) for s in chosen))
 
+    def backup(self, runner: Runner, output: Path) -> None:
+        from kvstack.ops import backups
+
+        self.preflight(runner)
+        backups.kube_backup(runner, self.kubectl(), self.where, output)
+
+    def restore(self, runner: Runner, path: Path, force: bool) -> None:
+        from kvstack.ops import backups
+
+        self.preflight(runner)
+        backups.kube_restore(runner, self.kubectl(), self.where, path, force)
+
 
 class Minikube(KubeTarget):
     name = "minikube"

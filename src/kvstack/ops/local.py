@@ -1019,6 +1019,18 @@ class Local:
                 "(`kvstack history local`); name one with --to VERSION"
             )
 
+    def backup(self, runner: Runner, output: Path) -> None:
+        from kvstack.ops import backups
+
+        image = self.require_live(runner, registry.get(backups.BACKEND)).image
+        backups.local_backup(runner, self.stack, image, output)
+
+    def restore(self, runner: Runner, path: Path, force: bool) -> None:
+        from kvstack.ops import backups
+
+        image = self.require_live(runner, registry.get(backups.BACKEND)).image
+        backups.local_restore(runner, self.stack, image, path, force)
+
 
 def target() -> Local:
     """The `local` target for `kvstack VERB local` (stack $KVSTACK_STACK, default kvstack)."""

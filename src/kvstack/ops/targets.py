@@ -20,6 +20,7 @@ import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from kvstack import registry
@@ -67,6 +68,14 @@ class Target(Protocol):
 
     def history(self, runner: Runner) -> None:
         """Print the releases (revisions and versions) of every long-running service."""
+
+    def backup(self, runner: Runner, output: Path) -> None:
+        """Copy the primary backend's data into `output` (and its manifest beside it), online
+        (kvstack.ops.backups)."""
+
+    def restore(self, runner: Runner, path: Path, force: bool) -> None:
+        """Check the backup at `path`, then restore it onto the primary; over live data only
+        with `force`."""
 
 
 @runtime_checkable
@@ -186,6 +195,19 @@ def _history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backup(args: argparse.Namespace) -> int:
+    from kvstack.ops import backups
+
+    output = args.output or backups.default_output(args.target)
+    target_for(args).backup(Runner(dry_run=args.dry_run), output)
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    target_for(args).restore(Runner(dry_run=args.dry_run), args.file, args.force)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def verb(
         name: str, help_text: str, func: Callable[[argparse.Namespace], int]
@@ -234,3 +256,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     with_timeout(p)
 
     verb("history", "list the releases of every long-running service", _history)
+
+    p = verb("backup", "copy the primary's data into one LMDB file and its manifest, online",
+             _backup)  # fmt: skip
+    p.add_argument("--output", type=Path, metavar="FILE",
+                   help="where (default kvstack-backup-TARGET-TIME.mdb here); the manifest goes "
+                   "beside it as FILE.manifest.json")  # fmt: skip
+
+    p = verb("restore", "check a backup, then restore it onto the primary (writes stop meanwhile)",
+             _restore)  # fmt: skip
+    p.add_argument("file", type=Path, metavar="FILE", help="a file `kvstack backup` wrote")
+    p.add_argument("--force", action="store_true",
+                   help="replace the data the primary holds (refused without it)")  # fmt: skip

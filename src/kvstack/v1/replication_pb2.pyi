@@ -60,21 +60,25 @@ class ChangeBatch(_message.Message):
     def __init__(self, changes: _Optional[_Iterable[_Union[Change, _Mapping]]] = ..., primary_seq: _Optional[int] = ..., snapshot_required: _Optional[bool] = ...) -> None: ...
 
 class ReplicaAck(_message.Message):
-    __slots__ = ("applied_seq", "replica")
+    __slots__ = ("applied_seq", "replica", "history")
     APPLIED_SEQ_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     applied_seq: int
     replica: str
-    def __init__(self, applied_seq: _Optional[int] = ..., replica: _Optional[str] = ...) -> None: ...
+    history: bytes
+    def __init__(self, applied_seq: _Optional[int] = ..., replica: _Optional[str] = ..., history: _Optional[bytes] = ...) -> None: ...
 
 class SnapshotRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class SnapshotChunk(_message.Message):
-    __slots__ = ("entries", "seq")
+    __slots__ = ("entries", "seq", "history")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[_kv_pb2.Entry]
     seq: int
-    def __init__(self, entries: _Optional[_Iterable[_Union[_kv_pb2.Entry, _Mapping]]] = ..., seq: _Optional[int] = ...) -> None: ...
+    history: bytes
+    def __init__(self, entries: _Optional[_Iterable[_Union[_kv_pb2.Entry, _Mapping]]] = ..., seq: _Optional[int] = ..., history: _Optional[bytes] = ...) -> None: ...
