@@ -66,8 +66,9 @@ class ServerConfig:
     primary_wait: float = setting(
         "KVSTACK_PRIMARY_WAIT",
         30.0,
-        "seconds a write (or a read for the latest) waits for a primary to answer while it "
-        "restarts, within the caller's deadline; then UNAVAILABLE saying how long it waited",
+        "seconds a call waits, within its deadline, for a backend that can take it (a write "
+        "or a read for the latest: the primary; another read: any readable backend) while "
+        "backends restart; then UNAVAILABLE saying how long it waited",
     )
     read_attempt_timeout: float = setting(
         "KVSTACK_READ_ATTEMPT_TIMEOUT",
@@ -199,6 +200,13 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
         answered_by(context, member)
         return reply
 
+    def _wait_budget(self, context: Context) -> float:
+        """How long a call may be held for a backend that can take it: the caller's deadline
+        (less a margin to answer in), at most KVSTACK_PRIMARY_WAIT."""
+        remaining = context.time_remaining()
+        budget = self.config.primary_wait if remaining is None else remaining - WAIT_MARGIN_S
+        return min(budget, self.config.primary_wait)
+
     async def _write(self, context: Context, method: str, request: Any) -> Any:
         await self._refuse_named(context, "writes always go to the primary")
         return await self._to_primary(context, method, request)
@@ -208,10 +216,7 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
         SERVING yet), wait for it within the caller's deadline, up to KVSTACK_PRIMARY_WAIT,
         rather than fail at once. A write repeated here carries the caller's request_id, which
         the primary applies once, so waiting and retrying never applies a write twice."""
-        started = time.monotonic()
-        remaining = context.time_remaining()
-        budget = self.config.primary_wait if remaining is None else remaining - WAIT_MARGIN_S
-        budget = min(budget, self.config.primary_wait)
+        started, budget = time.monotonic(), self._wait_budget(context)
         why = "no backend says it is the primary"
         while True:
             left = budget - (time.monotonic() - started)
@@ -251,6 +256,27 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
             return await self._answer(context, named, method, request, NAMED)
         if latest:
             return await self._to_primary(context, method, request)  # same route as writes
+        # While no backend can answer (the primary restarts and the replica is not readable,
+        # or every one is starting), the read is held like a write: within the caller's
+        # deadline and at most KVSTACK_PRIMARY_WAIT, sent again each time the Directory changes.
+        started, budget = time.monotonic(), self._wait_budget(context)
+        while True:
+            reply = await self._read_once(context, method, request)
+            if reply is not None:
+                return reply
+            left = budget - (time.monotonic() - started)
+            if left <= 0:
+                break
+            await self.directory.wait_changed(min(PRIMARY_POLL_S, left))
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"no backend could answer the read in the {time.monotonic() - started:.1f} s it "
+            "waited (restarting, or replicas catching up); retry in a few seconds",
+        )
+        raise AssertionError(timeout)  # unreachable: abort raises
+
+    async def _read_once(self, context: Context, method: str, request: Any) -> Any:
+        """One round of a read over the readable backends; None when none answered."""
         # Each reader in turn: one that is unavailable, or does not answer within
         # read_attempt_timeout while another could, hands the read to the next within this call
         # (a frozen replica used to hold it for the whole deadline). The last gets what is left.
@@ -258,11 +284,11 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
         while True:
             member = self.directory.pick_reader(exclude=tried)
             if member is None:
-                break
+                return None
             others = [m for m in self.directory.readers() if m is not member and m not in tried]
             remaining = self._timeout(context)
             if remaining <= 0:
-                break
+                return None
             attempt = min(remaining, self.config.read_attempt_timeout) if others else remaining
             try:
                 reply = await _forward(member, method, request, attempt)
@@ -276,19 +302,13 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
                         extra=runtime.fields(backend=member.address, waited_s=attempt),
                     )
             except ChannelClosed:
-                pass  # the next reader, or UNAVAILABLE below
+                pass  # the next reader, or another round
             else:
                 answered_by(context, member)
                 return reply
             tried.append(member)
             if not others:
-                break
-        await context.abort(
-            grpc.StatusCode.UNAVAILABLE,
-            "no backend can answer reads right now (restarting, or replicas catching up); "
-            "retry in a few seconds",
-        )
-        raise AssertionError(timeout)  # unreachable: abort raises
+                return None
 
     async def Put(self, request: kv_pb2.PutRequest, context: Context) -> kv_pb2.PutResponse:
         def check() -> None:
