@@ -59,6 +59,12 @@ class Unreachable(Exception):
     """The server did not answer within the retry budget."""
 
 
+def default_write_timeout() -> float:
+    """A write's deadline in seconds (KVSTACK_WRITE_TIMEOUT, default 30): longer than a primary's
+    restart on every target (docs/deploying.md has the measured figures)."""
+    return float(os.environ.get("KVSTACK_WRITE_TIMEOUT", "30"))
+
+
 @dataclass
 class Client:
     """A KeyValue stub with retries, backoff and a deadline on every call."""
@@ -67,9 +73,7 @@ class Client:
     timeout: float = 5.0
     # A write's deadline is longer: the server holds a write while the primary restarts
     # (KVSTACK_PRIMARY_WAIT) instead of failing it, so one attempt rides out a restart.
-    write_timeout: float = field(
-        default_factory=lambda: float(os.environ.get("KVSTACK_WRITE_TIMEOUT", "30"))
-    )
+    write_timeout: float = field(default_factory=default_write_timeout)
     attempts: int = 5
     backoff: float = 0.1
     verbose: bool = True
@@ -197,7 +201,8 @@ def run_batch(client: Client) -> int:
 
 
 def run_load(client: Client, count: int, concurrency: int, prefix: str, value_bytes: int) -> int:
-    """Write `count` unique keys; print one JSON line per acknowledged write and a summary.
+    """Write `count` unique keys; print one JSON line per write (acknowledged or failed, with
+    when it ended and how long it took) and a summary.
 
     Each value is unique to this run, so a checker can tell an acknowledged write from any
     other. Errors are counted, not retried past the client's budget.
@@ -205,24 +210,29 @@ def run_load(client: Client, count: int, concurrency: int, prefix: str, value_by
     run = uuid.uuid4().hex[:8]
     pad = "x" * max(0, value_bytes - 20)
 
-    def one(i: int) -> tuple[str, str, str | None]:
+    def one(i: int) -> dict[str, object]:
         key, value = f"{prefix}{i:08d}", f"{run}-{i}-{pad}"
+        began = time.monotonic()
         try:
             client.put(key.encode(), value.encode())
         except (grpc.RpcError, Unreachable) as err:
             code = err.code().name if isinstance(err, grpc.RpcError) else "UNREACHABLE"
-            return key, value, code
-        return key, value, None
+            outcome: dict[str, object] = {"key": key, "error": code, "message": str(err)[:300]}
+        else:
+            outcome = {"key": key, "value": value, "ack": True}
+        # When it ended (wall clock, to line up with the services' logs) and how long it took.
+        return {
+            **outcome,
+            "t": round(time.time(), 3),
+            "ms": round(1000 * (time.monotonic() - began), 1),
+        }
 
     started = time.monotonic()
     errors = 0
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        for key, value, error in pool.map(one, range(count)):
-            if error:
-                errors += 1
-                print(json.dumps({"key": key, "error": error}), flush=True)
-            else:
-                print(json.dumps({"key": key, "value": value, "ack": True}), flush=True)
+        for line in pool.map(one, range(count)):
+            errors += "error" in line
+            print(json.dumps(line), flush=True)
     elapsed = time.monotonic() - started
     print(
         json.dumps(
