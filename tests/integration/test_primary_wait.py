@@ -59,6 +59,39 @@ def test_a_write_waits_for_a_restarting_primary(stack: Stack, spawn: Spawn) -> N
     assert 4 <= float(str(result["seconds"])) < 30
 
 
+def test_a_write_rides_out_a_primary_frozen_longer_than_an_attempt(stack: Stack) -> None:
+    """The primary frozen (SIGSTOP) for 7 s, longer than one forwarded attempt may take
+    (KVSTACK_BACKEND_TIMEOUT, 5 s): the server sends the put again within the caller's 30 s
+    deadline, and it lands once the primary resumes, in one client attempt, applied once."""
+    client = Client(stack.server.target, verbose=False, write_timeout=30)
+    result: dict[str, object] = {}
+
+    def write() -> None:
+        started = time.monotonic()
+        try:
+            result["created"] = client.put(b"frozen", b"v")
+        except Exception as err:  # noqa: BLE001 - the test reports whatever the write raised
+            result["error"] = err
+        result["seconds"] = time.monotonic() - started
+
+    writer = threading.Thread(target=write)
+    stack.backend.signal(signal.SIGSTOP)
+    try:
+        writer.start()
+        time.sleep(7)
+    finally:
+        stack.backend.signal(signal.SIGCONT)
+    writer.join(40)
+    assert "error" not in result, result
+    assert result["created"] is True
+    assert client.retries == 0
+    assert 7 <= float(str(result["seconds"])) < 30
+    reply = kv_pb2_grpc.KeyValueStub(client.channel).Get(
+        kv_pb2.GetRequest(key=b"frozen", latest=True), timeout=5
+    )
+    assert reply.value == b"v"
+
+
 @pytest.mark.parametrize(
     ("method", "request_", "says"),
     [

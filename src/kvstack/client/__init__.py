@@ -15,8 +15,9 @@ import random
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -229,10 +230,23 @@ def run_load(client: Client, count: int, concurrency: int, prefix: str, value_by
 
     started = time.monotonic()
     errors = 0
+
+    def emit(line: dict[str, object]) -> None:
+        nonlocal errors
+        errors += "error" in line
+        print(json.dumps(line), flush=True)
+
+    # At most 2 x concurrency writes submitted ahead (Executor.map would submit all `count` at
+    # once: with a large count, nothing is printed for minutes and memory grows); printed in
+    # the order they were sent.
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        for line in pool.map(one, range(count)):
-            errors += "error" in line
-            print(json.dumps(line), flush=True)
+        pending: deque[Future[dict[str, object]]] = deque()
+        for i in range(count):
+            pending.append(pool.submit(one, i))
+            if len(pending) >= 2 * max(1, concurrency):
+                emit(pending.popleft().result())
+        while pending:
+            emit(pending.popleft().result())
     elapsed = time.monotonic() - started
     print(
         json.dumps(

@@ -33,7 +33,7 @@ from kvstack.ops.shell import Runner, say
 
 WARMUP_S = 2.0  # the writer starts and finds the server
 BEFORE_S = 8.0  # the "before" window: steady writes just before the change
-AFTER_S = 3.0  # writes kept going after the change ends, so the slowest in it can finish
+AFTER_ACKS = 100  # writes acknowledged after the change ended, before the writer stops
 PRIMARY_SLOT = local.PRIMARY_SLOT
 SCENARIOS = ("backend rolling update", "server rolling update", "primary SIGKILL")
 
@@ -171,6 +171,18 @@ def wait_replaced(stack: str, slot: int, victim: str, timeout: float = 120) -> s
     raise TimeoutError(f"Swarm did not replace backend slot {slot} within {timeout:.0f} s")
 
 
+def resumed(writer: str, end: float, timeout: float = 60) -> None:
+    """Wait until the writer has had AFTER_ACKS writes acknowledged after `end`: every write
+    held during the change has had its answer by then (the writer prints in the order it sent)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = json_logs(writer)
+        if sum(1 for r in lines if r.get("ack") and float(str(r["t"])) > end) >= AFTER_ACKS:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"writes did not resume within {timeout:.0f} s of the change's end")
+
+
 def measure(stack: str, tag: str, scenario: str, in_flight: int) -> Outcome:
     prefix = f"bench/roll/{uuid.uuid4().hex[:6]}/"
     writer = docker(*writer_argv(stack, tag, in_flight, prefix)).strip()
@@ -187,7 +199,7 @@ def measure(stack: str, tag: str, scenario: str, in_flight: int) -> Outcome:
                    f"{stack}_{service}")  # fmt: skip
             new = backend_containers(stack)[PRIMARY_SLOT]
         end = time.time()
-        time.sleep(AFTER_S)
+        resumed(writer, end)
     finally:
         docker("stop", "--time", "30", writer, check=False)
     lines = json_logs(writer)
@@ -211,14 +223,23 @@ def run(in_flight: Sequence[int] = (8, 32)) -> list[Outcome]:
     tag = images.version()
     images.build(runner, list(registry.services().values()), tag, only_if_changed=True)
     stack = f"kvbench-{uuid.uuid4().hex[:6]}"
+    target = local.Local(stack=stack)
+    long_running = [s for s in registry.services().values() if s.long_running]
+
+    def wait_healthy() -> None:
+        for svc in long_running:
+            failure = target.wait(runner, svc, images.image_ref(svc, tag), 180)
+            if failure is not None:
+                raise RuntimeError(failure)
+
     outcomes = []
     try:
         local.deploy(runner, stack, tag)
-        local.wait_healthy(runner, stack, tag, timeout=180)
+        wait_healthy()
         for n, scenario in itertools.product(in_flight, SCENARIOS):
             say(f"rollouts: {scenario} with {n} writes in flight")
             outcomes.append(measure(stack, tag, scenario, n))
-            local.wait_healthy(runner, stack, tag, timeout=180)
+            wait_healthy()
     finally:
         local.remove(runner, stack, volumes=True)
         (local.BUILD_DIR / f"{stack}.stack.json").unlink(missing_ok=True)
