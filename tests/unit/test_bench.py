@@ -92,13 +92,16 @@ def test_the_rollout_table_reports_each_change_and_the_primarys_restart(tmp_path
     phases = {"exited -> started": 1.2, "serving -> first write": 0.4, "total": 3.0}
     run = bench.Run(duration=1, warmup=1, data_dir=tmp_path)
     run.rollouts = [
-        rollouts.Outcome("primary SIGKILL", 8, 6.5, steady, slow, 0, 900, phases),
-        rollouts.Outcome("server rolling update", 32, 25.0, steady, steady, 1, 4000),
+        rollouts.Outcome("primary SIGKILL", 8, 6.5, steady, slow, {}, 900, phases),
+        rollouts.Outcome(
+            "server rolling update", 32, 25.0, steady, steady, {"UNAVAILABLE": 1}, 4000
+        ),
     ]
     text = "\n".join(bench.rollout_table(run))
     assert "| primary SIGKILL | 8 | 6.5 | 3 / 9 / 12 | 4 / 2,900 / 3,100 | 3.1 | 0 | 900 |" in text
     assert (
-        "| server rolling update | 32 | 25.0 | 3 / 9 / 12 | 3 / 9 / 12 | 0.0 | 1 | 4,000 |" in text
+        "| server rolling update | 32 | 25.0 | 3 / 9 / 12 | 3 / 9 / 12 | 0.0 | 1 UNAVAILABLE "
+        "| 4,000 |" in text
     )
     assert "| change | in flight | exited -> started | serving -> first write | total |" in text
     assert "| primary SIGKILL | 8 | 1.20 | 0.40 | 3.00 |" in text

@@ -784,7 +784,9 @@ def rollout_table(run: Run) -> list[str]:
     for o in run.rollouts:
         out.append(
             f"| {o.scenario} | {o.in_flight} | {o.seconds:.1f} | {trio(o.before)} | "
-            f"{trio(o.during)} | {o.during['max_ms'] / 1000:.1f} | {o.failed} | {o.writes:,} |"
+            f"{trio(o.during)} | {o.during['max_ms'] / 1000:.1f} | "
+            f"{', '.join(f'{n} {code}' for code, n in sorted(o.failed.items())) or '0'} | "
+            f"{o.writes:,} |"
         )
     restarts = [o for o in run.rollouts if o.phases]
     if restarts:

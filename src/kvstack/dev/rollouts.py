@@ -22,6 +22,7 @@ import json
 import subprocess
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -153,7 +154,7 @@ class Outcome:
     seconds: float  # how long the change took
     before: dict[str, float]
     during: dict[str, float]
-    failed: int
+    failed: dict[str, int]  # calls that failed after the client's retries, by status code
     writes: int
     phases: dict[str, float] = field(default_factory=dict)
 
@@ -212,7 +213,7 @@ def measure(stack: str, tag: str, scenario: str, in_flight: int) -> Outcome:
         phases = restart_phases(old, new, writes, drained=scenario != "primary SIGKILL")
     return Outcome(
         scenario, in_flight, round(end - start, 1), write_latency(before), write_latency(during),
-        sum("error" in r for r in writes), len(writes), phases,
+        dict(Counter(str(r["error"]) for r in writes if "error" in r)), len(writes), phases,
     )  # fmt: skip
 
 
