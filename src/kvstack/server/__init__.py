@@ -112,6 +112,13 @@ class ChannelClosed(Exception):
     that left (restarted, or scaled away). The backend was unavailable, not the caller gone."""
 
 
+# What a backend answers when it could not take the call but another attempt may: unavailable,
+# or CANCELLED, which gRPC gives a call still pending when the backend shuts down (the server
+# never cancels a forwarded call itself; grpc/grpc#41785). Every call may be sent again:
+# reads change nothing and a write's request_id is applied once.
+RETRY_ELSEWHERE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+
+
 async def _forward(member: Member, method: str, request: Any, timeout: float) -> Any:
     try:
         return await getattr(member.kv, method)(request, timeout=timeout)
@@ -232,7 +239,7 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
                     # time left is tried again, like an unavailable primary (a draining or
                     # overloaded one, measured under a rolling update at 32 writes in flight).
                     slow = err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and attempt < left
-                    if err.code() != grpc.StatusCode.UNAVAILABLE and not slow:
+                    if err.code() not in RETRY_ELSEWHERE and not slow:
                         await context.abort(err.code(), _explain(err))
                     why = (
                         f"the primary at {primary.address} did not answer within {attempt:.1f} s"
@@ -303,7 +310,7 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
                 reply = await _forward(member, method, request, attempt)
             except aio.AioRpcError as err:
                 slow = err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and bool(others)
-                if err.code() != grpc.StatusCode.UNAVAILABLE and not slow:
+                if err.code() not in RETRY_ELSEWHERE and not slow:
                     await context.abort(err.code(), _explain(err))
                 if slow:
                     log.warning(
