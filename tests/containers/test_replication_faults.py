@@ -24,12 +24,19 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import pytest
 
 from kvstack import registry
+from kvstack.client import default_write_timeout
+from kvstack.dev.rollouts import (
+    json_logs,
+    restart_phases,
+    write_latency,
+)
 from kvstack.ops import images, local
 from kvstack.ops.shell import Runner
 
@@ -45,6 +52,8 @@ LOG_RETAIN = 1500  # a few seconds of writes: a partitioned or new replica needs
 VALUE_BYTES = 64  # the client's default; the value is f"{run}-{i}-" + "x" * (VALUE_BYTES - 20)
 WRITER_COUNT = 50_000  # an upper bound (minutes of writes); each test stops its writer long before
 CONVERGE_S = 90
+WRITE_TIMEOUT_S = default_write_timeout()  # the client's deadline for one write
+IN_FLIGHT = [8, 32]  # the writer's concurrency in the rollout and recovery tests
 
 # Gets of the writer's keys through the server until SIGTERM or argv[2] seconds. It follows the
 # writer's frontier: it reads keys near the highest index found so far. One JSON line per value
@@ -56,7 +65,7 @@ from kvstack.client import Client, Unreachable, default_target
 stop = []
 signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
 prefix, end = sys.argv[1], time.monotonic() + float(sys.argv[2])
-client = Client(default_target(), attempts=2, verbose=False)
+client = Client(default_target(), attempts=2, verbose=False, latest=False)
 top = found = missing = errors = 0
 while not stop and time.monotonic() < end:
     i = random.randint(max(0, top - 300), top + 20)
@@ -65,13 +74,15 @@ while not stop and time.monotonic() < end:
         value = client.get(key.encode()).decode()
     except grpc.RpcError as err:
         if err.code() == grpc.StatusCode.NOT_FOUND:
-            missing += 1
+            missing += 1  # a replica within its staleness bound, or a key not yet written
         else:
             errors += 1
+            print(json.dumps({"read_error": err.code().name, "t": time.time()}), flush=True)
         time.sleep(0.05)
         continue
-    except Unreachable:
+    except Unreachable as err:
         errors += 1
+        print(json.dumps({"read_error": str(err)[:300], "t": time.time()}), flush=True)
         time.sleep(0.2)
         continue
     found += 1
@@ -192,23 +203,11 @@ def listings(
     return {slot: by_target[t.target] for slot, t in tasks.items()}
 
 
-def logs(container: str) -> list[dict[str, object]]:
-    out = docker("logs", container, check=False)
-    lines = []
-    for line in out.splitlines():
-        if line.startswith("{"):
-            try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by the stop
-    return lines
-
-
 def recent_logs(container: str, count: int = 25) -> str:
     """The last log records of a backend, one short line each: what a failure message needs."""
     lines = [
         " ".join(f"{k}={v}" for k, v in r.items() if k not in ("severity", "logger", "service"))
-        for r in logs(container)
+        for r in json_logs(container)
         if r.get("logger") != "kvstack.access"
     ]
     return f"--- last logs of {container[:12]}:\n" + "\n".join(lines[-count:])
@@ -217,8 +216,9 @@ def recent_logs(container: str, count: int = 25) -> str:
 class Workload:
     """A writer (`load`) and a reader through the server, in the background."""
 
-    def __init__(self, stack: StackUnderTest, name: str) -> None:
+    def __init__(self, stack: StackUnderTest, name: str, concurrency: int = 4) -> None:
         self.stack = stack
+        self.concurrency = concurrency
         self.prefix = f"rf/{name}/{uuid.uuid4().hex[:6]}/"
         self.writer = docker(
             *stack.job_argv(
@@ -227,7 +227,7 @@ class Workload:
                 "--count",
                 str(WRITER_COUNT),
                 "--concurrency",
-                "4",
+                str(concurrency),
                 "--prefix",
                 self.prefix,
                 detach=True,
@@ -238,7 +238,7 @@ class Workload:
         self.reader_lines: list[dict[str, object]] = []
 
     def acked(self) -> dict[str, str]:
-        lines = self.writer_lines or logs(self.writer)
+        lines = self.writer_lines or json_logs(self.writer)
         return {str(r["key"]): str(r["value"]) for r in lines if r.get("ack")}
 
     def wait_acks(self, more: int, timeout: float = 90) -> None:
@@ -257,8 +257,20 @@ class Workload:
     def stop(self) -> None:
         """Stop both (the writer mid-run: every acknowledgement it printed counts)."""
         docker("stop", "--time", "10", self.writer, self.reader, check=False)
-        self.writer_lines = logs(self.writer)
-        self.reader_lines = logs(self.reader)
+        self.writer_lines = json_logs(self.writer)
+        self.reader_lines = json_logs(self.reader)
+
+    def failures(self) -> list[dict[str, object]]:
+        """Every call that failed after the client's retries: writes, then reads (after stop())."""
+        writes = [r for r in self.writer_lines if "error" in r]
+        return writes + [r for r in self.reader_lines if "read_error" in r]
+
+    def assert_no_failed_call(self) -> None:
+        failed = self.failures()
+        assert not failed, (
+            f"{len(failed)} calls failed at {self.concurrency} writes in flight, after the "
+            f"client's retries (a write's deadline: {WRITE_TIMEOUT_S:.0f} s): {failed[:3]}"
+        )
 
     def remove(self) -> None:
         docker("rm", "-f", self.writer, self.reader, check=False)
@@ -315,12 +327,16 @@ class Workload:
         }
 
 
+class StartWorkload(Protocol):
+    def __call__(self, name: str, concurrency: int = 4) -> Workload: ...
+
+
 @pytest.fixture
-def workload(rstack: StackUnderTest) -> Iterator[Callable[[str], Workload]]:
+def workload(rstack: StackUnderTest) -> Iterator[StartWorkload]:
     started: list[Workload] = []
 
-    def start(name: str) -> Workload:
-        started.append(Workload(rstack, name))
+    def start(name: str, concurrency: int = 4) -> Workload:
+        started.append(Workload(rstack, name, concurrency))
         return started[-1]
 
     yield start
@@ -328,11 +344,9 @@ def workload(rstack: StackUnderTest) -> Iterator[Callable[[str], Workload]]:
         run.remove()
 
 
-StartWorkload = Callable[[str], Workload]
-
-
-def kill_and_wait(stack: StackUnderTest, slot: int) -> None:
-    """SIGKILL the backend task of `slot`; wait until Swarm has a new healthy one there."""
+def kill_and_wait(stack: StackUnderTest, slot: int) -> str:
+    """SIGKILL the backend task of `slot`; wait until Swarm has a new healthy one there and
+    return its container."""
     victim = backends(stack)[slot].container
     docker("kill", "--signal", "KILL", victim)
     deadline = time.monotonic() + 120
@@ -340,28 +354,41 @@ def kill_and_wait(stack: StackUnderTest, slot: int) -> None:
         assert time.monotonic() < deadline, f"Swarm did not replace slot {slot}"
         time.sleep(1)
     assert victim not in {t.container for t in tasks.values()}
+    return tasks[slot].container
 
 
-def test_primary_sigkill_loses_no_acknowledged_write(
-    rstack: StackUnderTest, workload: StartWorkload
+@pytest.mark.parametrize("in_flight", IN_FLIGHT)
+def test_primary_sigkill_fails_no_call_and_loses_no_write(
+    rstack: StackUnderTest, workload: StartWorkload, in_flight: int
 ) -> None:
-    """`docker kill -s KILL` of the primary (slot 1) during writes; Swarm restarts it on its own
-    volume. Writes may fail while it is down; none acknowledged is lost, the replica converges,
-    and no read saw a value that was never written."""
+    """`docker kill -s KILL` of the primary (slot 1) with a writer at 8 and at 32 in flight and
+    a reader; Swarm restarts it on its own volume. The server holds each write until the new
+    primary serves (KVSTACK_PRIMARY_WAIT) and reads go to the replica, so no call fails. That
+    zero means something only while the recovery (the old primary's exit -> the first write the
+    new one acknowledged, measured here) is shorter than a write's deadline, so that is checked too.
+    No acknowledged write is lost, the replica converges, no read saw a value never written."""
     wait_backends(rstack, BACKENDS)
-    run = workload("kill-primary")
+    run = workload("kill-primary", in_flight)
     run.wait_acks(500)
-    kill_and_wait(rstack, PRIMARY_SLOT)
+    old = backends(rstack)[PRIMARY_SLOT].container
+    new = kill_and_wait(rstack, PRIMARY_SLOT)
     run.wait_acks(500)  # writes resume on the restarted primary
     run.stop()
-    print(run.check(), flush=True)
+    phases = restart_phases(old, new, run.writer_lines, drained=False)
+    print({**write_latency(run.writer_lines), **run.check(), "primary restart": phases})
+    assert phases["total"] < WRITE_TIMEOUT_S, (
+        f"writes resumed {phases['total']:.1f} s after the primary died: longer than a write's "
+        "deadline, so failed calls are to be expected; make the restart faster"
+    )
+    run.assert_no_failed_call()
 
 
 def test_replica_sigkill_loses_no_acknowledged_write(
     rstack: StackUnderTest, workload: StartWorkload
 ) -> None:
     """`docker kill -s KILL` of the replica (slot 2) during writes; Swarm restarts it on its own
-    volume and it catches up from where it was: identical to the primary, nothing lost."""
+    volume and it catches up from where it was: identical to the primary, nothing lost, and no
+    call failed (the primary acknowledges alone meanwhile; reads go to the primary)."""
     wait_backends(rstack, BACKENDS)
     run = workload("kill-replica")
     run.wait_acks(500)
@@ -369,6 +396,7 @@ def test_replica_sigkill_loses_no_acknowledged_write(
     run.wait_acks(500)
     run.stop()
     print(run.check(), flush=True)
+    run.assert_no_failed_call()
 
 
 def test_partitioned_replica_converges_after_reconnect(
@@ -389,32 +417,68 @@ def test_partitioned_replica_converges_after_reconnect(
     run.stop()
     print(run.check(), flush=True)
     assert replica == backends(rstack)[PRIMARY_SLOT + 1].container, "the replica was replaced"
-    snapshots = [r for r in logs(replica) if r.get("message") == "snapshot loaded"]
+    snapshots = [r for r in json_logs(replica) if r.get("message") == "snapshot loaded"]
     assert snapshots, "the reconnected replica did not copy a snapshot"
 
 
-def test_rolling_restart_of_every_backend(rstack: StackUnderTest, workload: StartWorkload) -> None:
-    """`docker service update --force` restarts every backend, one at a time (stop-first),
-    while the workload runs: nothing acknowledged lost, the new tasks converge."""
-    before = {t.container for t in wait_backends(rstack, BACKENDS).values()}
-    run = workload("rolling")
+@pytest.mark.parametrize("in_flight", IN_FLIGHT)
+def test_backend_rolling_update_fails_no_call(
+    rstack: StackUnderTest, workload: StartWorkload, in_flight: int
+) -> None:
+    """`docker service update --force` restarts every backend, one at a time (stop-first, the
+    primary included), with a writer at 8 and at 32 in flight and a reader: no call fails (the
+    server holds writes while the primary restarts), nothing acknowledged is lost, the new
+    tasks converge. Prints the write latency and where the primary's restart time went."""
+    before = wait_backends(rstack, BACKENDS)
+    run = workload("rolling", in_flight)
     run.wait_acks(300)
     service = f"{rstack.name}_{BACKEND.name}"
     docker("service", "update", "--force", "--detach=false", service, timeout=300)
-    after = {t.container for t in wait_backends(rstack, BACKENDS).values()}
-    assert not before & after, "a backend was not restarted"
+    after = wait_backends(rstack, BACKENDS)
+    assert not {t.container for t in before.values()} & {t.container for t in after.values()}, (
+        "a backend was not restarted"
+    )
     run.wait_acks(300)
     run.stop()
-    print(run.check(), flush=True)
+    old, new = before[PRIMARY_SLOT].container, after[PRIMARY_SLOT].container
+    phases = restart_phases(old, new, run.writer_lines, drained=True)
+    print({**write_latency(run.writer_lines), **run.check(), "primary restart": phases})
+    run.assert_no_failed_call()
 
 
-def test_scale_out_to_five_and_back(rstack: StackUnderTest, workload: StartWorkload) -> None:
-    """Scale the backend 2 -> 5 during writes: the new replicas copy a snapshot and converge;
-    then 5 -> 2 during writes. The primary's task is never touched, nothing acknowledged lost."""
+@pytest.mark.parametrize("in_flight", IN_FLIGHT)
+def test_server_rolling_update_fails_no_call(
+    rstack: StackUnderTest, workload: StartWorkload, in_flight: int
+) -> None:
+    """`docker service update --force` of the server (start-first: a new task is healthy before
+    an old one stops) with a writer at 8 and at 32 in flight and a reader: no call fails and
+    nothing acknowledged is lost."""
+    service = f"{rstack.name}_{registry.get('server').name}"
+    before = set(rstack.containers("server"))
+    run = workload("server-rolling", in_flight)
+    run.wait_acks(300)
+    docker("service", "update", "--force", "--detach=false", service, timeout=300)
+    deadline = time.monotonic() + 60  # the old tasks drain (SIGTERM) after the update converged
+    while before & set(rstack.containers("server")):
+        assert time.monotonic() < deadline, "an old server task still runs a minute later"
+        time.sleep(1)
+    run.wait_acks(300)
+    run.stop()
+    print({**write_latency(run.writer_lines), **run.check()}, flush=True)
+    run.assert_no_failed_call()
+
+
+@pytest.mark.parametrize("in_flight", IN_FLIGHT)
+def test_scale_out_to_five_and_back_fails_no_call(
+    rstack: StackUnderTest, workload: StartWorkload, in_flight: int
+) -> None:
+    """Scale the backend 2 -> 5 with a writer at 8 and at 32 in flight and a reader: the new
+    replicas copy a snapshot and converge; then 5 -> 2. The primary's task is never touched, no
+    call fails, nothing acknowledged is lost."""
     service = f"{rstack.name}_{BACKEND.name}"
     primary = wait_backends(rstack, BACKENDS)[PRIMARY_SLOT].container
     try:
-        run = workload("scale-out")
+        run = workload("scale-out", in_flight)
         run.wait_acks(
             LOG_RETAIN + 300
         )  # the log no longer starts at 0: new replicas need a snapshot
@@ -423,19 +487,21 @@ def test_scale_out_to_five_and_back(rstack: StackUnderTest, workload: StartWorkl
         run.wait_acks(300)
         run.stop()
         print(run.check(expected_backends=5), flush=True)
+        run.assert_no_failed_call()
         for slot in range(BACKENDS + 1, 6):
             loaded = [
-                r for r in logs(tasks[slot].container) if r.get("message") == "snapshot loaded"
+                r for r in json_logs(tasks[slot].container) if r.get("message") == "snapshot loaded"
             ]
             assert loaded, f"the new replica in slot {slot} did not start from a snapshot"
 
-        run = workload("scale-in")
+        run = workload("scale-in", in_flight)
         run.wait_acks(300)
         docker("service", "scale", "--detach", f"{service}={BACKENDS}")
         wait_backends(rstack, BACKENDS, timeout=180)
         run.wait_acks(300)
         run.stop()
         print(run.check(), flush=True)
+        run.assert_no_failed_call()
+        assert backends(rstack)[PRIMARY_SLOT].container == primary, "the primary was replaced"
     finally:
         docker("service", "scale", "--detach", f"{service}={BACKENDS}", check=False)
-    assert backends(rstack)[PRIMARY_SLOT].container == primary, "the primary was restarted"

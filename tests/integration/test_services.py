@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -56,6 +58,27 @@ def test_client_subcommands(stack: Stack, capsys: pytest.CaptureFixture[str]) ->
     captured = capsys.readouterr()
     assert captured.out.splitlines() == ["created", "blue", "color=blue", "deleted"]
     assert "NOT_FOUND" in captured.err
+
+
+def test_client_load_streams_its_writes_in_order_whatever_the_count(stack: Stack) -> None:
+    """`load` prints each write as it is answered, in the order sent, with when it ended and
+    how long it took: with a count of ten million (it used to submit every write before the
+    first answer), the first lines come within seconds."""
+    argv = [sys.executable, "-m", "kvstack", "client", "--target", stack.server.target, "load",
+            "--count", "10000000", "--concurrency", "4", "--prefix", "load/"]  # fmt: skip
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as load:
+        assert load.stdout is not None
+        watchdog = threading.Timer(30, load.kill)  # ends the reads below if nothing comes
+        watchdog.start()
+        try:
+            read = [load.stdout.readline() for _ in range(20)]
+        finally:
+            watchdog.cancel()
+            load.kill()
+    assert all(read), f"load printed {sum(map(bool, read))} lines in 30 s"
+    lines = [json.loads(line) for line in read]
+    assert [line["key"] for line in lines] == [f"load/{i:08d}" for i in range(20)]
+    assert all(line["ack"] and line["ms"] > 0 and line["t"] > 0 for line in lines)
 
 
 def test_client_exits_nonzero_when_server_unreachable(capsys: pytest.CaptureFixture[str]) -> None:

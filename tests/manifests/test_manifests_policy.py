@@ -13,9 +13,12 @@ from typing import Any
 
 import pytest
 
-from kvstack import registry
+from kvstack import registry, runtime
+from kvstack.client import default_write_timeout
 from kvstack.ops import manifests
 from kvstack.registry import Service
+from kvstack.runtime import RuntimeConfig
+from kvstack.server import ServerConfig
 
 from .render import COMBINATION_IDS, Rendered
 
@@ -190,6 +193,53 @@ def check_shutdown_timing(docs: Docs) -> list[str]:
     return out
 
 
+# A pod's process start (imports, gRPC listening, LMDB open) to SERVING: 0.2 to 2.5 s measured on
+# the local target (make bench, "Where the primary's restart went"); this much is allowed.
+PROCESS_START_S = 5.0
+
+
+def _setting(container: Doc | None, config: type[Any], env: str) -> float:
+    """A setting as a container's env sets it, else the service's own default."""
+    if container is not None and env in env_of(container):
+        return float(env_of(container)[env])
+    return float(next(d for e, d, _ in runtime.settings_of(config) if e == env))
+
+
+def check_primary_restart_fits_a_write(docs: Docs) -> list[str]:
+    """A planned restart of the primary (the stateful backend's pod: preStop pause, drain,
+    process start, the startup and readiness probes' first success, when its pod joins the
+    headless Service's DNS) ends before a write waiting for it gives up: within the server's
+    KVSTACK_PRIMARY_WAIT and the client's write deadline. Otherwise every release of the
+    backend would fail writes (docs/architecture.md, "Writes wait for the primary")."""
+    by_kind = {w["kind"]: w for w in workloads(docs)}
+    server = containers(by_kind["Deployment"])[0] if "Deployment" in by_kind else None
+    job = containers(by_kind["Job"])[0] if "Job" in by_kind else None
+    waits = {
+        "the server's KVSTACK_PRIMARY_WAIT": _setting(server, ServerConfig, "KVSTACK_PRIMARY_WAIT"),
+        "the client's KVSTACK_WRITE_TIMEOUT": float(
+            env_of(job).get("KVSTACK_WRITE_TIMEOUT", default_write_timeout())
+            if job is not None
+            else default_write_timeout()
+        ),
+    }
+    out = []
+    for w in workloads(docs, ("StatefulSet",)):
+        for c in containers(w):
+            pause = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+            drain = _setting(c, RuntimeConfig, "KVSTACK_SHUTDOWN_GRACE")
+            probes = sum(c.get(p, {}).get("periodSeconds", 10) + c.get(p, {}).get(
+                "initialDelaySeconds", 0) for p in ("startupProbe", "readinessProbe"))  # fmt: skip
+            restart = pause + drain + PROCESS_START_S + probes
+            out += [
+                f"{w['metadata']['name']}: a restart may take {restart:g} s (preStop {pause} + "
+                f"drain {drain:g} + start {PROCESS_START_S:g} + probes {probes} s), not less "
+                f"than {name} ({wait:g} s)"
+                for name, wait in waits.items()
+                if restart >= wait
+            ]
+    return out
+
+
 POLICIES: list[Callable[[Docs], list[str]]] = [
     check_replicas,
     check_probes,
@@ -198,6 +248,7 @@ POLICIES: list[Callable[[Docs], list[str]]] = [
     check_disruption,
     check_security,
     check_shutdown_timing,
+    check_primary_restart_fits_a_write,
 ]
 
 
@@ -243,6 +294,11 @@ def _break_timing(docs: Docs) -> None:
     pod["terminationGracePeriodSeconds"] = manifests.PRESTOP_SECONDS
 
 
+def _break_restart(docs: Docs) -> None:
+    ready = containers(next(w for w in docs if w["kind"] == "StatefulSet"))[0]["readinessProbe"]
+    ready["periodSeconds"] = 20
+
+
 BREAKERS: dict[str, Callable[[Docs], None]] = {
     "check_replicas": _break_replicas,
     "check_probes": _break_probes,
@@ -251,6 +307,7 @@ BREAKERS: dict[str, Callable[[Docs], None]] = {
     "check_disruption": _break_disruption,
     "check_security": _break_security,
     "check_shutdown_timing": _break_timing,
+    "check_primary_restart_fits_a_write": _break_restart,
 }
 
 

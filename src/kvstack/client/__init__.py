@@ -15,8 +15,9 @@ import random
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -29,7 +30,11 @@ from kvstack.v1 import frontend_pb2, frontend_pb2_grpc, kv_pb2, kv_pb2_grpc, rep
 R = TypeVar("R")
 
 # Transient: the server (or a backend behind it) is restarting or briefly unreachable.
-TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE})
+# UNAVAILABLE, and CANCELLED, which this client never causes (it cancels no call): gRPC gives it
+# to a call still pending when the server it reached shuts down, as in a rolling update
+# (grpc/grpc#41785; measured: one read in a server rolling update at 8 writes in flight).
+# Every call may be sent again: reads change nothing, a write's request_id is applied once.
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
 def default_target() -> str:
@@ -59,6 +64,12 @@ class Unreachable(Exception):
     """The server did not answer within the retry budget."""
 
 
+def default_write_timeout() -> float:
+    """A write's deadline in seconds (KVSTACK_WRITE_TIMEOUT, default 30): longer than a primary's
+    restart on every target (docs/deploying.md has the measured figures)."""
+    return float(os.environ.get("KVSTACK_WRITE_TIMEOUT", "30"))
+
+
 @dataclass
 class Client:
     """A KeyValue stub with retries, backoff and a deadline on every call."""
@@ -67,9 +78,7 @@ class Client:
     timeout: float = 5.0
     # A write's deadline is longer: the server holds a write while the primary restarts
     # (KVSTACK_PRIMARY_WAIT) instead of failing it, so one attempt rides out a restart.
-    write_timeout: float = field(
-        default_factory=lambda: float(os.environ.get("KVSTACK_WRITE_TIMEOUT", "30"))
-    )
+    write_timeout: float = field(default_factory=default_write_timeout)
     attempts: int = 5
     backoff: float = 0.1
     verbose: bool = True
@@ -197,7 +206,8 @@ def run_batch(client: Client) -> int:
 
 
 def run_load(client: Client, count: int, concurrency: int, prefix: str, value_bytes: int) -> int:
-    """Write `count` unique keys; print one JSON line per acknowledged write and a summary.
+    """Write `count` unique keys; print one JSON line per write (acknowledged or failed, with
+    when it ended and how long it took) and a summary.
 
     Each value is unique to this run, so a checker can tell an acknowledged write from any
     other. Errors are counted, not retried past the client's budget.
@@ -205,24 +215,42 @@ def run_load(client: Client, count: int, concurrency: int, prefix: str, value_by
     run = uuid.uuid4().hex[:8]
     pad = "x" * max(0, value_bytes - 20)
 
-    def one(i: int) -> tuple[str, str, str | None]:
+    def one(i: int) -> dict[str, object]:
         key, value = f"{prefix}{i:08d}", f"{run}-{i}-{pad}"
+        began = time.monotonic()
         try:
             client.put(key.encode(), value.encode())
         except (grpc.RpcError, Unreachable) as err:
             code = err.code().name if isinstance(err, grpc.RpcError) else "UNREACHABLE"
-            return key, value, code
-        return key, value, None
+            outcome: dict[str, object] = {"key": key, "error": code, "message": str(err)[:300]}
+        else:
+            outcome = {"key": key, "value": value, "ack": True}
+        # When it ended (wall clock, to line up with the services' logs) and how long it took.
+        return {
+            **outcome,
+            "t": round(time.time(), 3),
+            "ms": round(1000 * (time.monotonic() - began), 1),
+        }
 
     started = time.monotonic()
     errors = 0
+
+    def emit(line: dict[str, object]) -> None:
+        nonlocal errors
+        errors += "error" in line
+        print(json.dumps(line), flush=True)
+
+    # At most 2 x concurrency writes submitted ahead (Executor.map would submit all `count` at
+    # once: with a large count, nothing is printed for minutes and memory grows); printed in
+    # the order they were sent.
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        for key, value, error in pool.map(one, range(count)):
-            if error:
-                errors += 1
-                print(json.dumps({"key": key, "error": error}), flush=True)
-            else:
-                print(json.dumps({"key": key, "value": value, "ack": True}), flush=True)
+        pending: deque[Future[dict[str, object]]] = deque()
+        for i in range(count):
+            pending.append(pool.submit(one, i))
+            if len(pending) >= 2 * max(1, concurrency):
+                emit(pending.popleft().result())
+        while pending:
+            emit(pending.popleft().result())
     elapsed = time.monotonic() - started
     print(
         json.dumps(

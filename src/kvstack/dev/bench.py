@@ -40,9 +40,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from kvstack import runtime
+from kvstack.client import default_write_timeout
 from kvstack.v1 import kv_pb2, kv_pb2_grpc
 
 if TYPE_CHECKING:
+    from kvstack.dev.rollouts import Outcome
     from tests.conftest import ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -339,6 +341,8 @@ class Run:
     load_before: str = field(default_factory=lambda: load_average())
     load_after: str = ""
     lmdb_commits: float | None = None  # single-put sync commits/s, in-process
+    rollouts: list[Outcome] = field(default_factory=list)
+    rollouts_skipped: str = ""  # why the rollout table is missing, when it is
 
     def get(self, name: str) -> Result | None:
         return next((r for r in self.results if r.cell.name == name), None)
@@ -758,6 +762,60 @@ def reading(run: Run) -> list[str]:
     return lines
 
 
+def rollout_table(run: Run) -> list[str]:
+    """Write latency before and during each change of the local stack (kvstack.dev.rollouts)."""
+    if run.rollouts_skipped:
+        return ["## Writes while the stack changes", "", f"Not measured: {run.rollouts_skipped}."]
+    if not run.rollouts:
+        return []
+    from kvstack.dev.rollouts import BEFORE_S
+
+    out = [
+        "## Writes while the stack changes (local Swarm stack, real containers)",
+        "",
+        "| change | in flight | took s | before: p50 / p99 / max ms | during: p50 / p99 / max "
+        "ms | longest write s | failed calls | writes |",
+        "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: |",
+    ]
+
+    def trio(d: dict[str, float]) -> str:
+        return f"{d['p50_ms']:,.0f} / {d['p99_ms']:,.0f} / {d['max_ms']:,.0f}"
+
+    for o in run.rollouts:
+        out.append(
+            f"| {o.scenario} | {o.in_flight} | {o.seconds:.1f} | {trio(o.before)} | "
+            f"{trio(o.during)} | {o.during['max_ms'] / 1000:.1f} | "
+            f"{', '.join(f'{n} {code}' for code, n in sorted(o.failed.items())) or '0'} | "
+            f"{o.writes:,} |"
+        )
+    restarts = [o for o in run.rollouts if o.phases]
+    if restarts:
+        names = list(dict.fromkeys(k for o in restarts for k in o.phases))
+        out += [
+            "",
+            "Where the primary's restart went (seconds, from the old and new containers' logs "
+            "and Docker's clock; `first write` is the first write the new primary acknowledged; "
+            "`total` runs from the first phase to it, the time writes waited):",
+            "",
+            "| change | in flight | " + " | ".join(names) + " |",
+            "| --- | ---: |" + " ---: |" * len(names),
+        ]
+        for o in restarts:
+            cells = " | ".join(f"{o.phases[n]:.2f}" if n in o.phases else "-" for n in names)
+            out.append(f"| {o.scenario} | {o.in_flight} | {cells} |")
+    out += [
+        "",
+        "Method (kvstack.dev.rollouts): a local stack of its own (2 backends, 2 servers) and a "
+        "writer container on the client's network (the client's `load`: unique keys, N in "
+        f"flight, the client's retries and its {default_write_timeout():.0f} s write deadline); "
+        f"'before' is the writes started in the {BEFORE_S:.0f} s before the change, 'during' "
+        "every write that overlapped it. A failed call is one that failed after the client's "
+        "retries.",
+        "",
+    ]
+    return out
+
+
 def render(run: Run, info: dict[str, str]) -> str:
     out = [
         "# Benchmarks",
@@ -838,6 +896,7 @@ def render(run: Run, info: dict[str, str]) -> str:
                 f"{_cpu(r, 'loadgen', 'backend')} | {other_cpu(r):.0f} |"
             )
         out.append("")
+    out += rollout_table(run)
     lines = reading(run)
     if lines:
         out += ["## Reading", "", *lines, ""]
@@ -930,6 +989,16 @@ def orchestrate(args: argparse.Namespace) -> int:
         if any(c.group == "durable" for c in cells):
             run.lmdb_commits = lmdb_commit_rate(work / "raw")
             print(f"  raw LMDB sync commits {run.lmdb_commits:8.0f} /s (1 put each, no gRPC)")
+        if args.rollouts:
+            from kvstack.dev import rollouts
+
+            try:
+                run.rollouts = rollouts.run()
+            except Exception as err:  # noqa: BLE001 - the rest of the report still stands
+                run.rollouts_skipped = f"the local stack could not be used ({err})"
+                print(f"kvstack bench: rollouts not measured: {err}", file=sys.stderr)
+        else:
+            run.rollouts_skipped = "`--no-rollouts` was given"
         run.elapsed = time.monotonic() - began
         run.load_after = load_average()
         info = machine(work)
@@ -954,6 +1023,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", default=str(DOC), help="Markdown report (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the raw results as JSON here")
+    parser.add_argument(
+        "--no-rollouts",
+        dest="rollouts",
+        action="store_false",
+        help="skip the rollout table (it needs the Docker engine and takes about 6 minutes)",
+    )
     parser.add_argument(
         "--data-dir", default=None, help="parent of the temporary data directory (default: TMPDIR)"
     )

@@ -66,8 +66,9 @@ class ServerConfig:
     primary_wait: float = setting(
         "KVSTACK_PRIMARY_WAIT",
         30.0,
-        "seconds a write (or a read for the latest) waits for a primary to answer while it "
-        "restarts, within the caller's deadline; then UNAVAILABLE saying how long it waited",
+        "seconds a call waits, within its deadline, for a backend that can take it (a write "
+        "or a read for the latest: the primary; another read: any readable backend) while "
+        "backends restart; then UNAVAILABLE saying how long it waited",
     )
     read_attempt_timeout: float = setting(
         "KVSTACK_READ_ATTEMPT_TIMEOUT",
@@ -109,6 +110,13 @@ def channel_options(config: ServerConfig) -> list[tuple[str, Any]]:
 class ChannelClosed(Exception):
     """A backend call was cancelled on this side: the Directory closed the channel of a backend
     that left (restarted, or scaled away). The backend was unavailable, not the caller gone."""
+
+
+# What a backend answers when it could not take the call but another attempt may: unavailable,
+# or CANCELLED, which gRPC gives a call still pending when the backend shuts down (the server
+# never cancels a forwarded call itself; grpc/grpc#41785). Every call may be sent again:
+# reads change nothing and a write's request_id is applied once.
+RETRY_ELSEWHERE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
 async def _forward(member: Member, method: str, request: Any, timeout: float) -> Any:
@@ -199,6 +207,13 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
         answered_by(context, member)
         return reply
 
+    def _wait_budget(self, context: Context) -> float:
+        """How long a call may be held for a backend that can take it: the caller's deadline
+        (less a margin to answer in), at most KVSTACK_PRIMARY_WAIT."""
+        remaining = context.time_remaining()
+        budget = self.config.primary_wait if remaining is None else remaining - WAIT_MARGIN_S
+        return min(budget, self.config.primary_wait)
+
     async def _write(self, context: Context, method: str, request: Any) -> Any:
         await self._refuse_named(context, "writes always go to the primary")
         return await self._to_primary(context, method, request)
@@ -206,25 +221,31 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
     async def _to_primary(self, context: Context, method: str, request: Any) -> Any:
         """Send to the primary; while there is none that answers (it restarts, drains, or is not
         SERVING yet), wait for it within the caller's deadline, up to KVSTACK_PRIMARY_WAIT,
-        rather than fail at once. A write repeated here carries the caller's request_id, which
-        the primary applies once, so waiting and retrying never applies a write twice."""
-        started = time.monotonic()
-        remaining = context.time_remaining()
-        budget = self.config.primary_wait if remaining is None else remaining - WAIT_MARGIN_S
-        budget = min(budget, self.config.primary_wait)
+        rather than fail at once; an attempt that the primary does not answer within
+        KVSTACK_BACKEND_TIMEOUT is sent again the same way. A write repeated here carries the
+        caller's request_id, which the primary applies once, so waiting and retrying never
+        applies a write twice."""
+        started, budget = time.monotonic(), self._wait_budget(context)
         why = "no backend says it is the primary"
         while True:
             left = budget - (time.monotonic() - started)
             primary = self.directory.primary()
             if primary is not None and left > 0:
+                attempt = min(left, self.config.backend_timeout)
                 try:
-                    reply = await _forward(
-                        primary, method, request, min(left, self.config.backend_timeout)
-                    )
+                    reply = await _forward(primary, method, request, attempt)
                 except aio.AioRpcError as err:
-                    if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    # An attempt that ran out of KVSTACK_BACKEND_TIMEOUT while the caller has
+                    # time left is tried again, like an unavailable primary (a draining or
+                    # overloaded one, measured under a rolling update at 32 writes in flight).
+                    slow = err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and attempt < left
+                    if err.code() not in RETRY_ELSEWHERE and not slow:
                         await context.abort(err.code(), _explain(err))
-                    why = f"the primary at {primary.address} was unavailable ({err.details()})"
+                    why = (
+                        f"the primary at {primary.address} did not answer within {attempt:.1f} s"
+                        if slow
+                        else f"the primary at {primary.address} was unavailable ({err.details()})"
+                    )
                 except ChannelClosed:
                     why = f"the connection to the primary at {primary.address} closed"
                 else:
@@ -251,6 +272,27 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
             return await self._answer(context, named, method, request, NAMED)
         if latest:
             return await self._to_primary(context, method, request)  # same route as writes
+        # While no backend can answer (the primary restarts and the replica is not readable,
+        # or every one is starting), the read is held like a write: within the caller's
+        # deadline and at most KVSTACK_PRIMARY_WAIT, sent again each time the Directory changes.
+        started, budget = time.monotonic(), self._wait_budget(context)
+        while True:
+            reply = await self._read_once(context, method, request)
+            if reply is not None:
+                return reply
+            left = budget - (time.monotonic() - started)
+            if left <= 0:
+                break
+            await self.directory.wait_changed(min(PRIMARY_POLL_S, left))
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"no backend could answer the read in the {time.monotonic() - started:.1f} s it "
+            "waited (restarting, or replicas catching up); retry in a few seconds",
+        )
+        raise AssertionError(timeout)  # unreachable: abort raises
+
+    async def _read_once(self, context: Context, method: str, request: Any) -> Any:
+        """One round of a read over the readable backends; None when none answered."""
         # Each reader in turn: one that is unavailable, or does not answer within
         # read_attempt_timeout while another could, hands the read to the next within this call
         # (a frozen replica used to hold it for the whole deadline). The last gets what is left.
@@ -258,17 +300,17 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
         while True:
             member = self.directory.pick_reader(exclude=tried)
             if member is None:
-                break
+                return None
             others = self._others(member, tried)
             remaining = self._timeout(context)
             if remaining <= 0:
-                break
+                return None
             attempt = min(remaining, self.config.read_attempt_timeout) if others else remaining
             try:
                 reply = await _forward(member, method, request, attempt)
             except aio.AioRpcError as err:
                 slow = err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and bool(others)
-                if err.code() != grpc.StatusCode.UNAVAILABLE and not slow:
+                if err.code() not in RETRY_ELSEWHERE and not slow:
                     await context.abort(err.code(), _explain(err))
                 if slow:
                     log.warning(
@@ -276,15 +318,13 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
                         extra=runtime.fields(backend=member.address, waited_s=attempt),
                     )
             except ChannelClosed:
-                pass  # the next reader, or UNAVAILABLE below
+                pass  # the next reader, or another round
             else:
                 answered_by(context, member)
                 return reply
             tried.append(member)
             if not others:
-                break
-        await self._no_reader(context)
-        raise AssertionError(timeout)  # unreachable: abort raises
+                return None
 
     async def Put(self, request: kv_pb2.PutRequest, context: Context) -> kv_pb2.PutResponse:
         def check() -> None:
@@ -378,7 +418,7 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
                     extra=runtime.fields(backend=member.address, waited_s=wait),
                 )
             except aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE or not others:
+                if err.code() not in RETRY_ELSEWHERE or not others:
                     await context.abort(err.code(), _explain(err))
             except asyncio.CancelledError:
                 task = asyncio.current_task()
