@@ -27,7 +27,7 @@ from kvstack.ops import local
 from kvstack.ops.shell import Runner
 
 from .conftest import StackUnderTest, docker
-from .test_replication_faults import PRIMARY_SLOT, listings, logs, wait_backends
+from .test_replication_faults import PRIMARY_SLOT, json_logs, listings, wait_backends
 
 pytestmark = pytest.mark.containers
 
@@ -63,7 +63,7 @@ def file_entries(path: Path, prefix: str = "") -> dict[str, str]:
 
 
 def acked(container: str) -> dict[str, str]:
-    return {str(r["key"]): str(r["value"]) for r in logs(container) if r.get("ack")}
+    return {str(r["key"]): str(r["value"]) for r in json_logs(container) if r.get("ack")}
 
 
 def every_backend_holds(stack: StackUnderTest, prefix: str, expected: dict[str, str]) -> None:
