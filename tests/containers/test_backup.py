@@ -23,11 +23,12 @@ import lmdb
 import pytest
 
 from kvstack import backup, cli, registry
+from kvstack.dev.rollouts import json_logs
 from kvstack.ops import local
 from kvstack.ops.shell import Runner
 
 from .conftest import StackUnderTest, docker
-from .test_replication_faults import PRIMARY_SLOT, json_logs, listings, wait_backends
+from .test_replication_faults import PRIMARY_SLOT, listings, wait_backends
 
 pytestmark = pytest.mark.containers
 
