@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from kvstack.probe import check
+from kvstack.dev.processes import ServiceProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,93 +51,6 @@ def listeners(port: int) -> set[str]:
 
 # 127.0.0.1, ::1 and ::ffff:127.0.0.1 (an IPv6 socket bound to the IPv4 loopback)
 LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class ServiceProcess:
-    """A kvstack service run as a real process (`python -m kvstack NAME`) on loopback."""
-
-    name: str
-    port: int
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
-    unset: tuple[str, ...] = ()  # variables the process must not see (to test a default)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> ServiceProcess:
-        env = {
-            **os.environ,
-            "KVSTACK_PORT": str(self.port),
-            "KVSTACK_METRICS_PORT": "0",
-            "KVSTACK_HOST": "127.0.0.1",
-            "PYTHONFAULTHANDLER": "1",  # SIGABRT (see wait) prints every thread's stack
-            **self.env,
-        }
-        for name in ("KVSTACK_SERVICE", *self.unset):
-            env.pop(name, None)
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvstack", self.name],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        return self
-
-    def health(self) -> str:
-        return check(self.target, timeout=1.0)
-
-    def wait_serving(self, timeout: float = 20.0) -> ServiceProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                pytest.fail(f"{self.name} exited with {self.proc.returncode}:\n{self.logs()}")
-            if self.health() == "SERVING":
-                return self
-            time.sleep(0.1)
-        pytest.fail(f"{self.name} not SERVING after {timeout}s:\n{self.logs()}")
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 30.0) -> int:
-        """The exit code; a process still running after `timeout` is aborted and the test fails
-        with its log, which ends with where each of its threads was waiting."""
-        assert self.proc is not None
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.send_signal(signal.SIGABRT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
-            pytest.fail(f"{self.name} still running after {timeout} s:\n{self.logs()[-6000:]}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if hasattr(self, "_log"):
-            self._log.close()
 
 
 Spawn = Callable[..., ServiceProcess]

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
+from kvstack.ops.errors import CommandError
+
 # Modules under kvstack.ops that add verbs; each has register(subparsers).
 COMMAND_MODULES: tuple[str, ...] = (
     "kvstack.ops.engine",
@@ -32,10 +34,6 @@ def package_version() -> str:
         return metadata.version("kvstack")
     except metadata.PackageNotFoundError:
         return "(not installed: run from a source tree)"
-
-
-class CommandError(Exception):
-    """A failure to show the user as is: what failed and what to do next (no traceback)."""
 
 
 def build_parser() -> argparse.ArgumentParser:

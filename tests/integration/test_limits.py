@@ -21,9 +21,10 @@ import grpc
 import pytest
 
 from kvstack import validation
+from kvstack.dev.processes import ServiceProcess, free_port
 from kvstack.probe import check
 from kvstack.v1 import kv_pb2, kv_pb2_grpc
-from tests.conftest import ServiceProcess, Spawn, free_port
+from tests.conftest import Spawn
 from tests.integration.test_replication import Cluster, eventually, log_lines, role, stub
 
 BIG = validation.DEFAULT_MAX_VALUE_BYTES

@@ -16,8 +16,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kvstack import client as client_cli
 from kvstack.client import Client, Unreachable
+from kvstack.dev.processes import free_port
 from kvstack.v1 import kv_pb2, kv_pb2_grpc
-from tests.conftest import LOOPBACK, Spawn, Stack, free_port, listeners, start_stack
+from tests.conftest import LOOPBACK, Spawn, Stack, listeners, start_stack
 
 
 @pytest.fixture

@@ -20,9 +20,10 @@ import grpc
 import pytest
 
 from kvstack import client as client_cli
+from kvstack.dev.processes import ServiceProcess, free_port
 from kvstack.server import BACKEND_KEY
 from kvstack.v1 import frontend_pb2, frontend_pb2_grpc, kv_pb2, kv_pb2_grpc, replication_pb2
-from tests.conftest import ServiceProcess, Spawn, free_port
+from tests.conftest import Spawn
 from tests.integration.test_replication import Cluster, eventually, role
 
 WITHIN = 3.0  # the bound the failing cases wait out; the default (10 s) is for real clusters

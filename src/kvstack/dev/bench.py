@@ -32,7 +32,7 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -40,10 +40,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from kvstack import runtime
+from kvstack.dev.processes import ServiceProcess, free_port
 from kvstack.v1 import kv_pb2, kv_pb2_grpc
-
-if TYPE_CHECKING:
-    from tests.conftest import ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[3]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -344,15 +342,6 @@ class Run:
         return next((r for r in self.results if r.cell.name == name), None)
 
 
-def _services() -> tuple[type[ServiceProcess], Callable[[], int]]:
-    """tests/conftest.py's ServiceProcess and free_port (shared with the integration tests)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from tests.conftest import ServiceProcess, free_port
-
-    return ServiceProcess, free_port
-
-
 def _service_env(**extra: str) -> dict[str, str]:
     return {"KVSTACK_LOG_LEVEL": LOG_LEVEL, "KVSTACK_SHUTDOWN_GRACE": "2", **extra}
 
@@ -447,7 +436,6 @@ def _pid(service: ServiceProcess) -> int:
 
 def run_cells(cells: Sequence[Cell], run: Run, work: Path) -> None:
     """Run every cell, group by group, with only that group's processes alive."""
-    service_process, free_port = _services()
     log = work / "loadgen.log"
 
     for observed in (False, True):
@@ -468,7 +456,7 @@ def run_cells(cells: Sequence[Cell], run: Run, work: Path) -> None:
     stack = [c for c in cells if c.group == "stack"]
     if stack:
         metrics = free_port()
-        backend = service_process(
+        backend = ServiceProcess(
             "backend",
             free_port(),
             work / "backend.log",
@@ -476,7 +464,7 @@ def run_cells(cells: Sequence[Cell], run: Run, work: Path) -> None:
                 KVSTACK_DATA_DIR=str(run.data_dir / "stack"), KVSTACK_METRICS_PORT=str(metrics)
             ),
         )
-        server = service_process("server", free_port(), work / "server.log", {})
+        server = ServiceProcess("server", free_port(), work / "server.log", {})
         try:
             backend.start().wait_serving()
             server.env = _service_env(KVSTACK_BACKEND_TARGET=f"dns:///{backend.target}")
@@ -498,7 +486,7 @@ def run_cells(cells: Sequence[Cell], run: Run, work: Path) -> None:
         peers = ",".join(f"127.0.0.1:{p}" for p in ports)
         replica_metrics = [free_port(), free_port()]
         backends = [
-            service_process(
+            ServiceProcess(
                 "backend",
                 ports[i],
                 work / f"backend-{i}.log",
@@ -511,7 +499,7 @@ def run_cells(cells: Sequence[Cell], run: Run, work: Path) -> None:
             )
             for i in range(2)
         ]
-        server = service_process(
+        server = ServiceProcess(
             "server",
             free_port(),
             work / "server-replicated.log",
@@ -542,7 +530,7 @@ def run_cells(cells: Sequence[Cell], run: Run, work: Path) -> None:
     for cell in (c for c in cells if c.group == "durable"):
         metrics = free_port()
         name = "group" if cell.group_commit else "single"
-        backend = service_process(
+        backend = ServiceProcess(
             "backend",
             free_port(),
             work / f"backend-{name}.log",

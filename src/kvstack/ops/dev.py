@@ -6,7 +6,7 @@ save-as-rename or a `git checkout` is one change, not ten). Polling needs no new
 behaves the same on Linux, macOS and inside containers or network file systems, where inotify
 events often do not arrive; for a tree of this size a poll is a few milliseconds.
 
-Which services a change affects is the CI pipeline's rule (kvstack.ops.pipeline.affected_by):
+Which services a change affects is the CI pipeline's rule (kvstack.ops.images.affected_by):
 src/kvstack/NAME/ is service NAME's own code; the rest of src/kvstack (shared code, the
 registry, generated protos) is every service's; the ops CLI (src/kvstack/ops), the developer
 tools (src/kvstack/dev), docs and tests are in no image. A change under protos/ regenerates the
@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import Any
 
 from kvstack import registry
-from kvstack.cli import CommandError
-from kvstack.ops import engine, images, local, pipeline
+from kvstack.ops import engine, images, local
 from kvstack.ops.engine import docker
+from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner, say
 
 ROOT = images.ROOT
@@ -122,8 +122,8 @@ def plan_for(paths: list[str]) -> Plan:
     """Which services these changed paths affect (the pipeline's rule; protos/ -> all)."""
     everything = list(registry.services().values())
     protos = any(p == "protos" or p.startswith("protos/") for p in paths)
-    shared = protos or any(len(pipeline.affected_by([p])) == len(everything) for p in paths)
-    services = everything if protos else pipeline.affected_by(paths)
+    shared = protos or any(len(images.affected_by([p])) == len(everything) for p in paths)
+    services = everything if protos else images.affected_by(paths)
     return Plan(services, shared, protos)
 
 

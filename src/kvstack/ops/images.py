@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 from kvstack import registry
-from kvstack.cli import CommandError
 from kvstack.ops import engine
 from kvstack.ops.engine import docker
+from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner, say
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -73,6 +73,13 @@ def in_pathspec(path: str, spec: list[str]) -> bool:
     excluded = [p.removeprefix(":(exclude)") for p in spec if p.startswith(":(exclude)")]
     included = [p for p in spec if not p.startswith(":")]
     return any(under(p) for p in included) and not any(under(p) for p in excluded)
+
+
+def affected_by(paths: list[str]) -> list[registry.Service]:
+    """The services whose image inputs include one of these repository-relative paths (the
+    rule of `kvstack pipeline changed`, for a list of paths instead of a git range)."""
+    services = list(registry.services().values())
+    return [s for s in services if any(in_pathspec(p, pathspec(s)) for p in paths)]
 
 
 def context_hash(root: Path = ROOT, service: registry.Service | None = None) -> str:

@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from kvstack import registry
-from kvstack.cli import CommandError
 from kvstack.ops import images, manifests
 from kvstack.ops.engine import docker
+from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner, say
 from kvstack.ops.targets import DEFAULT_NAMESPACE, DeployRequest
 

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from kvstack import forward, registry
-from kvstack.cli import CommandError
 from kvstack.ops import engine, images
 from kvstack.ops.engine import docker
+from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner, say
 from kvstack.ops.targets import DeployRequest
 

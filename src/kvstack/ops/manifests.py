@@ -18,13 +18,12 @@ dump() alone), never in the images.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from kvstack import registry
-from kvstack.cli import CommandError
+from kvstack.ops.errors import CommandError
 from kvstack.registry import Service
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -631,9 +630,3 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--root", type=Path, default=ROOT, help="repository to work on (default: this one)"
     )
     parser.set_defaults(func=run)
-
-
-if __name__ == "__main__":
-    from kvstack.cli import main
-
-    sys.exit(main(["manifests", *sys.argv[1:]]))

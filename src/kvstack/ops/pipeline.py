@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from kvstack import registry
-from kvstack.cli import CommandError
 from kvstack.ops import images, kube, manifests
+from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner, say
 from kvstack.ops.targets import (
     DEFAULT_NAMESPACE,
@@ -51,13 +51,6 @@ def git(*args: str, root: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["git", "-C", str(root), *args], capture_output=True, text=True, check=False
     )
-
-
-def affected_by(paths: list[str]) -> list[registry.Service]:
-    """The services whose image inputs include one of these repository-relative paths (the
-    same rule as `changed`, for a list of paths instead of a git range)."""
-    services = list(registry.services().values())
-    return [s for s in services if any(images.in_pathspec(p, images.pathspec(s)) for p in paths)]
 
 
 def service_version(svc: registry.Service, root: Path = ROOT) -> str:

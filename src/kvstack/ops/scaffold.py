@@ -32,7 +32,7 @@ from pathlib import Path
 from string import Template
 
 from kvstack import registry
-from kvstack.cli import CommandError
+from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import say
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from kvstack import registry
-from kvstack.cli import CommandError
+from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner
 
 DEFAULT_TIMEOUT_S = 300
@@ -43,7 +43,7 @@ class DeployRequest:
 class Target(Protocol):
     """A place kvstack runs: the local Docker engine (Swarm), minikube, GKE.
 
-    Errors are raised as kvstack.cli.CommandError saying what failed and what to do next.
+    Errors are raised as kvstack.ops.errors.CommandError saying what failed and what to do next.
     """
 
     name: str
