@@ -15,6 +15,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no types
 
 from kvstack import cli, registry
+from tests.automation import zizmor
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / ".github/workflows").glob("*.yml"))
@@ -95,14 +96,7 @@ def test_workflows_match_the_github_actions_schema() -> None:
 
 def test_zizmor_finds_nothing() -> None:
     """zizmor (offline audits) reports no finding in the workflows."""
-    result = subprocess.run(
-        [BIN / "zizmor", "--offline", "--no-progress", str(ROOT / ".github/workflows")],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "No findings to report" in result.stdout + result.stderr
+    zizmor.assert_no_findings(ROOT / ".github/workflows")
 
 
 def test_every_run_step_calls_a_make_target_or_a_kvstack_verb() -> None:

@@ -64,11 +64,6 @@ def resource(svc: registry.Service) -> str:
     return f"{manifests.workload_kind(svc).lower()}/{svc.name}"
 
 
-def long_running() -> list[registry.Service]:
-    """Long-running services, callees before callers (the order rollouts are awaited in)."""
-    return [s for s in registry.callees_first(registry.services()) if s.long_running]
-
-
 def jobs() -> list[registry.Service]:
     return [s for s in registry.services().values() if not s.long_running]
 
@@ -189,7 +184,7 @@ class KubeTarget:
 
     def snapshot(self, runner: Runner) -> Snapshot:
         snap = Snapshot()
-        for svc in long_running():
+        for svc in registry.rollout_order():
             live = get_json(runner, resource(svc), self.namespace)
             snap.templates[resource(svc)] = template_of(live)
             if live:
@@ -333,7 +328,7 @@ class KubeTarget:
         rollback's rollout, and say what was observed of each (never what was only hoped)."""
         undone: list[tuple[registry.Service, str]] = []  # and the bad revision (StatefulSets)
         failed: list[str] = []
-        for svc in long_running():
+        for svc in registry.rollout_order():
             before = snap.templates[resource(svc)]
             if not before:
                 continue  # created by this deploy: there is no earlier revision to return to
@@ -439,7 +434,7 @@ class KubeTarget:
         applied = runner.run(self.kubectl("apply", "--kustomize", str(directory)), check=False)
         if applied.returncode != 0:
             failure = f"kubectl apply of the release in {directory} failed (see above)"
-        for svc in long_running() if failure is None else []:
+        for svc in registry.rollout_order() if failure is None else []:
             if not rollout_status(runner, svc, request.timeout, self.namespace):
                 failure = (
                     f"the rollout of {resource(svc)} did not finish within {request.timeout} s"
@@ -501,12 +496,12 @@ class KubeTarget:
                            f"--output=custom-columns={columns}"))  # fmt: skip
         runner.run(self.kubectl("get", "horizontalpodautoscalers,poddisruptionbudgets",
                            "--selector", selector))  # fmt: skip
-        for svc in long_running():
+        for svc in registry.rollout_order():
             runner.run(self.kubectl("rollout", "history", resource(svc)))
 
     def history(self, runner: Runner) -> None:
         self.preflight(runner)
-        for svc in long_running():
+        for svc in registry.rollout_order():
             runner.run(self.kubectl("rollout", "history", resource(svc)))
 
     def revision_of(self, runner: Runner, svc: registry.Service, version: str) -> str:
@@ -534,7 +529,7 @@ class KubeTarget:
         self, runner: Runner, service: registry.Service | None, version: str | None, timeout: int
     ) -> None:
         self.preflight(runner)
-        chosen = [service] if service else long_running()
+        chosen = [service] if service else registry.rollout_order()
         bad: dict[str, str] = {}  # StatefulSet -> its update revision before the undo
         for svc in chosen:
             argv = self.kubectl("rollout", "undo", resource(svc))
@@ -628,10 +623,7 @@ class Gke(KubeTarget):
         for svc in registry.services().values():
             remote = f"{path}/{svc.image}:{version}"
             local = images.image_ref(svc, version)
-            if (
-                runner.query(docker("image", "inspect", "--format", "{{.Id}}", local)).returncode
-                == 0
-            ):
+            if images.inspect_image(runner, local) is not None:
                 runner.run(docker("tag", local, remote))
                 say(f"pushing {remote}")
                 if runner.run(docker("push", remote), check=False).returncode != 0:

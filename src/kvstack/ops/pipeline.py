@@ -54,11 +54,11 @@ def git(*args: str, root: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 
 def service_version(svc: registry.Service, root: Path = ROOT) -> str:
-    """The full SHA of the last commit that changed svc's image inputs."""
-    result = git("log", "-1", "--format=%H", "--", *images.pathspec(svc), root=root)
-    if result.returncode != 0 or not result.stdout.strip():
+    """Each service's version: its image's revision (images.revision), required here."""
+    version = images.revision(svc, root)
+    if version is None:
         raise CommandError(f"no commit changes {svc.name}'s image inputs; is this a git clone?")
-    return result.stdout.strip()
+    return version
 
 
 def changed_since(since: str | None, root: Path = ROOT) -> list[registry.Service]:
