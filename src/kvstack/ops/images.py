@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 
 from kvstack import registry
-from kvstack.ops import engine
+from kvstack.ops import checkout, engine
 from kvstack.ops.engine import docker
 from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner, say
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = checkout.ROOT
 OFFICIAL_BASE = "debian:bookworm-slim"
 LOCAL_BASE = "kvstack-base/debian:bookworm-slim"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
