@@ -1,10 +1,11 @@
-"""The Kubernetes targets, `minikube` and `gke`, of the shared verbs (see kvstack.ops.targets).
+"""The Kubernetes targets, `minikube`, `kind` and `gke`, of the shared verbs (kvstack.ops.targets).
 
-They wrap kubectl (and minikube, gcloud, docker) and reimplement nothing:
+They wrap kubectl (and minikube, kind, gcloud, docker) and reimplement nothing:
 - deploy: check the kubectl context (and gcloud login), build the tree's images if needed,
-  ship them (`minikube image load`; GKE: `docker push` to Artifact Registry), write a release
-  kustomization on top of deploy/overlays/TARGET that sets images, version label and change cause
-  through Kustomize (`images:`, patches; never text substitution) and keeps the current replica
+  ship them (`minikube image load`, `kind load docker-image`; GKE: `docker push` to Artifact
+  Registry), write a release kustomization on top of deploy/overlays/TARGET (kind: minikube's)
+  that sets images, version label and change cause through Kustomize (`images:`, patches; never
+  text substitution) and keeps the current replica
   counts and autoscaler bounds (so deploying the same version twice changes nothing, and a deploy
   does not undo `kvstack scale`), `kubectl apply -k` it, `kubectl rollout status` every workload
   (callees first), then run the smoke Job (created suspended; resumed here) and poll it until
@@ -572,14 +573,45 @@ class Minikube(KubeTarget):
                 "`kubectl config use-context minikube` (or `minikube start`)"
             )
 
+    def load(self, ref: str) -> list[str]:
+        """The command that copies a local image into the cluster's nodes."""
+        return ["minikube", "image", "load", ref]
+
     def ship(self, runner: Runner, version: str, request: DeployRequest) -> list[dict[str, str]]:
         entries = []
         for svc in registry.services().values():
             ref = images.require_local(runner, svc, version)
-            say(f"loading {ref} into minikube")
-            runner.run(["minikube", "image", "load", ref])
+            say(f"loading {ref} into {self.name}")
+            runner.run(self.load(ref))
             entries.append({"name": svc.image, "newTag": version})
         return entries
+
+
+class Kind(Minikube):
+    """A kind cluster (CI's e2e makes one): minikube's overlay, since kind's default storage
+    class is also `standard`; images loaded with `kind load docker-image`. The cluster is the
+    one kubectl's context (kind-NAME) names."""
+
+    name = "kind"
+    cluster = "kind"  # kind's own default name, until the context says otherwise
+
+    @property
+    def overlay(self) -> Path:
+        return OVERLAYS / Minikube.name
+
+    def context_hint(self) -> str:
+        return "create the cluster with `kind create cluster` (it sets the context kind-NAME)"
+
+    def check_access(self, runner: Runner, context: str) -> None:
+        if not context.startswith("kind-"):
+            raise CommandError(
+                f"kubectl's current context is {context!r}, not a kind cluster; run "
+                "`kubectl config use-context kind-NAME` (or `kind create cluster`)"
+            )
+        self.cluster = context.removeprefix("kind-")
+
+    def load(self, ref: str) -> list[str]:
+        return ["kind", "load", "docker-image", "--name", self.cluster, ref]
 
 
 class Gke(KubeTarget):
@@ -655,6 +687,10 @@ class Gke(KubeTarget):
 
 def minikube() -> Minikube:
     return Minikube()
+
+
+def kind() -> Kind:
+    return Kind()
 
 
 def gke() -> Gke:

@@ -71,7 +71,7 @@ class Target(Protocol):
 
 @runtime_checkable
 class Namespaced(Protocol):
-    """A target that lives in a Kubernetes namespace (minikube, gke): `--namespace` sets it."""
+    """A target in a Kubernetes namespace (minikube, kind, gke): `--namespace` sets it."""
 
     namespace: str
 
@@ -80,6 +80,7 @@ class Namespaced(Protocol):
 TARGETS: dict[str, str] = {
     "local": "kvstack.ops.local:target",
     "minikube": "kvstack.ops.kube:minikube",
+    "kind": "kvstack.ops.kube:kind",
     "gke": "kvstack.ops.kube:gke",
 }
 
@@ -199,7 +200,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             help="print the commands that would change something; run none",
         )
         parser.add_argument("--namespace", type=namespace_name, metavar="NS",
-                            help="minikube, gke: the namespace to work in "
+                            help="minikube, kind, gke: the namespace to work in "
                             f"(default {DEFAULT_NAMESPACE})")  # fmt: skip
         parser.set_defaults(func=func)
         return parser
