@@ -63,25 +63,46 @@ class Stack:
     data_dir: Path
 
 
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawn]:
-    """Start service processes; every one still running is stopped after the test."""
-    started: list[ServiceProcess] = []
+class Spawner:
+    """Starts service processes, each logging to a file in `log_dir`, and stops every one."""
 
-    def make(
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.started: list[ServiceProcess] = []
+
+    def __call__(
+        self,
         name: str,
         env: dict[str, str] | None = None,
         port: int | None = None,
         unset: tuple[str, ...] = (),
     ) -> ServiceProcess:
-        log = tmp_path / f"{name}-{len(started)}.log"
+        log = self.log_dir / f"{name}-{len(self.started)}.log"
         svc = ServiceProcess(name, port or free_port(), log, env or {}, unset=unset)
-        started.append(svc)
+        self.started.append(svc)
         return svc.start()
 
-    yield make
-    for svc in started:
-        svc.stop()
+    def stop_all(self) -> None:
+        for svc in self.started:
+            svc.stop()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Spawn]:
+    """Start service processes; every one still running is stopped after the test."""
+    spawner = Spawner(tmp_path)
+    yield spawner
+    spawner.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_spawn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spawn]:
+    """As `spawn`, for processes every test of one module shares (starting them is most of an
+    integration test's time). Only for tests that write keys of their own, or only read, and
+    never signal, stop or reconfigure a process, nor count what the whole process logged."""
+    spawner = Spawner(tmp_path_factory.mktemp("shared"))
+    yield spawner
+    spawner.stop_all()
 
 
 def start_stack(spawn: Spawn, data_dir: Path, **backend_env: str) -> Stack:
@@ -96,3 +117,9 @@ def start_stack(spawn: Spawn, data_dir: Path, **backend_env: str) -> Stack:
 def stack(spawn: Spawn, tmp_path: Path) -> Stack:
     """A backend (LMDB in a temporary directory) and a server in front of it, both SERVING."""
     return start_stack(spawn, tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def shared_stack(module_spawn: Spawn, tmp_path_factory: pytest.TempPathFactory) -> Stack:
+    """A `stack` that every test of one module shares (see module_spawn for which may)."""
+    return start_stack(module_spawn, tmp_path_factory.mktemp("data"))
