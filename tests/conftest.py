@@ -84,6 +84,8 @@ class Spawner:
 
     def stop_all(self) -> None:
         for svc in self.started:
+            svc.terminate()
+        for svc in self.started:
             svc.stop()
 
 

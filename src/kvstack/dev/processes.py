@@ -40,6 +40,7 @@ class ServiceProcess:
     env: dict[str, str] = field(default_factory=dict)
     unset: tuple[str, ...] = ()  # variables the process must not see (to test a default)
     proc: subprocess.Popen[bytes] | None = None
+    _terminated: bool = field(default=False, init=False, repr=False)
 
     @property
     def target(self) -> str:
@@ -57,6 +58,7 @@ class ServiceProcess:
         for name in ("KVSTACK_SERVICE", *self.unset):
             env.pop(name, None)
         self._log = self.log_path.open("ab")
+        self._terminated = False
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kvstack", self.name],
             env=env,
@@ -101,9 +103,16 @@ class ServiceProcess:
                 f"{self.name} still running after {timeout} s:\n{self.logs()[-6000:]}"
             ) from None
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+    def terminate(self) -> None:
+        """SIGTERM, once, if it still runs (stop() then waits for it): several processes
+        told at once drain at the same time instead of one after another."""
+        if self.proc is not None and self.proc.poll() is None and not self._terminated:
             self.proc.send_signal(signal.SIGTERM)
+            self._terminated = True
+
+    def stop(self) -> None:
+        self.terminate()
+        if self.proc is not None and self.proc.poll() is None:
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
