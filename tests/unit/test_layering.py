@@ -38,6 +38,19 @@ def test_nothing_below_the_cli_imports_it() -> None:
     assert upward == []
 
 
+def test_the_product_never_imports_the_operations_code() -> None:
+    """The services, their runtime and the dev tools run without kvstack.ops (no image ships
+    it: see the Dockerfile and images.IGNORED_INPUTS)."""
+    upward = [
+        str(p.relative_to(PACKAGE))
+        for p in sources()
+        if p.name != "cli.py"
+        and p.relative_to(PACKAGE).parts[0] != "ops"
+        and any(m == "kvstack.ops" or m.startswith("kvstack.ops.") for m in imported_modules(p))
+    ]
+    assert upward == []
+
+
 def test_the_package_never_imports_the_tests() -> None:
     """`pip install .` ships src/kvstack alone: nothing in it may need tests/ (the benchmark's
     service processes live in kvstack.dev.processes)."""
