@@ -208,9 +208,14 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
         SERVING yet), wait for it within the caller's deadline, up to KVSTACK_PRIMARY_WAIT,
         rather than fail at once. A write repeated here carries the caller's request_id, which
         the primary applies once, so waiting and retrying never applies a write twice."""
+        await self._deadline(context)  # already expired: DEADLINE_EXCEEDED, nothing sent
         started = time.monotonic()
         remaining = context.time_remaining()
         budget = self.config.primary_wait if remaining is None else remaining - WAIT_MARGIN_S
+        if remaining is not None and budget <= 0:
+            # Too short to wait for a primary at all: one try within the deadline, instead of
+            # answering "no primary took the call" without asking the one there is.
+            budget = remaining
         budget = min(budget, self.config.primary_wait)
         why = "no backend says it is the primary"
         while True:
