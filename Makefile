@@ -66,7 +66,7 @@ lint: $(PY) ## ruff, mypy, hadolint, shellcheck
 	$(VENV)/bin/ruff format --check src tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile
-	$(VENV)/bin/shellcheck .ci/run test/*.sh
+	$(VENV)/bin/shellcheck .ci/run tests/*.sh
 
 # CI (.github/workflows) calls these too; see docs/automation.md.
 .PHONY: generate
@@ -80,4 +80,4 @@ clean-tree: ## Fail if the work tree has changes (generated files out of date, o
 
 .PHONY: e2e-kind
 e2e-kind: images ## End to end on a kind cluster (CI runner): load images, apply, smoke, kill a pod, scale
-	test/e2e-kind.sh
+	tests/e2e-kind.sh

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from kvstack.probe import check
+from kvstack.dev.processes import ServiceProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,93 +53,6 @@ def listeners(port: int) -> set[str]:
 LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class ServiceProcess:
-    """A kvstack service run as a real process (`python -m kvstack NAME`) on loopback."""
-
-    name: str
-    port: int
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
-    unset: tuple[str, ...] = ()  # variables the process must not see (to test a default)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> ServiceProcess:
-        env = {
-            **os.environ,
-            "KVSTACK_PORT": str(self.port),
-            "KVSTACK_METRICS_PORT": "0",
-            "KVSTACK_HOST": "127.0.0.1",
-            "PYTHONFAULTHANDLER": "1",  # SIGABRT (see wait) prints every thread's stack
-            **self.env,
-        }
-        for name in ("KVSTACK_SERVICE", *self.unset):
-            env.pop(name, None)
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvstack", self.name],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        return self
-
-    def health(self) -> str:
-        return check(self.target, timeout=1.0)
-
-    def wait_serving(self, timeout: float = 20.0) -> ServiceProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                pytest.fail(f"{self.name} exited with {self.proc.returncode}:\n{self.logs()}")
-            if self.health() == "SERVING":
-                return self
-            time.sleep(0.1)
-        pytest.fail(f"{self.name} not SERVING after {timeout}s:\n{self.logs()}")
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 30.0) -> int:
-        """The exit code; a process still running after `timeout` is aborted and the test fails
-        with its log, which ends with where each of its threads was waiting."""
-        assert self.proc is not None
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.send_signal(signal.SIGABRT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
-            pytest.fail(f"{self.name} still running after {timeout} s:\n{self.logs()[-6000:]}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if hasattr(self, "_log"):
-            self._log.close()
-
-
 Spawn = Callable[..., ServiceProcess]
 
 
@@ -155,25 +63,48 @@ class Stack:
     data_dir: Path
 
 
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawn]:
-    """Start service processes; every one still running is stopped after the test."""
-    started: list[ServiceProcess] = []
+class Spawner:
+    """Starts service processes, each logging to a file in `log_dir`, and stops every one."""
 
-    def make(
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.started: list[ServiceProcess] = []
+
+    def __call__(
+        self,
         name: str,
         env: dict[str, str] | None = None,
         port: int | None = None,
         unset: tuple[str, ...] = (),
     ) -> ServiceProcess:
-        log = tmp_path / f"{name}-{len(started)}.log"
+        log = self.log_dir / f"{name}-{len(self.started)}.log"
         svc = ServiceProcess(name, port or free_port(), log, env or {}, unset=unset)
-        started.append(svc)
+        self.started.append(svc)
         return svc.start()
 
-    yield make
-    for svc in started:
-        svc.stop()
+    def stop_all(self) -> None:
+        for svc in self.started:
+            svc.terminate()
+        for svc in self.started:
+            svc.stop()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Spawn]:
+    """Start service processes; every one still running is stopped after the test."""
+    spawner = Spawner(tmp_path)
+    yield spawner
+    spawner.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_spawn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spawn]:
+    """As `spawn`, for processes every test of one module shares (starting them is most of an
+    integration test's time). Only for tests that write keys of their own, or only read, and
+    never signal, stop or reconfigure a process, nor count what the whole process logged."""
+    spawner = Spawner(tmp_path_factory.mktemp("shared"))
+    yield spawner
+    spawner.stop_all()
 
 
 def start_stack(spawn: Spawn, data_dir: Path, **backend_env: str) -> Stack:
@@ -188,3 +119,9 @@ def start_stack(spawn: Spawn, data_dir: Path, **backend_env: str) -> Stack:
 def stack(spawn: Spawn, tmp_path: Path) -> Stack:
     """A backend (LMDB in a temporary directory) and a server in front of it, both SERVING."""
     return start_stack(spawn, tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def shared_stack(module_spawn: Spawn, tmp_path_factory: pytest.TempPathFactory) -> Stack:
+    """A `stack` that every test of one module shares (see module_spawn for which may)."""
+    return start_stack(module_spawn, tmp_path_factory.mktemp("data"))

@@ -37,7 +37,7 @@ from typing import Any
 import grpc
 import lmdb
 
-from kvstack import runtime, validation
+from kvstack import package_version, runtime, validation
 from kvstack.v1 import backup_pb2, backup_pb2_grpc, replication_pb2, replication_pb2_grpc
 
 FORMAT = "kvstack-backup"
@@ -117,8 +117,6 @@ def manifest_path(path: Path) -> Path:
 
 def kvstack_version() -> str:
     """This kvstack's version: the image's (KVSTACK_VERSION), else the installed package's."""
-    from kvstack.cli import package_version
-
     return os.environ.get("KVSTACK_VERSION") or package_version()
 
 

@@ -12,7 +12,9 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
-from importlib import metadata
+
+from kvstack import package_version
+from kvstack.ops.errors import CommandError
 
 # Modules under kvstack.ops that add verbs; each has register(subparsers).
 COMMAND_MODULES: tuple[str, ...] = (
@@ -25,17 +27,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "kvstack.ops.scaffold",
     "kvstack.ops.dev",
 )
-
-
-def package_version() -> str:
-    try:
-        return metadata.version("kvstack")
-    except metadata.PackageNotFoundError:
-        return "(not installed: run from a source tree)"
-
-
-class CommandError(Exception):
-    """A failure to show the user as is: what failed and what to do next (no traceback)."""
 
 
 def build_parser() -> argparse.ArgumentParser:

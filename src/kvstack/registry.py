@@ -131,6 +131,11 @@ def callees_first(services: Mapping[str, Service]) -> list[Service]:
     return ordered
 
 
+def rollout_order() -> list[Service]:
+    """The long-running services, callees first: the order every target awaits rollouts in."""
+    return [s for s in callees_first(services()) if s.long_running]
+
+
 # -- The flow graph -------------------------------------------------------------------------------
 #
 # Every network flow the running system needs: the calls between services (services.toml) and two

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no types
 
+from tests.automation import zizmor
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / ".github/dependabot.yml"
 BIN = Path(sys.executable).parent
@@ -96,14 +98,7 @@ def test_dependabot_config_matches_its_schema() -> None:
 
 def test_zizmor_finds_nothing_in_the_dependabot_config() -> None:
     """zizmor's Dependabot audits (e.g. dependabot-cooldown) report nothing."""
-    result = subprocess.run(
-        [BIN / "zizmor", "--offline", "--no-progress", str(CONFIG)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "No findings to report" in result.stdout + result.stderr
+    zizmor.assert_no_findings(CONFIG)
 
 
 def test_every_ecosystem_in_the_tree_has_a_weekly_grouped_entry() -> None:

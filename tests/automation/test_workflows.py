@@ -15,6 +15,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no types
 
 from kvstack import cli, registry
+from tests.automation import zizmor
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / ".github/workflows").glob("*.yml"))
@@ -95,14 +96,7 @@ def test_workflows_match_the_github_actions_schema() -> None:
 
 def test_zizmor_finds_nothing() -> None:
     """zizmor (offline audits) reports no finding in the workflows."""
-    result = subprocess.run(
-        [BIN / "zizmor", "--offline", "--no-progress", str(ROOT / ".github/workflows")],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "No findings to report" in result.stdout + result.stderr
+    zizmor.assert_no_findings(ROOT / ".github/workflows")
 
 
 def test_every_run_step_calls_a_make_target_or_a_kvstack_verb() -> None:
@@ -133,6 +127,25 @@ def test_every_run_step_calls_a_make_target_or_a_kvstack_verb() -> None:
 def test_the_run_step_check_rejects_other_commands(line: str) -> None:
     """The check above fails on shell, unknown targets, unknown verbs and unknown options."""
     assert check_command(line, make_targets(), cli.build_parser()) is not None
+
+
+def test_the_kind_e2e_deploys_and_scales_through_the_cli() -> None:
+    """tests/e2e-kind.sh (e2e.yml, through `make e2e-kind`) runs `kvstack deploy kind` and
+    `kvstack scale kind server 5`, each a command the CLI's parser accepts as written, and does
+    not re-do the deploy itself (no image loading, no apply of its own)."""
+    script = ROOT / "tests/e2e-kind.sh"
+    assert "tests/e2e-kind.sh" in (ROOT / "Makefile").read_text()
+    calls = [
+        shlex.split(line)[1:]
+        for line in run_lines(script.read_text())
+        if line.startswith('"$KVSTACK" ')
+    ]
+    assert [c[:2] for c in calls] == [["deploy", "kind"], ["scale", "kind"]]
+    parser = cli.build_parser()
+    for argv in calls:
+        parser.parse_args(argv)  # exits (fails the test) on a verb, target or option it lacks
+    for reimplemented in ("kind load", "apply --kustomize", "patch job/client"):
+        assert reimplemented not in script.read_text(), reimplemented
 
 
 def test_every_action_is_pinned_by_commit_sha_with_its_version() -> None:

@@ -29,9 +29,10 @@ import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no types
 
 from kvstack import backup, cli, registry
+from kvstack.dev.processes import ServiceProcess
 from kvstack.ops import kube, manifests
 from kvstack.v1 import kv_pb2, kv_pb2_grpc
-from tests.conftest import ServiceProcess, Spawn
+from tests.conftest import Spawn
 
 REAL_KUBECTL = shutil.which("kubectl")
 REGISTRY = "europe-west1-docker.pkg.dev/kvstack-demo/kvstack"
@@ -116,13 +117,13 @@ class FakeTools:
 
 @pytest.fixture
 def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeTools:
-    """Fake kubectl/minikube/gcloud/docker first on PATH, with a healthy cluster by default."""
+    """Fake kubectl/minikube/kind/gcloud/docker first on PATH, a healthy cluster by default."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     state = tmp_path / "state"
     state.mkdir()
     (state / "rules.json").write_text("[]")
-    for tool in ("kubectl", "minikube", "gcloud", "docker"):
+    for tool in ("kubectl", "minikube", "kind", "gcloud", "docker"):
         script = bin_dir / tool
         script.write_text(f"#!{sys.executable}\n{FAKE}")
         script.chmod(0o755)
@@ -237,6 +238,28 @@ def test_minikube_deploy_plan(fake: FakeTools) -> None:
         if d["kind"] == "StatefulSet":
             for claim in d["spec"]["volumeClaimTemplates"]:
                 assert "app.kubernetes.io/version" not in claim["metadata"]["labels"]
+
+
+def test_kind_deploy_loads_into_the_contexts_cluster(fake: FakeTools) -> None:
+    """Fake tools: `kvstack deploy kind` (what tests/e2e-kind.sh runs) loads every image into
+    the cluster kubectl's context names (kind-NAME), never through minikube, and applies the
+    minikube overlay (storage class `standard`, which kind has too), then runs the smoke Job."""
+    fake.rule("kubectl", "config current-context", stdout="kind-kvstack-e2e\n")
+    assert cli.main(["deploy", "kind", "--version", "v1"]) == 0
+    assert fake.calls("kind") == [
+        ["kind", "load", "docker-image", "--name", "kvstack-e2e", f"{s.image}:v1"]
+        for s in registry.services().values()
+    ]
+    assert not fake.calls("minikube")
+    assert [*NS, "patch", "job/client", "--type=merge",
+            "--patch", '{"spec":{"suspend":false}}'] in fake.calls()  # fmt: skip
+    docs = render(release_from(fake.calls()))
+    (statefulset,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    claims = statefulset["spec"]["volumeClaimTemplates"]
+    assert [c["spec"]["storageClassName"] for c in claims] == ["standard"]
+    images = {c["image"] for d in docs if "template" in d.get("spec", {})
+              for c in d["spec"]["template"]["spec"]["containers"]}  # fmt: skip
+    assert images == {f"{s.image}:v1" for s in registry.services().values()}
 
 
 def test_gke_deploy_pushes_to_artifact_registry(fake: FakeTools) -> None:
@@ -522,6 +545,7 @@ def _gke_image_missing(f: FakeTools) -> None:
     [
         ("minikube", _no_context, "kubectl has no current context"),
         ("minikube", _wrong_context, "kubectl config use-context minikube"),
+        ("kind", _gke_wrong_context, "kubectl config use-context kind-NAME"),
         ("gke", _gcloud_logged_out, "gcloud auth login"),
         ("gke", _gke_wrong_context, "gcloud container clusters get-credentials"),
         ("minikube", _image_missing, "kvstack images --tag v1"),

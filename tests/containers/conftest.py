@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from kvstack import registry
-from kvstack.cli import CommandError
 from kvstack.ops import engine, images, local
+from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner
 
 RUNNER = Runner()
@@ -87,8 +87,37 @@ class StackUnderTest:
             check=False,
         )
 
+    def healthy_counts(self) -> dict[str, tuple[int, int]]:
+        """Per long-running service: (healthy tasks on this tag's image, replicas wanted); a
+        service in the middle of an update counts one replica short."""
+        counts = {}
+        for service in registry.rollout_order():
+            name = local.service_name(self.name, service)
+            images_run = docker("ps", "--filter", f"label=com.docker.swarm.service.name={name}",
+                                "--filter", "health=healthy", "--format", "{{.Image}}",
+                                check=False)  # fmt: skip
+            healthy = images_run.split().count(images.image_ref(service, self.tag))
+            state = "{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}"
+            updating = docker("service", "inspect", "--format", state, name, check=False).strip()
+            if updating in ("updating", "rollback_started"):
+                healthy = min(healthy, service.replicas - 1)
+            counts[service.name] = (healthy, service.replicas)
+        return counts
+
     def wait_healthy(self, timeout: float = 120) -> None:
-        local.wait_healthy(RUNNER, self.name, self.tag, timeout)
+        """Wait until every replica of every long-running service is healthy on this tag."""
+        deadline = time.monotonic() + timeout
+        while True:
+            counts = self.healthy_counts()
+            status = ", ".join(f"{n} {h}/{w}" for n, (h, w) in counts.items())
+            if all(h >= w for h, w in counts.values()):
+                return
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"not healthy after {timeout:.0f} s ({status}); see `docker stack ps "
+                    f"{self.name} --no-trunc` and `docker service logs {self.name}_SERVICE`"
+                )
+            time.sleep(2)
 
 
 @contextlib.contextmanager

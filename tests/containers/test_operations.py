@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from kvstack import registry
-from kvstack.cli import CommandError
 from kvstack.ops import engine, images, local
+from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner
 from kvstack.ops.targets import DeployRequest
 

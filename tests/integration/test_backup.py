@@ -15,8 +15,9 @@ import lmdb
 import pytest
 
 from kvstack import backup
+from kvstack.dev.processes import ServiceProcess, free_port
 from kvstack.v1 import backup_pb2, backup_pb2_grpc, kv_pb2, kv_pb2_grpc
-from tests.conftest import ServiceProcess, Spawn, free_port
+from tests.conftest import Spawn
 
 
 class Pair:

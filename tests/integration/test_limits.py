@@ -21,9 +21,10 @@ import grpc
 import pytest
 
 from kvstack import validation
+from kvstack.dev.processes import ServiceProcess, free_port
 from kvstack.probe import check
 from kvstack.v1 import kv_pb2, kv_pb2_grpc
-from tests.conftest import ServiceProcess, Spawn, free_port
+from tests.conftest import Spawn
 from tests.integration.test_replication import Cluster, eventually, log_lines, role, stub
 
 BIG = validation.DEFAULT_MAX_VALUE_BYTES
@@ -114,11 +115,24 @@ def test_bursts_of_maximum_values_replicate_through_kills_and_joins(cluster: Clu
     assert contents(restarted.target) == want
 
 
-@pytest.fixture
-def listing(cluster: Cluster) -> tuple[kv_pb2_grpc.KeyValueStub, list[bytes], str]:
-    """A primary and a server holding maximum-size values, with small ones in between."""
-    backend = cluster.backend(0).wait_serving()
-    server = cluster.server()
+@pytest.fixture(scope="module")
+def shared(
+    module_spawn: Spawn, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[ServiceProcess, ServiceProcess]:
+    """A primary and a server in front of it, shared by this module's tests that only read or
+    write keys under a prefix of their own (L/, t/, u/) and leave both processes as they were."""
+    ports = [free_port() for _ in range(3)]
+    cluster = Cluster(module_spawn, tmp_path_factory.mktemp("shared"), ports)
+    return cluster.backend(0).wait_serving(), cluster.server()
+
+
+@pytest.fixture(scope="module")
+def listing(
+    shared: tuple[ServiceProcess, ServiceProcess],
+) -> tuple[kv_pb2_grpc.KeyValueStub, list[bytes], str]:
+    """Maximum-size values under L/, with small ones in between, written once for the listing
+    tests (which only read): writing 12 MiB was each one's set-up."""
+    backend, server = shared
     front = stub(server.target)
     keys = []
     for i in range(6):
@@ -388,13 +402,12 @@ def test_a_cut_stream_is_reopened_at_once(
 
 @pytest.mark.parametrize("method", ["Put", "Get", "Delete", "List", "Scan"])
 def test_a_malformed_request_is_invalid_argument_with_a_sentence(
-    cluster: Cluster, method: str
+    shared: tuple[ServiceProcess, ServiceProcess], method: str
 ) -> None:
     """Bytes that are not a valid request message, to the server and to the backend directly:
     INVALID_ARGUMENT naming the message type and what to send, not UNKNOWN with a Python
     exception class."""
-    backend = cluster.backend(0).wait_serving()
-    server = cluster.server()
+    backend, server = shared
     garbage = b"\xff\xff\xff"
     for target in (server.target, backend.target):
         with grpc.insecure_channel(target) as channel:
@@ -417,11 +430,12 @@ def test_a_malformed_request_is_invalid_argument_with_a_sentence(
         assert "<class" not in details
 
 
-def test_page_tokens_the_service_did_not_issue_are_refused(cluster: Cluster) -> None:
+def test_page_tokens_the_service_did_not_issue_are_refused(
+    shared: tuple[ServiceProcess, ServiceProcess],
+) -> None:
     """List with a token cut short, altered, raw (a key), or from another prefix's listing is
     INVALID_ARGUMENT, through the server and on the backend; the issued token pages on."""
-    backend = cluster.backend(0).wait_serving()
-    server = cluster.server()
+    backend, server = shared
     front = stub(server.target)
     for i in range(5):
         front.Put(kv_pb2.PutRequest(key=f"t/{i}".encode(), value=b"v"), timeout=5)

@@ -11,8 +11,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvstack.dev.processes import free_port
 from kvstack.probe import check
-from tests.conftest import Spawn, free_port
+from tests.conftest import Spawn
 from tests.integration.test_replication import Cluster
 
 KV = "kvstack.v1.KeyValue"

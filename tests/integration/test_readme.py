@@ -7,7 +7,8 @@ import shlex
 from pathlib import Path
 
 from kvstack.client import Client
-from tests.conftest import ROOT, ServiceProcess, Spawn, free_port
+from kvstack.dev.processes import ServiceProcess, free_port
+from tests.conftest import ROOT, Spawn
 
 README = (ROOT / "README.md").read_text()
 

@@ -14,9 +14,10 @@ import grpc
 import pytest
 
 from kvstack import client as client_cli
+from kvstack.dev.processes import ServiceProcess, free_port
 from kvstack.probe import check
 from kvstack.v1 import kv_pb2, kv_pb2_grpc, replication_pb2, replication_pb2_grpc
-from tests.conftest import ServiceProcess, Spawn, free_port
+from tests.conftest import Spawn
 
 
 @dataclass

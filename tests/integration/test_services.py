@@ -18,13 +18,15 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kvstack import client as client_cli
 from kvstack.client import Client, Unreachable
+from kvstack.dev.processes import free_port
 from kvstack.v1 import kv_pb2, kv_pb2_grpc
-from tests.conftest import LOOPBACK, Spawn, Stack, free_port, listeners, start_stack
+from tests.conftest import LOOPBACK, Spawn, Stack, listeners, start_stack
 
 
 @pytest.fixture
-def stub(stack: Stack) -> Iterator[kv_pb2_grpc.KeyValueStub]:
-    channel = grpc.insecure_channel(stack.server.target)
+def stub(shared_stack: Stack) -> Iterator[kv_pb2_grpc.KeyValueStub]:
+    """A stub for the module's shared stack: the tests using it write keys of their own."""
+    channel = grpc.insecure_channel(shared_stack.server.target)
     yield kv_pb2_grpc.KeyValueStub(channel)
     channel.close()
 
@@ -36,10 +38,10 @@ def rpc_error(call: object, *args: object, **kwargs: object) -> grpc.RpcError:
 
 
 def test_client_batch_prints_every_response(
-    stack: Stack, capsys: pytest.CaptureFixture[str]
+    shared_stack: Stack, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The client with no arguments runs the batch through server and backend, all as expected."""
-    assert client_cli.main(["--target", stack.server.target]) == 0
+    assert client_cli.main(["--target", shared_stack.server.target]) == 0
     out = capsys.readouterr().out
     assert "put 'user/1' = 'alice'" in out
     assert "-> 'bob'" in out
@@ -47,9 +49,9 @@ def test_client_batch_prints_every_response(
     assert "10 of 10 responses as expected" in out
 
 
-def test_client_subcommands(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+def test_client_subcommands(shared_stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
     """put, get, list and delete work from the command line and print plain answers."""
-    target = ["--target", stack.server.target]
+    target = ["--target", shared_stack.server.target]
     assert client_cli.main([*target, "put", "color", "blue"]) == 0
     assert client_cli.main([*target, "get", "color"]) == 0
     assert client_cli.main([*target, "list", "co"]) == 0
@@ -112,9 +114,9 @@ def test_bad_puts_are_invalid_argument_and_change_nothing(
     assert stub.Get(kv_pb2.GetRequest(key=b"ok")).value == b"before"
 
 
-def test_backend_refuses_bad_input_on_its_own(stack: Stack) -> None:
+def test_backend_refuses_bad_input_on_its_own(shared_stack: Stack) -> None:
     """The backend does not trust its callers: called directly, it refuses an empty key too."""
-    with grpc.insecure_channel(stack.backend.target) as channel:
+    with grpc.insecure_channel(shared_stack.backend.target) as channel:
         err = rpc_error(kv_pb2_grpc.KeyValueStub(channel).Put, kv_pb2.PutRequest(key=b""))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -292,9 +294,9 @@ def test_metrics_count_requests_by_method_and_code(spawn: Spawn, tmp_path: Path)
     assert "kvstack_backend_commits_total 1.0" in text
 
 
-def test_reflection_lists_the_services(stack: Stack) -> None:
+def test_reflection_lists_the_services(shared_stack: Stack) -> None:
     """Server reflection names the API and the health service, for grpcurl and friends."""
-    with grpc.insecure_channel(stack.server.target) as channel:
+    with grpc.insecure_channel(shared_stack.server.target) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         replies = stub.ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")])

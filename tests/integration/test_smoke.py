@@ -20,9 +20,10 @@ import grpc
 import pytest
 
 from kvstack import client as client_cli
+from kvstack.dev.processes import ServiceProcess, free_port
 from kvstack.server import BACKEND_KEY
 from kvstack.v1 import frontend_pb2, frontend_pb2_grpc, kv_pb2, kv_pb2_grpc, replication_pb2
-from tests.conftest import ServiceProcess, Spawn, free_port
+from tests.conftest import Spawn
 from tests.integration.test_replication import Cluster, eventually, role
 
 WITHIN = 3.0  # the bound the failing cases wait out; the default (10 s) is for real clusters
@@ -35,17 +36,33 @@ def cluster(spawn: Spawn, tmp_path: Path) -> Cluster:
     return Cluster(spawn, tmp_path, [free_port() for _ in range(2)])
 
 
-@pytest.fixture
-def pair(cluster: Cluster) -> Iterator[tuple[ServiceProcess, ServiceProcess, ServiceProcess]]:
+Pair = tuple[ServiceProcess, ServiceProcess, ServiceProcess]
+
+
+def start_pair(cluster: Cluster) -> Pair:
     """A primary (ordinal 0), a caught-up replica (ordinal 1) and a server in front of both,
-    the server already seeing both as readers. A replica a test froze is thawed afterwards."""
+    the server already seeing both as readers."""
     primary = cluster.backend(0, **QUICK_EXIT).wait_serving()
     replica = cluster.backend(1, **QUICK_EXIT).wait_serving()
     eventually(lambda: role(replica.target).readable, what="replica caught up")
     server = cluster.server()
     eventually(lambda: len(readers(server)) == 2, what="the server reads from both")
+    return primary, replica, server
+
+
+@pytest.fixture
+def pair(cluster: Cluster) -> Iterator[Pair]:
+    """A pair of a test's own, to break; a replica it froze is thawed afterwards."""
+    primary, replica, server = start_pair(cluster)
     yield primary, replica, server
     replica.signal(signal.SIGCONT)
+
+
+@pytest.fixture(scope="module")
+def healthy_pair(module_spawn: Spawn, tmp_path_factory: pytest.TempPathFactory) -> Pair:
+    """A pair the tests that leave it healthy share (they write only keys of their own)."""
+    ports = [free_port() for _ in range(2)]
+    return start_pair(Cluster(module_spawn, tmp_path_factory.mktemp("pair"), ports))
 
 
 def listing(server: ServiceProcess) -> list[frontend_pb2.BackendInfo]:
@@ -70,12 +87,12 @@ def smoke(server: ServiceProcess, capsys: pytest.CaptureFixture[str]) -> tuple[i
 
 
 def test_smoke_passes_when_every_backend_holds_the_write(
-    pair: tuple[ServiceProcess, ServiceProcess, ServiceProcess],
+    healthy_pair: Pair,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Primary + caught-up replica: the write is taken by the primary, each backend (read by
     name) holds it, ordinary reads reach both, and the smoke key is deleted afterwards."""
-    primary, replica, server = pair
+    primary, replica, server = healthy_pair
     code, out, _ = smoke(server, capsys)
     assert code == 0, out
     assert re.search(rf"put 'smoke/\w+' -> taken by {primary.target}", out), out
@@ -96,7 +113,7 @@ def test_smoke_passes_when_every_backend_holds_the_write(
 
 @pytest.mark.parametrize("fault", ["frozen", "stopped"])
 def test_smoke_fails_naming_a_replica_that_is_frozen_or_stopped(
-    pair: tuple[ServiceProcess, ServiceProcess, ServiceProcess],
+    pair: Pair,
     capsys: pytest.CaptureFixture[str],
     fault: str,
 ) -> None:
@@ -140,13 +157,13 @@ def test_smoke_fails_naming_a_replica_that_does_not_follow(
 
 
 def test_server_lists_backends_and_reads_from_the_one_named(
-    pair: tuple[ServiceProcess, ServiceProcess, ServiceProcess],
+    healthy_pair: Pair,
 ) -> None:
     """ListBackends gives each backend's address, role and ordinal; a Get naming a backend is
     answered by that backend, and trailing metadata names who answered a Put and each Get.
     (That a named read reaches a backend that does not hold the key, and is not answered by
     another, is what test_smoke_fails_naming_a_replica_that_does_not_follow shows.)"""
-    primary, replica, server = pair
+    primary, replica, server = healthy_pair
     info = {b.address: b for b in listing(server)}
     assert (info[primary.target].role, info[primary.target].ordinal) == (
         replication_pb2.BACKEND_ROLE_PRIMARY,
@@ -180,14 +197,14 @@ def test_server_lists_backends_and_reads_from_the_one_named(
     ],
 )
 def test_server_refuses_a_backend_name_it_cannot_honour(
-    pair: tuple[ServiceProcess, ServiceProcess, ServiceProcess],
+    healthy_pair: Pair,
     call: str,
     code: grpc.StatusCode,
     phrase: str,
 ) -> None:
     """`kvstack-backend` naming an unknown address, on a read that asks for the latest, on a
     write or on a Scan: the right status and a sentence saying what to do instead."""
-    _, replica, server = pair
+    _, replica, server = healthy_pair
     front = kv_pb2_grpc.KeyValueStub(grpc.insecure_channel(server.target))
     named = ((BACKEND_KEY, "10.9.9.9:1" if call == "get-unknown" else replica.target),)
     calls: dict[str, Callable[[], object]] = {

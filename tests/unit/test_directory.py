@@ -11,8 +11,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from kvstack.dev.processes import free_port
 from kvstack.directory import Directory
-from tests.conftest import Spawn, free_port
+from tests.conftest import Spawn
 
 # Start and close a Directory 300 times, each close at a random moment of its refresh loop
 # (interval 0, an address that refuses at once: refreshes complete all the time). Prints how many

@@ -9,7 +9,8 @@ import time
 from collections.abc import AsyncIterator
 
 from kvstack import forward
-from tests.conftest import free_port, listeners
+from kvstack.dev.processes import free_port
+from tests.conftest import listeners
 
 
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -41,11 +41,11 @@ from grpc_health.v1.health import aio as health_aio
 
 from kvstack import runtime
 from kvstack.client import default_write_timeout
+from kvstack.dev.processes import ServiceProcess, free_port
 from kvstack.v1 import kv_pb2, kv_pb2_grpc
 
 if TYPE_CHECKING:
     from kvstack.dev.rollouts import Outcome
-    from tests.conftest import ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[3]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -348,15 +348,6 @@ class Run:
         return next((r for r in self.results if r.cell.name == name), None)
 
 
-def _services() -> tuple[type[ServiceProcess], Callable[[], int]]:
-    """tests/conftest.py's ServiceProcess and free_port (shared with the integration tests)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from tests.conftest import ServiceProcess, free_port
-
-    return ServiceProcess, free_port
-
-
 def _service_env(**extra: str) -> dict[str, str]:
     return {"KVSTACK_LOG_LEVEL": LOG_LEVEL, "KVSTACK_SHUTDOWN_GRACE": "2", **extra}
 
@@ -451,7 +442,6 @@ def _pid(service: ServiceProcess) -> int:
 
 def run_cells(cells: Sequence[Cell], run: Run, work: Path) -> None:
     """Run every cell, group by group, with only that group's processes alive."""
-    service_process, free_port = _services()
     log = work / "loadgen.log"
 
     for observed in (False, True):
@@ -472,7 +462,7 @@ def run_cells(cells: Sequence[Cell], run: Run, work: Path) -> None:
     stack = [c for c in cells if c.group == "stack"]
     if stack:
         metrics = free_port()
-        backend = service_process(
+        backend = ServiceProcess(
             "backend",
             free_port(),
             work / "backend.log",
@@ -480,7 +470,7 @@ def run_cells(cells: Sequence[Cell], run: Run, work: Path) -> None:
                 KVSTACK_DATA_DIR=str(run.data_dir / "stack"), KVSTACK_METRICS_PORT=str(metrics)
             ),
         )
-        server = service_process("server", free_port(), work / "server.log", {})
+        server = ServiceProcess("server", free_port(), work / "server.log", {})
         try:
             backend.start().wait_serving()
             server.env = _service_env(KVSTACK_BACKEND_TARGET=f"dns:///{backend.target}")
@@ -502,7 +492,7 @@ def run_cells(cells: Sequence[Cell], run: Run, work: Path) -> None:
         peers = ",".join(f"127.0.0.1:{p}" for p in ports)
         replica_metrics = [free_port(), free_port()]
         backends = [
-            service_process(
+            ServiceProcess(
                 "backend",
                 ports[i],
                 work / f"backend-{i}.log",
@@ -515,7 +505,7 @@ def run_cells(cells: Sequence[Cell], run: Run, work: Path) -> None:
             )
             for i in range(2)
         ]
-        server = service_process(
+        server = ServiceProcess(
             "server",
             free_port(),
             work / "server-replicated.log",
@@ -546,7 +536,7 @@ def run_cells(cells: Sequence[Cell], run: Run, work: Path) -> None:
     for cell in (c for c in cells if c.group == "durable"):
         metrics = free_port()
         name = "group" if cell.group_commit else "single"
-        backend = service_process(
+        backend = ServiceProcess(
             "backend",
             free_port(),
             work / f"backend-{name}.log",

@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from kvstack import backup, registry
-from kvstack.cli import CommandError
+from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner, say
 
 BACKEND = "backend"

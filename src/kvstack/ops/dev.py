@@ -6,7 +6,7 @@ save-as-rename or a `git checkout` is one change, not ten). Polling needs no new
 behaves the same on Linux, macOS and inside containers or network file systems, where inotify
 events often do not arrive; for a tree of this size a poll is a few milliseconds.
 
-Which services a change affects is the CI pipeline's rule (kvstack.ops.pipeline.affected_by):
+Which services a change affects is the CI pipeline's rule (kvstack.ops.images.affected_by):
 src/kvstack/NAME/ is service NAME's own code; the rest of src/kvstack (shared code, the
 registry, generated protos) is every service's; the ops CLI (src/kvstack/ops), the developer
 tools (src/kvstack/dev), docs and tests are in no image. A change under protos/ regenerates the
@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import Any
 
 from kvstack import registry
-from kvstack.cli import CommandError
-from kvstack.ops import engine, images, local, pipeline
+from kvstack.ops import engine, images, local
 from kvstack.ops.engine import docker
+from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner, say
 
 ROOT = images.ROOT
@@ -122,8 +122,8 @@ def plan_for(paths: list[str]) -> Plan:
     """Which services these changed paths affect (the pipeline's rule; protos/ -> all)."""
     everything = list(registry.services().values())
     protos = any(p == "protos" or p.startswith("protos/") for p in paths)
-    shared = protos or any(len(pipeline.affected_by([p])) == len(everything) for p in paths)
-    services = everything if protos else pipeline.affected_by(paths)
+    shared = protos or any(len(images.affected_by([p])) == len(everything) for p in paths)
+    services = everything if protos else images.affected_by(paths)
     return Plan(services, shared, protos)
 
 
@@ -168,14 +168,14 @@ class DevLoop:
         for svc in services:
             tag = self.tag(svc)
             if not svc.long_running:
-                if local.image_id(self.runner, images.image_ref(svc, tag)) is None:
+                if images.inspect_image(self.runner, images.image_ref(svc, tag)) is None:
                     todo.append(svc)
                 continue
             live = self.target.require_live(self.runner, svc)
             running = self.dev_label(live)
             if running == tag:
                 say(f"{svc.name}: runs {tag}, its inputs as they are now; nothing to do")
-            elif not running and self.built_from_this_tree(live.image, svc):
+            elif not running and images.built_from(self.runner, live.image, svc, self.root):
                 say(f"{svc.name}: {live.image} was built from this tree; taken over, no restart")
                 self.runner.run(
                     docker("service", "update", "--detach", "--label-add",
@@ -186,13 +186,6 @@ class DevLoop:
                 say(f"{svc.name}: runs {running or live.image}, its inputs are now {tag}")
                 todo.append(svc)
         return todo
-
-    def built_from_this_tree(self, image: str, svc: registry.Service) -> bool:
-        label = self.runner.query(
-            docker("image", "inspect", "--format",
-                   '{{index .Config.Labels "dev.kvstack.context"}}', image)
-        )  # fmt: skip
-        return label.returncode == 0 and label.stdout.strip() == images.context_hash(self.root, svc)
 
     def test(self, plan: Plan) -> bool:
         """Run the plan's tests; print where to look when one is red."""
@@ -228,7 +221,7 @@ class DevLoop:
     def build(self, services: list[registry.Service]) -> None:
         for svc in services:
             ref = images.image_ref(svc, self.tag(svc))
-            if local.image_id(self.runner, ref) is not None:
+            if images.inspect_image(self.runner, ref) is not None:
                 say(f"{svc.name}: {ref} is built already (same inputs)")
             else:
                 images.build(self.runner, [svc], self.tag(svc))
@@ -267,7 +260,7 @@ class DevLoop:
 
     def bootstrap(self) -> bool:
         """Deploy the whole stack at the dev tags when a service of it is missing."""
-        missing = [s.name for s in self.target.long_running()
+        missing = [s.name for s in registry.rollout_order()
                    if self.target.live(self.runner, s) is None]  # fmt: skip
         if not missing:
             return False
@@ -278,16 +271,16 @@ class DevLoop:
         self.build(everything)
         entries = {
             s.name: self.labels(s, self.target.live(self.runner, s))
-            for s in self.target.long_running()
+            for s in registry.rollout_order()
         }
         local.deploy(self.runner, self.stack, "dev", entries)
-        for svc in self.target.long_running():
+        for svc in registry.rollout_order():
             ref = images.image_ref(svc, self.tag(svc))
             failure = self.target.wait(self.runner, svc, ref, self.timeout)
             if failure:
                 raise CommandError(f"deploying {svc.name} failed: {failure}")
         say(f"stack {self.stack} is live: " + ", ".join(
-            f"{s.name} {self.tag(s)}" for s in self.target.long_running()))  # fmt: skip
+            f"{s.name} {self.tag(s)}" for s in registry.rollout_order()))  # fmt: skip
         return True
 
     def sync(self, plan: Plan) -> bool:
@@ -306,7 +299,7 @@ class DevLoop:
         if not self.test(Plan(todo, shared=plan.shared or every, protos=False)):
             return False
         self.build(todo)
-        for svc in self.target.long_running():
+        for svc in registry.rollout_order():
             if svc in todo:
                 self.roll_out(svc)
         say("done: " + ", ".join(f"{s.name} {self.tag(s)}" for s in todo))

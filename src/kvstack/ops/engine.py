@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvstack.cli import CommandError
+from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner, say
 
 # Debian's 20.10 client has BuildKit built in; a newer client without buildx (as on PATH on the

@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 
 from kvstack import registry
-from kvstack.cli import CommandError
-from kvstack.ops import engine
+from kvstack.ops import checkout, engine
 from kvstack.ops.engine import docker
+from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner, say
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = checkout.ROOT
 OFFICIAL_BASE = "debian:bookworm-slim"
 LOCAL_BASE = "kvstack-base/debian:bookworm-slim"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
@@ -39,12 +39,14 @@ HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 # What the Dockerfile reads (see .dockerignore): the inputs whose hash names a dirty build.
 BUILD_INPUTS = ("Dockerfile", ".dockerignore", "requirements.lock", "src/kvstack")
 IGNORED_INPUTS = ("src/kvstack/ops", "src/kvstack/dev")
+# The label each image carries with context_hash() of its inputs (the Dockerfile's CONTEXT_HASH).
+CONTEXT_LABEL = '{{index .Config.Labels "dev.kvstack.context"}}'
 
 
-def _git(*args: str) -> str | None:
+def _git(*args: str, root: Path = ROOT) -> str | None:
     try:
         result = subprocess.run(
-            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
+            ["git", "-C", str(root), *args], capture_output=True, text=True, check=False
         )
     except FileNotFoundError:
         return None
@@ -73,6 +75,13 @@ def in_pathspec(path: str, spec: list[str]) -> bool:
     excluded = [p.removeprefix(":(exclude)") for p in spec if p.startswith(":(exclude)")]
     included = [p for p in spec if not p.startswith(":")]
     return any(under(p) for p in included) and not any(under(p) for p in excluded)
+
+
+def affected_by(paths: list[str]) -> list[registry.Service]:
+    """The services whose image inputs include one of these repository-relative paths (the
+    rule of `kvstack pipeline changed`, for a list of paths instead of a git range)."""
+    services = list(registry.services().values())
+    return [s for s in services if any(in_pathspec(p, pathspec(s)) for p in paths)]
 
 
 def context_hash(root: Path = ROOT, service: registry.Service | None = None) -> str:
@@ -105,17 +114,21 @@ def version(root: Path = ROOT, service: registry.Service | None = None) -> str:
     return described
 
 
-def revision(service: registry.Service) -> str:
-    """The commit that last changed `service`'s inputs (its image's revision label)."""
-    return _git("log", "-1", "--format=%H", "--", *pathspec(service)) or "unknown"
+def revision(service: registry.Service, root: Path = ROOT) -> str | None:
+    """The full SHA of the last commit that changed `service`'s image inputs (None outside a
+    git clone): its image's revision label, and its version in the delivery pipeline."""
+    return _git("log", "-1", "--format=%H", "--", *pathspec(service), root=root)
 
 
 def image_ref(service: registry.Service, tag: str) -> str:
     return f"{service.image}:{tag}"
 
 
-def _has_image(runner: Runner, ref: str) -> bool:
-    return runner.query(docker("image", "inspect", "--format", "{{.Id}}", ref)).returncode == 0
+def inspect_image(runner: Runner, ref: str, template: str = "{{.Id}}") -> str | None:
+    """`docker image inspect --format TEMPLATE` of a local image (by default its ID), or None
+    when the local engine does not have it. The one place the CLI asks about an image."""
+    result = runner.query(docker("image", "inspect", "--format", template, ref))
+    return result.stdout.strip() if result.returncode == 0 else None
 
 
 def _make_local_base(runner: Runner) -> None:
@@ -187,7 +200,7 @@ def ensure_base(runner: Runner) -> str:
     if override := os.environ.get("KVSTACK_BASE_IMAGE"):
         return override
     for candidate in (OFFICIAL_BASE, LOCAL_BASE):
-        if _has_image(runner, candidate):
+        if inspect_image(runner, candidate) is not None:
             return candidate
     say(f"pulling {OFFICIAL_BASE}")
     if runner.query(docker("pull", "-q", OFFICIAL_BASE), timeout=300).returncode == 0:
@@ -216,25 +229,18 @@ def source_url(remote: str) -> str:
     return ""
 
 
-def is_current(runner: Runner, service: registry.Service, tag: str) -> bool:
-    """True when kvstack-NAME:TAG exists and was built from the inputs as they are now."""
-    result = runner.query(
-        docker(
-            "image",
-            "inspect",
-            "--format",
-            '{{index .Config.Labels "dev.kvstack.context"}}',
-            image_ref(service, tag),
-        )
-    )
-    return result.returncode == 0 and result.stdout.strip() == context_hash(service=service)
+def built_from(runner: Runner, ref: str, service: registry.Service, root: Path = ROOT) -> bool:
+    """True when image `ref` exists and was built from `service`'s inputs as they are now."""
+    return inspect_image(runner, ref, CONTEXT_LABEL) == context_hash(root, service)
 
 
 def build(
     runner: Runner, services: list[registry.Service], tag: str, *, only_if_changed: bool = False
 ) -> None:
     """Build each service's image (BuildKit reuses every shared layer after the first)."""
-    todo = [s for s in services if not (only_if_changed and is_current(runner, s, tag))]
+    todo = [
+        s for s in services if not (only_if_changed and built_from(runner, image_ref(s, tag), s))
+    ]
     if not todo:
         say(f"images up to date ({tag})")
         return
@@ -250,7 +256,7 @@ def build(
             "BASE_IMAGE": base,
             "SERVICE": service.name,
             "VERSION": version(service=service),
-            "REVISION": revision(service),
+            "REVISION": revision(service) or "unknown",
             "SOURCE": source,
             "CONTEXT_HASH": context_hash(service=service),
         }
@@ -331,16 +337,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=_cmd_images)
 
 
-def local_id(runner: Runner, ref: str) -> str | None:
-    """The local engine's ID of image ref, or None when it does not have it."""
-    result = runner.query(docker("image", "inspect", "--format", "{{.Id}}", ref))
-    return result.stdout.strip() if result.returncode == 0 else None
-
-
 def require_local(runner: Runner, svc: registry.Service, version: str) -> str:
     """kvstack-NAME:VERSION, which the local engine must have (a dry run only says so)."""
     ref = image_ref(svc, version)
-    if local_id(runner, ref) is None:
+    if inspect_image(runner, ref) is None:
         if runner.dry_run:
             say(
                 f"(dry run) image {ref} is missing: a real run would fail here; build it with "

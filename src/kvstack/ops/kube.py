@@ -1,10 +1,11 @@
-"""The Kubernetes targets, `minikube` and `gke`, of the shared verbs (see kvstack.ops.targets).
+"""The Kubernetes targets, `minikube`, `kind` and `gke`, of the shared verbs (kvstack.ops.targets).
 
-They wrap kubectl (and minikube, gcloud, docker) and reimplement nothing:
+They wrap kubectl (and minikube, kind, gcloud, docker) and reimplement nothing:
 - deploy: check the kubectl context (and gcloud login), build the tree's images if needed,
-  ship them (`minikube image load`; GKE: `docker push` to Artifact Registry), write a release
-  kustomization on top of deploy/overlays/TARGET that sets images, version label and change cause
-  through Kustomize (`images:`, patches; never text substitution) and keeps the current replica
+  ship them (`minikube image load`, `kind load docker-image`; GKE: `docker push` to Artifact
+  Registry), write a release kustomization on top of deploy/overlays/TARGET (kind: minikube's)
+  that sets images, version label and change cause through Kustomize (`images:`, patches; never
+  text substitution) and keeps the current replica
   counts and autoscaler bounds (so deploying the same version twice changes nothing, and a deploy
   does not undo `kvstack scale`), `kubectl apply -k` it, `kubectl rollout status` every workload
   (callees first), then run the smoke Job (created suspended; resumed here) and poll it until
@@ -37,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from kvstack import registry
-from kvstack.cli import CommandError
 from kvstack.ops import images, manifests
 from kvstack.ops.engine import docker
+from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner, say
 from kvstack.ops.targets import DEFAULT_NAMESPACE, DeployRequest
 
@@ -62,11 +63,6 @@ def kubectl(*args: str, namespace: str = NAMESPACE) -> list[str]:
 def resource(svc: registry.Service) -> str:
     """kind/name as kubectl takes it (deployment/server, statefulset/backend, job/client)."""
     return f"{manifests.workload_kind(svc).lower()}/{svc.name}"
-
-
-def long_running() -> list[registry.Service]:
-    """Long-running services, callees before callers (the order rollouts are awaited in)."""
-    return [s for s in registry.callees_first(registry.services()) if s.long_running]
 
 
 def jobs() -> list[registry.Service]:
@@ -189,7 +185,7 @@ class KubeTarget:
 
     def snapshot(self, runner: Runner) -> Snapshot:
         snap = Snapshot()
-        for svc in long_running():
+        for svc in registry.rollout_order():
             live = get_json(runner, resource(svc), self.namespace)
             snap.templates[resource(svc)] = template_of(live)
             if live:
@@ -333,7 +329,7 @@ class KubeTarget:
         rollback's rollout, and say what was observed of each (never what was only hoped)."""
         undone: list[tuple[registry.Service, str]] = []  # and the bad revision (StatefulSets)
         failed: list[str] = []
-        for svc in long_running():
+        for svc in registry.rollout_order():
             before = snap.templates[resource(svc)]
             if not before:
                 continue  # created by this deploy: there is no earlier revision to return to
@@ -439,7 +435,7 @@ class KubeTarget:
         applied = runner.run(self.kubectl("apply", "--kustomize", str(directory)), check=False)
         if applied.returncode != 0:
             failure = f"kubectl apply of the release in {directory} failed (see above)"
-        for svc in long_running() if failure is None else []:
+        for svc in registry.rollout_order() if failure is None else []:
             if not rollout_status(runner, svc, request.timeout, self.namespace):
                 failure = (
                     f"the rollout of {resource(svc)} did not finish within {request.timeout} s"
@@ -501,12 +497,12 @@ class KubeTarget:
                            f"--output=custom-columns={columns}"))  # fmt: skip
         runner.run(self.kubectl("get", "horizontalpodautoscalers,poddisruptionbudgets",
                            "--selector", selector))  # fmt: skip
-        for svc in long_running():
+        for svc in registry.rollout_order():
             runner.run(self.kubectl("rollout", "history", resource(svc)))
 
     def history(self, runner: Runner) -> None:
         self.preflight(runner)
-        for svc in long_running():
+        for svc in registry.rollout_order():
             runner.run(self.kubectl("rollout", "history", resource(svc)))
 
     def revision_of(self, runner: Runner, svc: registry.Service, version: str) -> str:
@@ -534,7 +530,7 @@ class KubeTarget:
         self, runner: Runner, service: registry.Service | None, version: str | None, timeout: int
     ) -> None:
         self.preflight(runner)
-        chosen = [service] if service else long_running()
+        chosen = [service] if service else registry.rollout_order()
         bad: dict[str, str] = {}  # StatefulSet -> its update revision before the undo
         for svc in chosen:
             argv = self.kubectl("rollout", "undo", resource(svc))
@@ -589,14 +585,45 @@ class Minikube(KubeTarget):
                 "`kubectl config use-context minikube` (or `minikube start`)"
             )
 
+    def load(self, ref: str) -> list[str]:
+        """The command that copies a local image into the cluster's nodes."""
+        return ["minikube", "image", "load", ref]
+
     def ship(self, runner: Runner, version: str, request: DeployRequest) -> list[dict[str, str]]:
         entries = []
         for svc in registry.services().values():
             ref = images.require_local(runner, svc, version)
-            say(f"loading {ref} into minikube")
-            runner.run(["minikube", "image", "load", ref])
+            say(f"loading {ref} into {self.name}")
+            runner.run(self.load(ref))
             entries.append({"name": svc.image, "newTag": version})
         return entries
+
+
+class Kind(Minikube):
+    """A kind cluster (CI's e2e makes one): minikube's overlay, since kind's default storage
+    class is also `standard`; images loaded with `kind load docker-image`. The cluster is the
+    one kubectl's context (kind-NAME) names."""
+
+    name = "kind"
+    cluster = "kind"  # kind's own default name, until the context says otherwise
+
+    @property
+    def overlay(self) -> Path:
+        return OVERLAYS / Minikube.name
+
+    def context_hint(self) -> str:
+        return "create the cluster with `kind create cluster` (it sets the context kind-NAME)"
+
+    def check_access(self, runner: Runner, context: str) -> None:
+        if not context.startswith("kind-"):
+            raise CommandError(
+                f"kubectl's current context is {context!r}, not a kind cluster; run "
+                "`kubectl config use-context kind-NAME` (or `kind create cluster`)"
+            )
+        self.cluster = context.removeprefix("kind-")
+
+    def load(self, ref: str) -> list[str]:
+        return ["kind", "load", "docker-image", "--name", self.cluster, ref]
 
 
 class Gke(KubeTarget):
@@ -640,10 +667,7 @@ class Gke(KubeTarget):
         for svc in registry.services().values():
             remote = f"{path}/{svc.image}:{version}"
             local = images.image_ref(svc, version)
-            if (
-                runner.query(docker("image", "inspect", "--format", "{{.Id}}", local)).returncode
-                == 0
-            ):
+            if images.inspect_image(runner, local) is not None:
                 runner.run(docker("tag", local, remote))
                 say(f"pushing {remote}")
                 if runner.run(docker("push", remote), check=False).returncode != 0:
@@ -675,6 +699,10 @@ class Gke(KubeTarget):
 
 def minikube() -> Minikube:
     return Minikube()
+
+
+def kind() -> Kind:
+    return Kind()
 
 
 def gke() -> Gke:

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from kvstack import forward, registry
-from kvstack.cli import CommandError
 from kvstack.ops import engine, images
 from kvstack.ops.engine import docker
+from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner, say
 from kvstack.ops.targets import DeployRequest
 
@@ -239,63 +239,6 @@ def write_stack_file(
     return path
 
 
-def _healthy_counts(runner: Runner, stack: str, tag: str) -> dict[str, tuple[int, int]]:
-    """Per long-running service: (healthy tasks on the expected image, replicas wanted)."""
-    counts = {}
-    for service in registry.services().values():
-        if not service.long_running:
-            continue
-        name = service_name(stack, service)
-        ps = runner.query(
-            docker(
-                "ps",
-                "--filter",
-                f"label=com.docker.swarm.service.name={name}",
-                "--filter",
-                "health=healthy",
-                "--format",
-                "{{.Image}}",
-            )
-        )
-        healthy = ps.stdout.split().count(images.image_ref(service, tag))
-        updating = runner.query(
-            docker(
-                "service",
-                "inspect",
-                "--format",
-                "{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}",
-                name,
-            )
-        ).stdout.strip()
-        if updating in ("updating", "rollback_started"):
-            healthy = min(healthy, service.replicas - 1)
-        counts[service.name] = (healthy, service.replicas)
-    return counts
-
-
-def wait_healthy(runner: Runner, stack: str, tag: str, timeout: float = HEALTHY_TIMEOUT_S) -> None:
-    """Wait until every replica of every long-running service is healthy on this tag."""
-    if runner.dry_run:
-        return
-    deadline = time.monotonic() + timeout
-    shown = ""
-    while True:
-        counts = _healthy_counts(runner, stack, tag)
-        status = ", ".join(f"{n} {h}/{w}" for n, (h, w) in counts.items())
-        if all(h >= w for h, w in counts.values()):
-            say(f"healthy: {status}")
-            return
-        if time.monotonic() > deadline:
-            raise CommandError(
-                f"not healthy after {timeout:.0f} s ({status}); see `docker stack ps {stack} "
-                f"--no-trunc` and `docker service logs {stack}_SERVICE`"
-            )
-        if status != shown:
-            say(f"waiting for healthy replicas: {status}")
-            shown = status
-        time.sleep(2)
-
-
 def deploy(
     runner: Runner, stack: str, tag: str, services: dict[str, dict[str, Any]] | None = None
 ) -> None:
@@ -398,17 +341,6 @@ def published_ports(runner: Runner, stack: str) -> list[str]:
     """What the person can call from this machine, e.g. `server 127.0.0.1:50051`."""
     service, address = published(), gateway_address(runner, stack)
     return [f"{service.name} {address}"] if service and address else []
-
-
-def run_job(runner: Runner, stack: str, tag: str, name: str, args: list[str]) -> int:
-    """Run a job service (the client) once, as a container on the stack's network."""
-    service = registry.get(name)
-    env = [f"--env={k}={v}" for k, v in callee_targets(service).items()]
-    argv = docker(
-        "run", "--rm", "--network", job_network(stack, service), *env,
-        images.image_ref(service, tag), *args,
-    )  # fmt: skip
-    return runner.run(argv, check=False).returncode
 
 
 def remove(runner: Runner, stack: str, *, volumes: bool, timeout: float = 90) -> None:
@@ -561,8 +493,6 @@ def inspect_service(runner: Runner, name: str) -> Live | None:
     )
 
 
-image_id = images.local_id  # the local engine's ID of an image, or None
-
 # `docker stack deploy` remembers in this label the image it last deployed to a service and,
 # when the stack file names that image again, keeps whatever image the service runs now. So an
 # image changed outside stack deploy (rollback --to, the dev loop) must move the label too, or
@@ -643,10 +573,6 @@ class Local:
     name: str = "local"
 
     # -- helpers ----------------------------------------------------------------------------
-
-    def long_running(self) -> list[registry.Service]:
-        """Long-running services, callees first (the order they are waited for)."""
-        return [s for s in registry.callees_first(registry.services()) if s.long_running]
 
     def service(self, svc: registry.Service) -> str:
         return service_name(self.stack, svc)
@@ -774,7 +700,7 @@ class Local:
         engine.ensure_swarm(runner)
         version = self.version_to_deploy(runner, request)
         say(f"deploying {version} to stack {self.stack} on the local engine")
-        before = {svc.name: self.live(runner, svc) for svc in self.long_running()}
+        before = {svc.name: self.live(runner, svc) for svc in registry.rollout_order()}
         for tree in other_trees(before):
             say(
                 f"warning: stack {self.stack} runs a release made from another work tree "
@@ -784,13 +710,13 @@ class Local:
         entries: dict[str, dict[str, Any]] = {}
         images_wanted: dict[str, str] = {}
         changed: list[registry.Service] = []  # the services whose spec this deploy changes
-        for svc in self.long_running():
+        for svc in registry.rollout_order():
             live = before[svc.name]
             image = images.image_ref(svc, version)
             if (
                 live is not None
                 and live.image != image
-                and image_id(runner, live.image) == image_id(runner, image)
+                and images.inspect_image(runner, live.image) == images.inspect_image(runner, image)
             ):
                 # Same content under another tag: restarting (a stateful service above all)
                 # would change nothing but cost a gap; keep what runs, record the release.
@@ -819,7 +745,7 @@ class Local:
                 deploy(runner, self.stack, version, entries)
             except CommandError as err:
                 failure = f"docker stack deploy failed ({err})"
-        for svc in self.long_running() if failure is None else []:
+        for svc in registry.rollout_order() if failure is None else []:
             live = before[svc.name]
             failure = self.wait(
                 runner, svc, images_wanted[svc.name], request.timeout,
@@ -916,7 +842,7 @@ class Local:
     def status(self, runner: Runner) -> None:
         engine.require(runner)
         rows = [("SERVICE", "VERSION", "RELEASE", "READY", "LAST UPDATE", "IMAGE")]
-        for svc in self.long_running():
+        for svc in registry.rollout_order():
             live = self.live(runner, svc)
             if live is None:
                 rows.append((svc.name, "-", "-", "-", "not deployed", "-"))
@@ -938,7 +864,7 @@ class Local:
 
     def history(self, runner: Runner) -> None:
         engine.require(runner)
-        for svc in self.long_running():
+        for svc in registry.rollout_order():
             live = self.live(runner, svc)
             print(f"{self.service(svc)}:")
             if live is None or not live.releases:
@@ -958,7 +884,7 @@ class Local:
     def rollback(
         self, runner: Runner, service: registry.Service | None, version: str | None, timeout: int
     ) -> None:
-        targets = [service] if service else self.long_running()
+        targets = [service] if service else registry.rollout_order()
         done: list[str] = []
         without_history: list[str] = []
         for svc in targets:

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from kvstack import registry
-from kvstack.cli import CommandError
 from kvstack.ops import images, kube, manifests
+from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner, say
 from kvstack.ops.targets import (
     DEFAULT_NAMESPACE,
@@ -53,19 +53,12 @@ def git(*args: str, root: Path = ROOT) -> subprocess.CompletedProcess[str]:
     )
 
 
-def affected_by(paths: list[str]) -> list[registry.Service]:
-    """The services whose image inputs include one of these repository-relative paths (the
-    same rule as `changed`, for a list of paths instead of a git range)."""
-    services = list(registry.services().values())
-    return [s for s in services if any(images.in_pathspec(p, images.pathspec(s)) for p in paths)]
-
-
 def service_version(svc: registry.Service, root: Path = ROOT) -> str:
-    """The full SHA of the last commit that changed svc's image inputs."""
-    result = git("log", "-1", "--format=%H", "--", *images.pathspec(svc), root=root)
-    if result.returncode != 0 or not result.stdout.strip():
+    """Each service's version: its image's revision (images.revision), required here."""
+    version = images.revision(svc, root)
+    if version is None:
         raise CommandError(f"no commit changes {svc.name}'s image inputs; is this a git clone?")
-    return result.stdout.strip()
+    return version
 
 
 def changed_since(since: str | None, root: Path = ROOT) -> list[registry.Service]:

@@ -32,10 +32,11 @@ from pathlib import Path
 from string import Template
 
 from kvstack import registry
-from kvstack.cli import CommandError
+from kvstack.ops import checkout
+from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import say
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = checkout.ROOT
 TEMPLATES = Path(__file__).with_name("templates") / "service"
 REGISTRY_FILE = "src/kvstack/services.toml"
 # A DNS label (RFC 1123) that is also a Python identifier and an environment-variable fragment:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from kvstack.cli import CommandError
+from kvstack.ops.errors import CommandError
 
 
 def say(message: str) -> None:

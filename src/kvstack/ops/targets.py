@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from kvstack import registry
-from kvstack.cli import CommandError
+from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner
 
 DEFAULT_TIMEOUT_S = 300
@@ -44,7 +44,7 @@ class DeployRequest:
 class Target(Protocol):
     """A place kvstack runs: the local Docker engine (Swarm), minikube, GKE.
 
-    Errors are raised as kvstack.cli.CommandError saying what failed and what to do next.
+    Errors are raised as kvstack.ops.errors.CommandError saying what failed and what to do next.
     """
 
     name: str
@@ -80,7 +80,7 @@ class Target(Protocol):
 
 @runtime_checkable
 class Namespaced(Protocol):
-    """A target that lives in a Kubernetes namespace (minikube, gke): `--namespace` sets it."""
+    """A target in a Kubernetes namespace (minikube, kind, gke): `--namespace` sets it."""
 
     namespace: str
 
@@ -89,6 +89,7 @@ class Namespaced(Protocol):
 TARGETS: dict[str, str] = {
     "local": "kvstack.ops.local:target",
     "minikube": "kvstack.ops.kube:minikube",
+    "kind": "kvstack.ops.kube:kind",
     "gke": "kvstack.ops.kube:gke",
 }
 
@@ -221,7 +222,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             help="print the commands that would change something; run none",
         )
         parser.add_argument("--namespace", type=namespace_name, metavar="NS",
-                            help="minikube, gke: the namespace to work in "
+                            help="minikube, kind, gke: the namespace to work in "
                             f"(default {DEFAULT_NAMESPACE})")  # fmt: skip
         parser.set_defaults(func=func)
         return parser

@@ -211,7 +211,13 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
         """How long a call may be held for a backend that can take it: the caller's deadline
         (less a margin to answer in), at most KVSTACK_PRIMARY_WAIT."""
         remaining = context.time_remaining()
-        budget = self.config.primary_wait if remaining is None else remaining - WAIT_MARGIN_S
+        if remaining is None:
+            return float(self.config.primary_wait)
+        budget = remaining - WAIT_MARGIN_S
+        if budget <= 0:
+            # Too short to wait for a backend at all: one try within the deadline, instead of
+            # answering "no backend took the call" without asking the one there is.
+            budget = remaining
         return min(budget, self.config.primary_wait)
 
     async def _write(self, context: Context, method: str, request: Any) -> Any:
@@ -225,6 +231,7 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
         KVSTACK_BACKEND_TIMEOUT is sent again the same way. A write repeated here carries the
         caller's request_id, which the primary applies once, so waiting and retrying never
         applies a write twice."""
+        await self._deadline(context)  # already expired: DEADLINE_EXCEEDED, nothing sent
         started, budget = time.monotonic(), self._wait_budget(context)
         why = "no backend says it is the primary"
         while True:
