@@ -15,7 +15,7 @@ import sys
 from kvstack import probe
 code = probe.main(["--target", "127.0.0.1:9", "--timeout", "1", "--service", "x", "--quiet"])
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("grpc", "grpc_health", "google")
-               or m in ("kvstack.registry", "kvstack.runtime", "tomllib"))
+               or m in ("kvstack.registry", "kvstack.runtime", "tomllib", "importlib.metadata"))
 print(code, heavy)
 """
 

@@ -29,7 +29,7 @@ import lmdb
 from grpc import aio
 
 from kvstack import backup, validation
-from kvstack.backend.store import NotEmpty, Store
+from kvstack.backend.store import NotEmpty, RestoreCounts, Store
 from kvstack.runtime import fields
 from kvstack.v1 import backup_pb2, backup_pb2_grpc
 
@@ -189,10 +189,27 @@ class BackupServicer(backup_pb2_grpc.BackupServicer):
                     "nothing was changed: retry the restore",
                 )
             source = backup.open_copy(incoming)
+
+            async def load() -> RestoreCounts:
+                try:
+                    loaded = await asyncio.to_thread(
+                        store.restore_from, source, manifest.seq, first.force
+                    )
+                finally:
+                    source.close()  # only once the thread reading it has returned
+                backend.primary.restored(manifest.seq)
+                return loaded
+
+            # The load runs to its end even if the caller goes away (Ctrl-C, a dropped
+            # port-forward): a cancelled await would close the copy under the thread still
+            # reading it, skip telling the replicas, and let writes in before the commit.
+            loading = asyncio.create_task(load())
             try:
-                counts = await asyncio.to_thread(
-                    store.restore_from, source, manifest.seq, first.force
-                )
+                counts = await asyncio.shield(loading)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await loading
+                raise
             except NotEmpty as refused:
                 c = refused.counts
                 await context.abort(
@@ -209,9 +226,6 @@ class BackupServicer(backup_pb2_grpc.BackupServicer):
                     f"({store.map_size} bytes): raise KVSTACK_MAP_SIZE on every backend and "
                     "restart them, then restore again; nothing was changed",
                 )
-            finally:
-                source.close()
-            backend.primary.restored(manifest.seq)
         finally:
             if writes_stopped:
                 backend.writes_stopped = False
