@@ -379,7 +379,8 @@ def restore(target: str, path: Path, force: bool, shown: str = "") -> backup_pb2
             if held
             else ""
         )
-        + ". The replicas copy it now, as after a scale-out (`kvstack status` shows them ready)"
+        + ". The replicas copy it next, as after a scale-out: `kvstack status` shows when "
+        "they are ready"
     )
     return reply
 

@@ -40,10 +40,6 @@ SHARES = 65536  # 64 busy containers' worth
 RETRIES = local.service_spec(registry.get("server"), "t")["healthcheck"]["retries"]
 
 
-def long_running() -> list[registry.Service]:
-    return [s for s in registry.services().values() if s.long_running]
-
-
 @pytest.fixture(scope="module")
 def cstack(tag: str) -> Iterator[StackUnderTest]:
     with own_stack("kvtest-cpu", tag) as stack:
@@ -53,7 +49,7 @@ def cstack(tag: str) -> Iterator[StackUnderTest]:
 def tasks(stack: StackUnderTest) -> dict[str, list[str]]:
     """Every task Swarm has for each service (its history included): 'ID DESIRED-STATE'."""
     out = {}
-    for service in long_running():
+    for service in registry.rollout_order():
         name = local.service_name(stack.name, service)
         fmt = "{{.ID}} {{.DesiredState}}"
         out[service.name] = docker("service", "ps", "--no-trunc", "--format", fmt, name).split("\n")
@@ -91,8 +87,8 @@ def test_a_saturated_host_kills_no_healthy_task(cstack: StackUnderTest) -> None:
     put = cstack.run_job("client", "put", f"{key}/before", "v", timeout=120)
     assert put.returncode == 0, f"the stack does not take writes before the burn: {put.stderr}"
     before_tasks = tasks(cstack)
-    containers = {s.name: sorted(cstack.containers(s.name)) for s in long_running()}
-    wanted = {s.name: s.replicas for s in long_running()}
+    containers = {s.name: sorted(cstack.containers(s.name)) for s in registry.rollout_order()}
+    wanted = {s.name: s.replicas for s in registry.rollout_order()}
     assert {k: len(v) for k, v in containers.items()} == wanted, (
         f"not every task runs before the burn: {containers}; see `docker stack ps {cstack.name}`"
     )
@@ -136,7 +132,7 @@ def test_a_saturated_host_kills_no_healthy_task(cstack: StackUnderTest) -> None:
         f"last failed check: {failures.get(cid)}"
         for cid in (c for ids in containers.values() for c in ids)
     )
-    after = {s.name: sorted(cstack.containers(s.name)) for s in long_running()}
+    after = {s.name: sorted(cstack.containers(s.name)) for s in registry.rollout_order()}
     after_tasks = tasks(cstack)
     replaced = (
         f"tasks were replaced during {elapsed:.0f} s of a saturated host (burner at "

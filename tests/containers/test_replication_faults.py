@@ -255,8 +255,11 @@ class Workload:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        """Stop both (the writer mid-run: every acknowledgement it printed counts)."""
-        docker("stop", "--time", "10", self.writer, self.reader, check=False)
+        """Stop both (the writer mid-run: every acknowledgement it printed counts). The writer
+        is killed: as its container's PID 1 without a handler it ignores SIGTERM, and each line
+        it printed is flushed already; the reader ends on SIGTERM with its summary."""
+        docker("kill", self.writer, check=False)
+        docker("stop", "--time", "10", self.reader, check=False)
         self.writer_lines = json_logs(self.writer)
         self.reader_lines = json_logs(self.reader)
 

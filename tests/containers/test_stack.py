@@ -123,7 +123,7 @@ def test_backend_sigkill_loses_no_acknowledged_write(
 
     A client container writes unique keys and prints each acknowledgement; the primary is killed
     mid-run, Swarm restarts it on the same volume, and every acknowledged key reads back with
-    its value (writes fail fast while it is down; those are not acknowledged).
+    its value (writes that fail while it is down are not acknowledged).
     """
     prefix = f"kill/{uuid.uuid4().hex[:8]}/"
     load = start_load("--count", "4000", "--concurrency", "8", "--prefix", prefix)

@@ -50,7 +50,7 @@ def test_a_new_service_gets_an_image_and_a_place_in_the_stack(
     assert cache["deploy"]["replicas"] == 2
     assert cache["deploy"]["update_config"]["order"] == "start-first"
     assert cache["healthcheck"]["test"] == [
-        *local.PROBE, "--target", "localhost:50071", "--timeout", "8", "--service", ""
+        *local.PROBE, "--target", "127.0.0.1:50071", "--timeout", "8", "--service", ""
     ]  # fmt: skip
     assert spec["services"]["server"]["environment"] == {
         "KVSTACK_BACKEND_TARGET": "dns:///backend:50061",

@@ -129,7 +129,7 @@ async def _refuse(context: Context, err: Exception) -> None:
         await context.abort(
             grpc.StatusCode.UNAVAILABLE,
             "a restore from a backup is replacing the primary's data; writes are refused until "
-            "it ends (seconds for 100k keys): retry",
+            "it ends (tens of seconds for 100k keys): retry",
         )
     if isinstance(err, validation.Invalid):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))

@@ -96,23 +96,30 @@ class Client:
         self.channel.close()
 
     def call(self, method: Callable[..., R], request: object, timeout: float | None = None) -> R:
-        """Call with a deadline; retry transient failures with exponential backoff and jitter
+        """Call within a deadline (`timeout`, default self.timeout) for all its attempts
+        together; retry transient failures with exponential backoff and jitter while it lasts
         (a write's attempts all carry its one request_id: the primary applies it once)."""
+        budget = timeout or self.timeout
+        started = time.monotonic()
         for attempt in range(1, self.attempts + 1):
+            left = budget - (time.monotonic() - started)
             try:
-                return method(request, timeout=timeout or self.timeout)
+                return method(request, timeout=max(left, 0.001))
             except grpc.RpcError as err:
                 code = err.code()
                 if code not in TRANSIENT:
                     raise
-                if attempt == self.attempts:
-                    raise Unreachable(
-                        f"cannot reach the kvstack server at {self.target}: no answer after "
-                        f"{attempt} attempts ({code.name}: {err.details()}). If it is not "
-                        "running, start it with `make up`; if it runs elsewhere, point "
-                        "KVSTACK_SERVER_TARGET (or --target) at it"
-                    ) from err
                 delay = min(2.0, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)  # noqa: S311
+                spent = time.monotonic() - started
+                if attempt == self.attempts or spent + delay >= budget:
+                    raise Unreachable(
+                        f"the kvstack server at {self.target} did not complete the call in "
+                        f"{spent:.1f} s ({attempt} attempts; the last: {code.name}: "
+                        f"{err.details()}). If it is not running, start it with `make up`; if "
+                        "it runs elsewhere, point KVSTACK_SERVER_TARGET (or --target) at it; if "
+                        "it waited for a backend, the backends are restarting or down "
+                        "(`kvstack status TARGET` shows them)"
+                    ) from err
                 self.retries += 1
                 if self.verbose:
                     print(

@@ -1017,7 +1017,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-rollouts",
         dest="rollouts",
         action="store_false",
-        help="skip the rollout table (it needs the Docker engine and takes about 6 minutes)",
+        help="skip the rollout table (it needs the Docker engine and takes most of the run)",
     )
     parser.add_argument(
         "--data-dir", default=None, help="parent of the temporary data directory (default: TMPDIR)"

@@ -202,7 +202,9 @@ def measure(stack: str, tag: str, scenario: str, in_flight: int) -> Outcome:
         end = time.time()
         resumed(writer, end)
     finally:
-        docker("stop", "--time", "30", writer, check=False)
+        # Killed: as its container's PID 1 without a handler it ignores SIGTERM (a stop would
+        # wait out its timeout), and every line it printed is flushed already.
+        docker("kill", writer, check=False)
     lines = json_logs(writer)
     docker("rm", "-f", writer, check=False)
     writes = [r for r in lines if "ms" in r]
@@ -225,10 +227,9 @@ def run(in_flight: Sequence[int] = (8, 32)) -> list[Outcome]:
     images.build(runner, list(registry.services().values()), tag, only_if_changed=True)
     stack = f"kvbench-{uuid.uuid4().hex[:6]}"
     target = local.Local(stack=stack)
-    long_running = [s for s in registry.services().values() if s.long_running]
 
     def wait_healthy() -> None:
-        for svc in long_running:
+        for svc in registry.rollout_order():
             failure = target.wait(runner, svc, images.image_ref(svc, tag), 180)
             if failure is not None:
                 raise RuntimeError(failure)

@@ -162,7 +162,7 @@ def service_spec(
             "test": [
                 *PROBE,
                 "--target",
-                f"localhost:{service.port}",
+                f"127.0.0.1:{service.port}",
                 "--timeout",
                 str(PROBE_DEADLINE_S),
                 "--service",

@@ -67,8 +67,9 @@ class ServerConfig:
         "KVSTACK_PRIMARY_WAIT",
         30.0,
         "seconds a call waits, within its deadline, for a backend that can take it (a write "
-        "or a read for the latest: the primary; another read: any readable backend) while "
-        "backends restart; then UNAVAILABLE saying how long it waited",
+        "or a read for the latest: the primary; another Get or List: any readable backend) "
+        "while backends restart; then UNAVAILABLE saying how long it waited. A Scan is not "
+        "held: with no backend to stream from it fails at once",
     )
     read_attempt_timeout: float = setting(
         "KVSTACK_READ_ATTEMPT_TIMEOUT",
@@ -268,7 +269,7 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
             f"no primary backend took the call in the {waited:.1f} s it waited ({why}); it is "
             "restarting or unreachable. If this was a write, it may or may not have been "
             "applied: retry it with the same request_id (the client does), which is applied "
-            "once. Reads still work from the replicas",
+            "once" + (". Reads from any backend still work" if self.directory.readers() else ""),
         )
         raise AssertionError(waited)  # unreachable: abort raises
 
