@@ -273,9 +273,11 @@ def test_a_replica_refuses_backup_and_restore(spawn: Spawn, tmp_path: Path) -> N
 def test_writes_during_a_restore_are_refused_and_none_acknowledged_after_it_is_lost(
     spawn: Spawn, tmp_path: Path
 ) -> None:
-    """Writers keep writing straight to the primary through a restore: a write refused says a
+    """Writers keep writing straight to the primary through a restore: any write refused says a
     restore is running (UNAVAILABLE, which callers retry), and every write acknowledged after
-    the restore returned is there afterwards, on the primary and the replica."""
+    the restore returned is there afterwards, on the primary and the replica. (The restore's
+    window is short here, so there may be no refusal at all: this checks what a refusal says
+    and that nothing acknowledged after it is lost, not that the write stop exists.)"""
     pair = Pair(spawn, tmp_path).up()
     base = put_many(pair.primary, "base/", 3000)
     out = tmp_path / "b.mdb"
