@@ -313,16 +313,22 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
             remaining = self._timeout(context)
             if remaining <= 0:
                 return None
-            attempt = min(remaining, self.config.read_attempt_timeout) if others else remaining
+            # Bounded too when this is the only reader while the call has 3 attempts' time or
+            # more: the Directory's view may be a second old (a backend that just left, whose
+            # address no longer answers; measured: one read failed DEADLINE_EXCEEDED in a
+            # backend rolling update), and the read is held and sent again meanwhile.
+            hurry = bool(others) or remaining >= 3 * self.config.read_attempt_timeout
+            attempt = min(remaining, self.config.read_attempt_timeout) if hurry else remaining
             try:
                 reply = await _forward(member, method, request, attempt)
             except aio.AioRpcError as err:
-                slow = err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and bool(others)
+                slow = err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and hurry
                 if err.code() not in RETRY_ELSEWHERE and not slow:
                     await context.abort(err.code(), _explain(err))
                 if slow:
                     log.warning(
-                        "backend slow to answer a read; trying another",
+                        "backend slow to answer a read; trying "
+                        + ("another" if others else "again"),
                         extra=runtime.fields(backend=member.address, waited_s=attempt),
                     )
             except ChannelClosed:
