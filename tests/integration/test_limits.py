@@ -244,13 +244,21 @@ def test_semi_sync_holds_through_60_s_of_steady_writes(cluster: Cluster, spawn: 
     assert len(log_lines(replica, "streaming from the primary")) == 1
 
 
+HTTP2_SETTINGS = bytes(9)[:3] + b"\x04" + bytes(5)  # an empty SETTINGS frame (RFC 9113, 6.5)
+
+
 class Proxy:
     """A TCP relay on loopback between a replica and its primary that the test can freeze
     (bytes stop flowing both ways, connections stay open: a blocked stream, a partition) or cut
-    (every connection reset, the primary untouched)."""
+    (every connection reset, the primary untouched). With `hold_when_down`, a connection the
+    primary does not take is held open instead of closed: the relay sends HTTP/2's opening
+    SETTINGS frame and never answers a call, so the caller's calls time out rather than being
+    refused: what the Directory sees of an address that answers too slowly (a loaded node, a
+    container being torn down) rather than one that refuses."""
 
-    def __init__(self, upstream: int) -> None:
+    def __init__(self, upstream: int, hold_when_down: bool = False) -> None:
         self.upstream = upstream
+        self.hold_when_down = hold_when_down
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.frozen = threading.Event()
@@ -267,7 +275,12 @@ class Proxy:
             try:
                 server = socket.create_connection(("127.0.0.1", self.upstream), timeout=2)
             except OSError:
-                client.close()
+                if self.hold_when_down:
+                    self.conns.append(client)
+                    with contextlib.suppress(OSError):
+                        client.sendall(HTTP2_SETTINGS)
+                else:
+                    client.close()
                 continue
             self.conns += [client, server]
             for src, dst in ((client, server), (server, client)):
@@ -312,10 +325,11 @@ class Proxy:
 def behind_proxy(
     cluster: Cluster, spawn: Spawn
 ) -> Iterator[tuple[ServiceProcess, ServiceProcess, ServiceProcess, Proxy]]:
-    """A primary, a replica that reaches it only through a Proxy, and a server that reaches both
-    directly. The replica's staleness bound is the default."""
+    """A primary, a replica that reaches it only through a Proxy (which holds connections in
+    silence while the primary is down), and a server that reaches both directly. The replica's
+    staleness bound is the default."""
     primary = cluster.backend(0).wait_serving()
-    proxy = Proxy(primary.port)
+    proxy = Proxy(primary.port, hold_when_down=True)
     replica = spawn(
         "backend",
         {
@@ -377,6 +391,40 @@ def test_a_replica_whose_stream_is_blocked_stops_answering_reads_within_the_boun
 
     eventually(caught_up, timeout=20, what="the writes made while blocked, on the replica")
     del primary
+
+
+def test_a_replica_answers_reads_while_its_drained_primary_restarts(
+    cluster: Cluster,
+    behind_proxy: tuple[ServiceProcess, ServiceProcess, ServiceProcess, Proxy],
+) -> None:
+    """The primary drains (SIGTERM) and stays down for twice the staleness bound, its address
+    silent to the replica (as an overlay address is once its container is gone: the Directory's
+    Role calls time out, nothing refuses). The replica keeps answering reads all along, directly
+    and through the server at the client's default 5 s deadline, because the drained primary
+    told it that it stopped (its last position, applied). Before, it stopped being readable when
+    the bound passed. Once the primary is back, the replica follows it and gets new writes."""
+    primary, replica, server, proxy = behind_proxy
+    front, direct = stub(server.target), stub(replica.target)
+    front.Put(kv_pb2.PutRequest(key=b"before", value=b"1"), timeout=5)
+    eventually(lambda: role(replica.target).following, what="the replica follows")
+    primary.signal(signal.SIGTERM)
+    assert primary.wait() == 0
+    assert log_lines(primary, "told the replica this primary stopped"), primary.logs()[-2000:]
+    down = time.monotonic()
+    while time.monotonic() - down < 2 * STALENESS_S:
+        assert direct.Get(kv_pb2.GetRequest(key=b"before"), timeout=2).value == b"1"
+        assert front.Get(kv_pb2.GetRequest(key=b"before"), timeout=5).value == b"1"
+        assert role(replica.target).readable
+        time.sleep(0.25)
+    assert not role(replica.target).following  # readable for the stop, not a fresh message
+    cluster.backend(0).wait_serving()
+    proxy.cut()  # the connections held in silence end (the old address is gone for good)
+    eventually(lambda: role(replica.target).following, timeout=20, what="following again")
+    front.Put(kv_pb2.PutRequest(key=b"after", value=b"2"), timeout=10)
+    eventually(
+        lambda: direct.Get(kv_pb2.GetRequest(key=b"after"), timeout=2).value == b"2",
+        what="a write after the restart, on the replica",
+    )
 
 
 def test_a_cut_stream_is_reopened_at_once(

@@ -196,6 +196,33 @@ def test_a_replica_is_readable_only_while_it_hears_from_its_primary(tmp_path: Pa
     assert gone.readable_now()
 
 
+class _APrimary(_NoPrimary):
+    """A Directory stand-in in which a backend says it is the primary."""
+
+    def primary(self) -> object:  # type: ignore[override]
+        return type("M", (), {"address": "p:2", "error": ""})()
+
+
+def test_a_replica_whose_primary_stopped_stays_readable_until_a_primary_answers(
+    tmp_path: Path,
+) -> None:
+    """A primary that drained says it stopped (its last position): the replica, caught up to
+    within max_lag of it, answers reads past its staleness bound while no backend says it is the
+    primary, whatever the Directory's last error for that address (a timeout too); once one
+    does, only following it counts."""
+    stopped = follower(tmp_path / "a", _NoPrimary(**{"p:1": "DEADLINE_EXCEEDED"}))
+    stopped.heard_at, stopped.primary_seq, stopped.primary_address = time.monotonic() - 10, 5, "p:1"
+    assert not stopped.readable_now()  # silent past the bound, not said to have stopped
+    stopped.primary_stopped = True
+    assert stopped.readable_now()
+    stopped.primary_seq = 11  # the stop's last position is 11 changes ahead: over max_lag
+    assert not stopped.readable_now()
+    successor = follower(tmp_path / "b", _APrimary())
+    successor.heard_at, successor.primary_seq = time.monotonic() - 10, 0
+    successor.primary_stopped = True
+    assert not successor.readable_now()  # a primary answers again: it may take writes
+
+
 def test_the_server_reads_from_a_replica_only_while_it_follows_a_reachable_primary() -> None:
     """With the primary reachable, a replica that says readable but not following (it lost the
     primary while the server did not) gets no reads; with no primary, it does."""

@@ -304,7 +304,9 @@ class Backend:
         deadline = time.monotonic() + grace / 2
         while self.writes_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        self.primary.draining.set()
+        # The server refuses new calls by now (runtime.Lifecycle.shutdown), so with none in
+        # flight and no restore loading, the last position is final.
+        self.primary.drain(final=not self.writes_in_flight and not self.restoring)
 
     def register(self, server: aio.Server) -> list[str]:
         # wire.add_servicer, not the generated add_*_to_server: a request that is not a valid

@@ -85,6 +85,9 @@ class PrimaryState:
         self._waiters: list[tuple[int, int, asyncio.Future[bool]]] = []
         # Set when the primary drains: its streams end (replicas reconnect to its successor).
         self.draining = asyncio.Event()
+        # Whether last_seq is final when it drains (no write can still commit): then each
+        # stream sends what is left and says the primary stopped.
+        self.final = False
         # Moves on with each restore: every stream of an earlier generation ends, telling its
         # replica to copy a snapshot (its data is of the history the restore replaced).
         self.generation = 0
@@ -104,6 +107,14 @@ class PrimaryState:
     def committed(self, seq: int) -> None:
         """Called on the event loop after each commit with the batch's last position."""
         self.last_seq = max(self.last_seq, seq)
+        event, self._commit = self._commit, asyncio.Event()
+        event.set()
+
+    def drain(self, final: bool) -> None:
+        """End every stream now (a stream waiting for a commit is woken); `final`: no write can
+        commit any more, so the streams tell their replicas this primary stopped."""
+        self.final = final
+        self.draining.set()
         event, self._commit = self._commit, asyncio.Event()
         event.set()
 
@@ -305,6 +316,9 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
         after = hello.applied_seq
         generation = state.generation
         try:
+            # The position at once: a replica that is caught up (a restarted primary's, most
+            # often) counts as following now, not after the first heartbeat a second later.
+            yield replication_pb2.ChangeBatch(primary_seq=state.last_seq)
             while not reader.done() and not state.draining.is_set():
                 if state.generation != generation:  # restored: the replica's data is history
                     log.info(
@@ -331,8 +345,20 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
                     )
                     continue
                 await state.wait_commit(after, HEARTBEAT_S)
-                if state.last_seq <= after:  # idle: a heartbeat tells the replica it is current
+                if state.last_seq <= after and not state.draining.is_set():
+                    # idle: a heartbeat tells the replica it is current
                     yield replication_pb2.ChangeBatch(primary_seq=state.last_seq)
+            if state.draining.is_set() and state.final and not reader.done():
+                # Drained with no write left to commit: send the rest, then say this position
+                # is the last, so the replica keeps answering reads while no primary does
+                # (instead of only for its staleness bound).
+                while changes := store.changes_after(after, BATCH_CHANGES):
+                    after = changes[-1].seq
+                    yield replication_pb2.ChangeBatch(changes=changes, primary_seq=after)
+                log.info("told the replica this primary stopped", extra=fields(replica=replica))
+                yield replication_pb2.ChangeBatch(primary_seq=state.last_seq, primary_stopped=True)
+        except LogGap:  # a replica too far behind to be sent the rest: it copies a snapshot later
+            log.info("replica left behind by the drain", extra=fields(replica=replica, seq=after))
         finally:
             reader.cancel()
             state.disconnect(stream)
@@ -379,6 +405,8 @@ class Follower:
         self.heard_at: float | None = None
         self.primary_seq = 0
         self.primary_address = ""
+        # The primary said it stopped (it drained) and primary_seq was its last change.
+        self.primary_stopped = False
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -413,10 +441,15 @@ class Follower:
 
     def readable_now(self) -> bool:
         """Whether this replica may answer reads now: following, or caught up (within max_lag
-        of the primary's last position) when that primary went down and so takes no writes."""
+        of the primary's last position) while no primary takes writes: the primary it followed
+        went down, or said it stopped and no backend has said it is the primary since."""
         if self.following():
             return True
-        return self.primary_gone() and self.primary_seq - self.applied <= self.max_lag
+        if self.primary_seq - self.applied > self.max_lag:
+            return False
+        if self.primary_stopped and self.directory.primary() is None:
+            return True
+        return self.primary_gone()
 
     def _set_readable(self, readable: bool) -> None:
         if readable != self.readable:
@@ -516,6 +549,7 @@ class Follower:
                 self._streamed = True
                 batch = cast(replication_pb2.ChangeBatch, received)
                 self.primary_address = primary.address
+                self.primary_stopped = False
                 if batch.snapshot_required:
                     # Not following until the copy is in: this replica's data may be of a
                     # history a restore replaced, or far behind. No reads from it meanwhile.
@@ -542,6 +576,12 @@ class Follower:
                             replication_pb2.ReplicaAck(applied_seq=self.applied, replica=self.name)
                         )
                 LAG.set(max(0, batch.primary_seq - self.applied))
+                if batch.primary_stopped:
+                    self.primary_stopped = True
+                    log.info(
+                        "the primary stopped; reads go on here until a primary answers",
+                        extra=fields(primary=primary.address, seq=self.applied),
+                    )
                 self._set_readable(self.readable_now())
         finally:
             call.cancel()

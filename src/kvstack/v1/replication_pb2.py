@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from kvstack.v1 import kv_pb2 as kvstack_dot_v1_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckvstack/v1/replication.proto\x12\nkvstack.v1\x1a\x13kvstack/v1/kv.proto\"\r\n\x0bRoleRequest\"x\n\x0cRoleResponse\x12%\n\x04role\x18\x01 \x01(\x0e\x32\x17.kvstack.v1.BackendRole\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x10\n\x08readable\x18\x03 \x01(\x08\x12\x0f\n\x07ordinal\x18\x04 \x01(\r\x12\x11\n\tfollowing\x18\x05 \x01(\x08\"W\n\x06\x43hange\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x0e\n\x06\x64\x65lete\x18\x04 \x01(\x08\x12\x14\n\x0c\x63ommitted_at\x18\x05 \x01(\x01\"b\n\x0b\x43hangeBatch\x12#\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x12.kvstack.v1.Change\x12\x13\n\x0bprimary_seq\x18\x02 \x01(\x04\x12\x19\n\x11snapshot_required\x18\x03 \x01(\x08\"C\n\nReplicaAck\x12\x13\n\x0b\x61pplied_seq\x18\x01 \x01(\x04\x12\x0f\n\x07replica\x18\x02 \x01(\t\x12\x0f\n\x07history\x18\x03 \x01(\x0c\"\x11\n\x0fSnapshotRequest\"Q\n\rSnapshotChunk\x12\"\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x11.kvstack.v1.Entry\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0f\n\x07history\x18\x03 \x01(\x0c*_\n\x0b\x42\x61\x63kendRole\x12\x1c\n\x18\x42\x41\x43KEND_ROLE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42\x41\x43KEND_ROLE_PRIMARY\x10\x01\x12\x18\n\x14\x42\x41\x43KEND_ROLE_REPLICA\x10\x02\x32\xcd\x01\n\x0bReplication\x12\x39\n\x04Role\x12\x17.kvstack.v1.RoleRequest\x1a\x18.kvstack.v1.RoleResponse\x12=\n\x06Stream\x12\x16.kvstack.v1.ReplicaAck\x1a\x17.kvstack.v1.ChangeBatch(\x01\x30\x01\x12\x44\n\x08Snapshot\x12\x1b.kvstack.v1.SnapshotRequest\x1a\x19.kvstack.v1.SnapshotChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckvstack/v1/replication.proto\x12\nkvstack.v1\x1a\x13kvstack/v1/kv.proto\"\r\n\x0bRoleRequest\"x\n\x0cRoleResponse\x12%\n\x04role\x18\x01 \x01(\x0e\x32\x17.kvstack.v1.BackendRole\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x10\n\x08readable\x18\x03 \x01(\x08\x12\x0f\n\x07ordinal\x18\x04 \x01(\r\x12\x11\n\tfollowing\x18\x05 \x01(\x08\"W\n\x06\x43hange\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x0e\n\x06\x64\x65lete\x18\x04 \x01(\x08\x12\x14\n\x0c\x63ommitted_at\x18\x05 \x01(\x01\"{\n\x0b\x43hangeBatch\x12#\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x12.kvstack.v1.Change\x12\x13\n\x0bprimary_seq\x18\x02 \x01(\x04\x12\x19\n\x11snapshot_required\x18\x03 \x01(\x08\x12\x17\n\x0fprimary_stopped\x18\x04 \x01(\x08\"C\n\nReplicaAck\x12\x13\n\x0b\x61pplied_seq\x18\x01 \x01(\x04\x12\x0f\n\x07replica\x18\x02 \x01(\t\x12\x0f\n\x07history\x18\x03 \x01(\x0c\"\x11\n\x0fSnapshotRequest\"Q\n\rSnapshotChunk\x12\"\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x11.kvstack.v1.Entry\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0f\n\x07history\x18\x03 \x01(\x0c*_\n\x0b\x42\x61\x63kendRole\x12\x1c\n\x18\x42\x41\x43KEND_ROLE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42\x41\x43KEND_ROLE_PRIMARY\x10\x01\x12\x18\n\x14\x42\x41\x43KEND_ROLE_REPLICA\x10\x02\x32\xcd\x01\n\x0bReplication\x12\x39\n\x04Role\x12\x17.kvstack.v1.RoleRequest\x1a\x18.kvstack.v1.RoleResponse\x12=\n\x06Stream\x12\x16.kvstack.v1.ReplicaAck\x1a\x17.kvstack.v1.ChangeBatch(\x01\x30\x01\x12\x44\n\x08Snapshot\x12\x1b.kvstack.v1.SnapshotRequest\x1a\x19.kvstack.v1.SnapshotChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvstack.v1.replication_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BACKENDROLE']._serialized_start=562
-  _globals['_BACKENDROLE']._serialized_end=657
+  _globals['_BACKENDROLE']._serialized_start=587
+  _globals['_BACKENDROLE']._serialized_end=682
   _globals['_ROLEREQUEST']._serialized_start=65
   _globals['_ROLEREQUEST']._serialized_end=78
   _globals['_ROLERESPONSE']._serialized_start=80
@@ -41,13 +41,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHANGE']._serialized_start=202
   _globals['_CHANGE']._serialized_end=289
   _globals['_CHANGEBATCH']._serialized_start=291
-  _globals['_CHANGEBATCH']._serialized_end=389
-  _globals['_REPLICAACK']._serialized_start=391
-  _globals['_REPLICAACK']._serialized_end=458
-  _globals['_SNAPSHOTREQUEST']._serialized_start=460
-  _globals['_SNAPSHOTREQUEST']._serialized_end=477
-  _globals['_SNAPSHOTCHUNK']._serialized_start=479
-  _globals['_SNAPSHOTCHUNK']._serialized_end=560
-  _globals['_REPLICATION']._serialized_start=660
-  _globals['_REPLICATION']._serialized_end=865
+  _globals['_CHANGEBATCH']._serialized_end=414
+  _globals['_REPLICAACK']._serialized_start=416
+  _globals['_REPLICAACK']._serialized_end=483
+  _globals['_SNAPSHOTREQUEST']._serialized_start=485
+  _globals['_SNAPSHOTREQUEST']._serialized_end=502
+  _globals['_SNAPSHOTCHUNK']._serialized_start=504
+  _globals['_SNAPSHOTCHUNK']._serialized_end=585
+  _globals['_REPLICATION']._serialized_start=685
+  _globals['_REPLICATION']._serialized_end=890
 # @@protoc_insertion_point(module_scope)

@@ -50,14 +50,16 @@ class Change(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., delete: _Optional[bool] = ..., committed_at: _Optional[float] = ...) -> None: ...
 
 class ChangeBatch(_message.Message):
-    __slots__ = ("changes", "primary_seq", "snapshot_required")
+    __slots__ = ("changes", "primary_seq", "snapshot_required", "primary_stopped")
     CHANGES_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_SEQ_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_STOPPED_FIELD_NUMBER: _ClassVar[int]
     changes: _containers.RepeatedCompositeFieldContainer[Change]
     primary_seq: int
     snapshot_required: bool
-    def __init__(self, changes: _Optional[_Iterable[_Union[Change, _Mapping]]] = ..., primary_seq: _Optional[int] = ..., snapshot_required: _Optional[bool] = ...) -> None: ...
+    primary_stopped: bool
+    def __init__(self, changes: _Optional[_Iterable[_Union[Change, _Mapping]]] = ..., primary_seq: _Optional[int] = ..., snapshot_required: _Optional[bool] = ..., primary_stopped: _Optional[bool] = ...) -> None: ...
 
 class ReplicaAck(_message.Message):
     __slots__ = ("applied_seq", "replica", "history")
