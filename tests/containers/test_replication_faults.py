@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 import pytest
@@ -52,6 +53,20 @@ LOG_RETAIN = 1500  # a few seconds of writes: a partitioned or new replica needs
 VALUE_BYTES = 64  # the client's default; the value is f"{run}-{i}-" + "x" * (VALUE_BYTES - 20)
 WRITER_COUNT = 50_000  # an upper bound (minutes of writes); each test stops its writer long before
 CONVERGE_S = 90
+# The log lines a failed call's timeline shows (Workload.timeline).
+TIMELINE = {
+    "backends",
+    "readable",
+    "not readable",
+    "the primary stopped; reads go on here until a primary answers",
+    "lost the primary",
+    "draining",
+    "serving",
+}
+# A new replica reaches the servers' reads within this of turning readable: Swarm adds it to
+# DNS at its first passing health check (the check's 5 s interval), and each server's
+# Directory resolves the name and asks every backend's Role once a second.
+DISCOVERY_S = 15.0
 WRITE_TIMEOUT_S = default_write_timeout()  # the client's deadline for one write
 IN_FLIGHT = [8, 32]  # the writer's concurrency in the rollout and recovery tests
 
@@ -193,6 +208,27 @@ def wait_backends(stack: StackUnderTest, count: int, timeout: float = 120) -> di
         time.sleep(1)
 
 
+def seen_by_servers(stack: StackUnderTest, task: Task) -> float:
+    """Seconds from a replica's first "readable" to when the last server's Directory listed it as
+    a replica that may answer reads (so the server spreads reads to it from then on)."""
+
+    def at(record: dict[str, object]) -> float:
+        return datetime.fromisoformat(str(record["time"])).timestamp()
+
+    readable = min(at(r) for r in json_logs(task.container) if r.get("message") == "readable")
+    seen = []
+    for server in stack.containers(registry.get("server").name):
+        listed = [
+            at(r)
+            for r in json_logs(server)
+            if r.get("message") == "backends"
+            and isinstance(listing := r.get("backends"), list)
+            and f"{task.target} replica" in listing
+        ]
+        seen.append(min(listed, default=float("inf")))
+    return round(max(seen) - readable, 2)
+
+
 def listings(
     stack: StackUnderTest, prefix: str, tasks: dict[int, Task]
 ) -> dict[int, dict[str, str]]:
@@ -274,8 +310,22 @@ class Workload:
         failed = self.failures()
         assert not failed, (
             f"{len(failed)} calls failed at {self.concurrency} writes in flight, after the "
-            f"client's retries (a write's deadline: {WRITE_TIMEOUT_S:.0f} s): {failed[:3]}"
+            f"client's retries (a write's deadline: {WRITE_TIMEOUT_S:.0f} s): {failed[:3]}\n"
+            + "\n".join(self.timeline(float(str(failed[0].get("t", 0))), 12))
         )
+
+    def timeline(self, moment: float, before: float) -> list[str]:
+        """What the stack's running containers said about backends in the `before` seconds up
+        to `moment` (epoch): where to look when a call failed."""
+        lines = []
+        for service in (BACKEND.name, registry.get("server").name):
+            for cid in self.stack.containers(service):
+                for r in json_logs(cid):
+                    at = datetime.fromisoformat(str(r["time"])).timestamp()
+                    if r.get("message") in TIMELINE and moment - before <= at <= moment + 1:
+                        backends = r.get("backends", "")
+                        lines.append(f"{at:.2f} {service} {cid[:8]} {r['message']} {backends}")
+        return sorted(lines)
 
     def remove(self) -> None:
         docker("rm", "-f", self.writer, self.reader, check=False)
@@ -498,6 +548,9 @@ def test_scale_out_to_five_and_back_fails_no_call(
                 r for r in json_logs(tasks[slot].container) if r.get("message") == "snapshot loaded"
             ]
             assert loaded, f"the new replica in slot {slot} did not start from a snapshot"
+        discovery = {slot: seen_by_servers(rstack, tasks[slot]) for slot in range(BACKENDS + 1, 6)}
+        print({"readable -> in every server's reads, s": discovery}, flush=True)
+        assert max(discovery.values()) <= DISCOVERY_S, discovery
 
         run = workload("scale-in", in_flight)
         run.wait_acks(300)
