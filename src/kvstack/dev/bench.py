@@ -151,16 +151,12 @@ def histogram_quantile(metrics_url: str, name: str, q: float) -> float | None:
     histogram_quantile does, without interpolation), or None when it has no observations."""
     with urllib.request.urlopen(metrics_url, timeout=5) as reply:  # noqa: S310 - our own http URL
         text = reply.read().decode()
-    buckets: list[tuple[float, float]] = []
+    buckets: dict[float, float] = {}
     for line in text.splitlines():
         if line.startswith(f"{name}_bucket{{"):
             bound = line.split('le="', 1)[1].split('"', 1)[0]
-            buckets.append((math.inf if bound == "+Inf" else float(bound), float(line.split()[-1])))
-    buckets.sort()
-    total = buckets[-1][1] if buckets else 0.0
-    if total == 0:
-        return None
-    return next(bound for bound, count in buckets if count >= q * total)
+            buckets[math.inf if bound == "+Inf" else float(bound)] = float(line.split()[-1])
+    return runtime.bucket_quantile(buckets, q)
 
 
 @dataclass
