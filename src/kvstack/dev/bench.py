@@ -484,23 +484,27 @@ def _pid(service: ServiceProcess) -> int:
 
 @contextlib.contextmanager
 def _stack(
-    run: Run, work: Path, name: str, level: str = LOG_LEVEL
+    run: Run, work: Path, name: str, level: str = LOG_LEVEL, **env: str
 ) -> Iterator[tuple[ServiceProcess, dict[str, int], str, list[Path]]]:
-    """A backend and a server in front of it at log level `level`, logging to files named
-    after `name`: (the server, the pids to measure, the backend's /metrics URL, the logs)."""
+    """A backend and a server in front of it at log level `level` (and with `env`), logging
+    to files named after `name`: (the server, the pids to measure, the backend's /metrics
+    URL, the logs)."""
     metrics = free_port()
     backend = ServiceProcess(
         "backend",
         free_port(),
         work / f"backend-{name}.log",
         _service_env(
-            level, KVSTACK_DATA_DIR=str(run.data_dir / name), KVSTACK_METRICS_PORT=str(metrics)
+            level,
+            KVSTACK_DATA_DIR=str(run.data_dir / name),
+            KVSTACK_METRICS_PORT=str(metrics),
+            **env,
         ),
     )
     server = ServiceProcess("server", free_port(), work / f"server-{name}.log", {})
     try:
         backend.start().wait_serving()
-        server.env = _service_env(level, KVSTACK_BACKEND_TARGET=f"dns:///{backend.target}")
+        server.env = _service_env(level, KVSTACK_BACKEND_TARGET=f"dns:///{backend.target}", **env)
         server.start().wait_serving()
         watch = {"server": _pid(server), "backend": _pid(backend)}
         logs = [backend.log_path, server.log_path]
