@@ -6,7 +6,13 @@ One run measures, with real processes on 127.0.0.1:
 - beside them, a single-hop gRPC echo (this module's `echo` command: a bare grpc.aio server with
   the services' server options and no LMDB), the practical ceiling of Python gRPC here;
 - durable puts of the backend alone, with group commit and without (KVSTACK_GROUP_COMMIT_MAX=1),
-  and the mean writes per LMDB commit read from the backend's /metrics.
+  and the mean writes per LMDB commit read from the backend's /metrics;
+- Put and Get at 32 in flight at the services' default log level against WARNING, alternating;
+- durable puts through one backend and through two in semi-sync;
+- etcd (Debian's etcd-server, installed when missing where apt-get can) as the peer, one node and
+  three, driven by the same load generator, with kvstack's puts as ratios of its.
+
+`--cells` and `--duration` run a few short cells while developing; `make bench` runs them all.
 
 Each cell runs a load generator in its own process (this module's `loadgen` command: grpc.aio,
 N concurrent callers on one channel, a warm-up, then a fixed measurement window), and the run

@@ -34,7 +34,7 @@ def ensure() -> tuple[str | None, str]:
     try:
         apt_install(Runner(), PACKAGE, "the benchmark's peer, etcd", "about 30 s")
     except CommandError as err:
-        return None, f"installing Debian's {PACKAGE} failed ({err})"
+        return None, f"installing Debian's {PACKAGE} failed ({err}); install it by hand"
     if found := shutil.which("etcd"):
         return found, ""
     return None, f"Debian's {PACKAGE} installed no `etcd` on PATH"
