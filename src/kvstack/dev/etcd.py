@@ -64,7 +64,7 @@ class Member:
 
 
 def _ready(target: str, put: bytes, method: str) -> bool:
-    """Whether the cluster behind target commits a put (a leader is elected, a quorum is up)."""
+    """Whether the member at target commits a put (it has a leader, a quorum is up)."""
     with grpc.insecure_channel(target) as channel:
         call: Any = channel.unary_unary(method)  # bytes in, bytes out
         try:
@@ -79,7 +79,8 @@ def cluster(
     binary: str, nodes: int, data_dir: Path, log_dir: Path, probe: bytes, method: str
 ) -> Iterator[list[Member]]:
     """`nodes` etcd members on loopback, each with its data under data_dir; yields them once
-    the cluster commits `probe` (a serialised put to `method`), and stops them on the way out."""
+    each of them commits `probe` (a serialised put to `method`: a leader is elected and every
+    member reaches it), and stops them on the way out."""
     members = [Member(f"n{i}", free_port(), free_port()) for i in range(nodes)]
     initial = ",".join(f"{m.name}={m.peer_url}" for m in members)
     try:
@@ -100,7 +101,7 @@ def cluster(
             with (log_dir / f"etcd-{nodes}-{m.name}.log").open("ab") as log:
                 m.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not _ready(members[0].client, probe, method):
+        while not all(_ready(m.client, probe, method) for m in members):
             exited = [m.name for m in members if m.proc and m.proc.poll() is not None]
             if exited or time.monotonic() > deadline:
                 raise RuntimeError(
