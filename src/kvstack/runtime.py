@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -310,7 +311,8 @@ class CallSummary:
             methods[method] = {
                 "calls": int(calls - before[0]),
                 "errors": int(errors - before[1]),
-                "p99_ms_at_most": None if p99 is None else p99 * 1000,
+                # None when the 99th percentile is past the last bucket (over 10 s)
+                "p99_ms_at_most": None if p99 is None or math.isinf(p99) else p99 * 1000,
             }
         seconds = round(at - self._at, 1)
         self._last, self._at = now, at
@@ -332,7 +334,7 @@ class ObservingInterceptor(aio.ServerInterceptor):
     (any status but OK) or took `slow_call` seconds or more, and at DEBUG otherwise: at the
     default level (INFO) a quick, successful call costs no log line; CallSummary counts it."""
 
-    def __init__(self, access_log: bool = True, slow_call: float = 0.25) -> None:
+    def __init__(self, access_log: bool = True, slow_call: float = RuntimeConfig.slow_call) -> None:
         self.access_log = access_log
         self.slow_call = slow_call
         self.log = ACCESS_LOG

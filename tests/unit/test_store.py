@@ -147,6 +147,10 @@ def test_a_large_commit_names_its_first_keys_and_counts_the_rest(
     (line,) = _saved(caplog)
     assert line["put"] == [k.decode() for k in keys[:SAVED_KEYS_LISTED]]
     assert (line["writes"], line["unlisted"]) == (len(keys), 8)
+    # The bound docs/configuration.md gives is this one.
+    doc = " ".join((Path(__file__).parents[2] / "docs" / "configuration.md").read_text().split())
+    n = SAVED_KEYS_LISTED
+    assert f"a commit of more than {n} writes names its first {n} keys" in doc
 
 
 def test_group_commit_logs_once_per_commit(store: Store, caplog: pytest.LogCaptureFixture) -> None:
