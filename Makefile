@@ -57,7 +57,7 @@ test-fast: $(PY) ## The tests that need no Docker engine nor images (every level
 	$(PY) -m pytest -m "not containers"
 
 .PHONY: bench
-bench: $(PY) ## Measure throughput, latency and writes through rollouts (about 10 min); writes docs/benchmarks.md
+bench: $(PY) ## Measure throughput, latency, logging's cost, etcd beside us and writes through rollouts (about 12 min; installs Debian's etcd-server if missing); writes docs/benchmarks.md
 	$(PY) -m kvstack.dev.bench
 
 .PHONY: lint

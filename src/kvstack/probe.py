@@ -74,7 +74,8 @@ def _string(value: bytes) -> bytes:
     return bytes((len(value),)) + value
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """A protobuf base-128 varint (as a length-delimited field's length is written)."""
     out = bytearray()
     while True:
         byte, value = value & 0x7F, value >> 7
@@ -95,7 +96,7 @@ def request(authority: str, service: str, timeout: float) -> bytes:
         + b"\x00" + _string(b"grpc-timeout") + _string(f"{max(1, int(timeout * 1000))}m".encode())
     )  # fmt: skip
     name = service.encode()
-    message = (b"\x0a" + _varint(len(name)) + name) if name else b""  # HealthCheckRequest
+    message = (b"\x0a" + varint(len(name)) + name) if name else b""  # HealthCheckRequest
     body = b"\x00" + struct.pack(">I", len(message)) + message
     return (
         PREFACE

@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -139,7 +140,24 @@ class RuntimeConfig:
         "seconds to keep serving while reporting NOT_SERVING after SIGTERM, so load "
         "balancers stop sending first (Kubernetes' preStop pause does this job there)",
     )
-    log_level: str = setting("KVSTACK_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_level: str = setting(
+        "KVSTACK_LOG_LEVEL",
+        "INFO",
+        "DEBUG, INFO, WARNING or ERROR. At INFO a call that succeeds quickly writes no line of "
+        "its own (DEBUG does: one per call); errors, slow calls and the periodic summary do",
+    )
+    slow_call: float = setting(
+        "KVSTACK_SLOW_CALL",
+        0.25,
+        "seconds after which a call is slow: its access line is written at INFO (a quicker "
+        "one that succeeds only at DEBUG); 0 logs every call at INFO",
+    )
+    log_summary: float = setting(
+        "KVSTACK_LOG_SUMMARY",
+        10.0,
+        "seconds between the access log's summary lines at INFO (calls, errors and p99 per "
+        "method since the last one; none when there were no calls); 0 turns them off",
+    )
     max_receive_bytes: int = setting(
         "KVSTACK_MAX_RECEIVE_BYTES",
         4 << 20,
@@ -238,14 +256,88 @@ LATENCY = Histogram(
 )
 
 Behaviour = Callable[[Any, aio.ServicerContext[Any, Any]], Any]
+ACCESS_LOG = logging.getLogger("kvstack.access")
+
+
+def bucket_quantile(buckets: Mapping[float, float], q: float) -> float | None:
+    """The upper bound of the bucket holding quantile q of a histogram given as cumulative
+    counts by upper bound (as Prometheus' histogram_quantile, without interpolation), or None
+    when it holds no observations."""
+    ordered = sorted(buckets.items())
+    total = ordered[-1][1] if ordered else 0.0
+    if total <= 0:
+        return None
+    return next(bound for bound, count in ordered if count >= q * total)
+
+
+class CallSummary:
+    """The access log's summary: per method, the calls, errors and p99 since the last line,
+    read from the same counters and histogram that /metrics serves (HANDLED, LATENCY)."""
+
+    def __init__(self) -> None:
+        self._last = self._read()
+        self._at = time.monotonic()
+
+    @staticmethod
+    def _read() -> dict[str, tuple[float, float, dict[float, float]]]:
+        """method -> (calls, errors, cumulative latency buckets by upper bound)."""
+        calls: dict[str, list[float]] = {}
+        for family in HANDLED.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    counts = calls.setdefault(sample.labels["grpc_method"], [0.0, 0.0])
+                    counts[0] += sample.value
+                    if sample.labels["grpc_code"] != "OK":
+                        counts[1] += sample.value
+        buckets: dict[str, dict[float, float]] = {}
+        for family in LATENCY.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    by_bound = buckets.setdefault(sample.labels["grpc_method"], {})
+                    bound = float(sample.labels["le"])
+                    by_bound[bound] = by_bound.get(bound, 0.0) + sample.value
+        return {m: (c[0], c[1], buckets.get(m, {})) for m, c in calls.items()}
+
+    def line(self) -> dict[str, Any] | None:
+        """The fields of the next summary line (None when no call completed since the last)."""
+        now, at = self._read(), time.monotonic()
+        methods: dict[str, dict[str, Any]] = {}
+        for method, (calls, errors, buckets) in now.items():
+            before = self._last.get(method, (0.0, 0.0, {}))
+            if calls - before[0] <= 0:
+                continue
+            since = {b: n - before[2].get(b, 0.0) for b, n in buckets.items()}
+            p99 = bucket_quantile(since, 0.99)
+            methods[method] = {
+                "calls": int(calls - before[0]),
+                "errors": int(errors - before[1]),
+                # None when the 99th percentile is past the last bucket (over 10 s)
+                "p99_ms_at_most": None if p99 is None or math.isinf(p99) else p99 * 1000,
+            }
+        seconds = round(at - self._at, 1)
+        self._last, self._at = now, at
+        return {"seconds": seconds, "methods": methods} if methods else None
+
+    async def run(self, interval: float) -> None:
+        """Log a summary line at INFO every `interval` seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            summary = self.line()
+            if summary and ACCESS_LOG.isEnabledFor(logging.INFO):
+                ACCESS_LOG.info("calls", extra=fields(**summary))
 
 
 class ObservingInterceptor(aio.ServerInterceptor):
-    """Counts, times and logs every unary and server-streaming call of the service's own API."""
+    """Counts, times and logs every unary and server-streaming call of the service's own API.
 
-    def __init__(self, access_log: bool = True) -> None:
+    The access line of a call goes to the `kvstack.access` logger at INFO when the call failed
+    (any status but OK) or took `slow_call` seconds or more, and at DEBUG otherwise: at the
+    default level (INFO) a quick, successful call costs no log line; CallSummary counts it."""
+
+    def __init__(self, access_log: bool = True, slow_call: float = RuntimeConfig.slow_call) -> None:
         self.access_log = access_log
-        self.log = logging.getLogger("kvstack.access")
+        self.slow_call = slow_call
+        self.log = ACCESS_LOG
 
     def _done(
         self,
@@ -263,9 +355,15 @@ class ObservingInterceptor(aio.ServerInterceptor):
         elapsed = time.perf_counter() - started
         HANDLED.labels(service, name, code.name).inc()
         LATENCY.labels(service, name).observe(elapsed)
-        if self.access_log:
-            self.log.info(
-                "response", extra=fields(method=name, code=code.name, ms=round(elapsed * 1000, 3))
+        if not self.access_log:
+            return
+        slow = elapsed >= self.slow_call
+        level = logging.INFO if slow or code is not grpc.StatusCode.OK else logging.DEBUG
+        if self.log.isEnabledFor(level):
+            self.log.log(
+                level,
+                "response",
+                extra=fields(method=name, code=code.name, ms=round(elapsed * 1000, 3), slow=slow),
             )
 
     async def intercept_service(
@@ -402,7 +500,7 @@ class Lifecycle:
         self.config = config
         self.health = health_aio.HealthServicer()
         self.server = aio.server(
-            interceptors=[ObservingInterceptor(access_log)],
+            interceptors=[ObservingInterceptor(access_log, config.slow_call)],
             options=server_options(config, getattr(service, "recycle_connections", True)),
         )
         self.names = service.register(self.server)
@@ -465,7 +563,12 @@ class Lifecycle:
                 if not serving:
                     await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
             log.info("serving", extra=fields(port=self.port))
+            summary = None
+            if self.config.log_summary > 0:
+                summary = asyncio.create_task(CallSummary().run(self.config.log_summary))
             await stop
+            if summary is not None:
+                summary.cancel()
         else:
             starting.cancel()
         await self.shutdown()

@@ -203,7 +203,8 @@ def test_replica_without_primary_is_not_readable(cluster: Cluster) -> None:
 def test_reads_spread_over_every_backend(cluster: Cluster) -> None:
     """The server spreads plain reads over the primary and both replicas, and sends reads that
     ask for the latest write to the primary."""
-    backends = [cluster.backend(i).wait_serving() for i in range(3)]
+    # At DEBUG each backend logs every call it answers (at INFO only errors and slow ones).
+    backends = [cluster.backend(i, KVSTACK_LOG_LEVEL="DEBUG").wait_serving() for i in range(3)]
     server = cluster.server()
     front = stub(server.target)
     for b in backends[1:]:

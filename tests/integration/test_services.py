@@ -305,18 +305,32 @@ def test_reflection_lists_the_services(shared_stack: Stack) -> None:
     assert {"kvstack.v1.KeyValue", "grpc.health.v1.Health"} <= names
 
 
-def test_logs_are_json_with_one_line_per_write(stack: Stack) -> None:
-    """The backend logs one structured 'saved' line per write; the server logs each response."""
-    client = Client(stack.server.target, verbose=False)
+def test_logs_are_json_with_one_saved_line_per_commit_and_errors_only(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """At the default level (INFO) the backend logs one structured 'saved' line per commit,
+    naming the key it wrote; the server writes no line for a successful call that is not
+    slow, and one for a call that failed, with its method and status."""
+    never_slow = {"KVSTACK_SLOW_CALL": "60"}  # however busy the machine, no call here is slow
+    data = {"KVSTACK_DATA_DIR": str(tmp_path / "data")}
+    backend = spawn("backend", {**data, **never_slow}).wait_serving()
+    server = spawn(
+        "server", {"KVSTACK_BACKEND_TARGET": f"dns:///{backend.target}", **never_slow}
+    ).wait_serving()
+    client = Client(server.target, verbose=False)
     client.put(b"logged", b"value")
     client.close()
+    with grpc.insecure_channel(server.target) as channel:
+        rpc_error(kv_pb2_grpc.KeyValueStub(channel).Get, kv_pb2.GetRequest(key=b"absent"))
     time.sleep(0.2)
-    saved = [json.loads(line) for line in stack.backend.logs().splitlines() if '"saved"' in line]
-    assert [(e["op"], e["key"], e["bytes"]) for e in saved] == [("put", "logged", 5)]
-    responses = [
-        json.loads(line) for line in stack.server.logs().splitlines() if '"response"' in line
+    saved = [json.loads(line) for line in backend.logs().splitlines() if '"saved"' in line]
+    assert [(e["severity"], e["put"], e["bytes"], e["writes"]) for e in saved] == [
+        ("INFO", ["logged"], 5, 1)
     ]
-    assert any(e["method"] == "Put" and e["code"] == "OK" for e in responses)
+    responses = [json.loads(line) for line in server.logs().splitlines() if '"response"' in line]
+    assert [(e["severity"], e["method"], e["code"]) for e in responses] == [
+        ("INFO", "Get", "NOT_FOUND")
+    ]
 
 
 def test_bad_configuration_stops_with_a_clear_message(spawn: Spawn) -> None:

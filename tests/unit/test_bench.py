@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,67 @@ def test_the_rollout_table_reports_each_change_and_the_primarys_restart(tmp_path
     assert "| change | in flight | exited -> started | serving -> first write | total |" in text
     assert "| primary SIGKILL | 8 | 1.20 | 0.40 | 3.00 |" in text
     assert "server rolling update | 32 | -" not in text  # it did not restart the primary
+
+
+def test_the_etcd_put_request_is_what_etcd_decodes() -> None:
+    """The hand-serialised request parses as etcd's PutRequest (a message declared here from
+    its two fields, `bytes key = 1; bytes value = 2;`), a long value's length included."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    proto = descriptor_pb2.FileDescriptorProto(name="etcd_put.proto", package="etcdserverpb")
+    message = proto.message_type.add(name="PutRequest")
+    for number, name in ((1, "key"), (2, "value")):
+        message.field.add(
+            name=name,
+            number=number,
+            type=descriptor_pb2.FieldDescriptorProto.TYPE_BYTES,
+            label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
+        )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    put_request = message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("etcdserverpb.PutRequest")
+    )
+    for key, value in ((b"k", b""), (b"bench/etcd/x", bytes(range(256)) * 2)):
+        decoded = put_request.FromString(bench.etcd_put_request(key, value))
+        assert (decoded.key, decoded.value) == (key, value)  # type: ignore[attr-defined]
+
+
+def test_etcd_that_cannot_be_installed_is_skipped_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where etcd is missing and apt-get cannot install it, the run goes on and the report
+    says why etcd was not measured and what would install it."""
+    from kvstack.dev import etcd
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(etcd, "apt_unavailable", lambda: "this is not a Debian machine")
+    report = tmp_path / "b.md"
+    args = ["--cells", "etcd-1node-1", "--no-rollouts", "--out", str(report)]
+    assert bench.main([*args, "--data-dir", str(tmp_path)]) == 0
+    said = [ln for ln in capsys.readouterr().err.splitlines() if "etcd" in ln]
+    why = (
+        "etcd is not installed and this is not a Debian machine: install etcd (Debian: etcd-server)"
+    )
+    assert said == [f"kvstack bench: etcd not measured: {why}"]
+    assert f"Not measured: {why}." in report.read_text()
+
+
+def test_the_default_level_is_priced_against_warning(tmp_path: Path) -> None:
+    """A Put cell at WARNING and at INFO, each on a stack started at that level: the report
+    gives both runs and their ratio; at INFO the services logged (the 'saved' lines), at
+    WARNING nothing."""
+    report, raw = tmp_path / "benchmarks.md", tmp_path / "results.json"
+    args = ["--duration", "0.3", "--warmup", "0.1", "--cells", "put-32-warning-1,put-32-info-1"]
+    args += ["--no-rollouts", "--out", str(report), "--json", str(raw), "--data-dir", str(tmp_path)]
+    assert bench.main(args) == 0
+    results = json.loads(raw.read_text())
+    assert [(r["cell"]["log_level"], r["errors"]) for r in results] == [
+        ("WARNING", {}),
+        ("INFO", {}),
+    ]
+    warning, info = (r["qps"] for r in results)
+    # At WARNING the backend says once that it acknowledges writes without a replica.
+    assert results[1]["log_bytes_per_s"] > results[0]["log_bytes_per_s"] + 1000
+    row = next(ln for ln in report.read_text().splitlines() if ln.startswith("| Put |"))
+    assert row.startswith(f"| Put | {warning:,.0f} | {info:,.0f} | {info / warning:.2f} |")

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from kvstack.backend.store import Applied, GroupCommitter, LogGap, Store, StoreFull, Write
+from kvstack.backend.store import (
+    SAVED_KEYS_LISTED,
+    Applied,
+    GroupCommitter,
+    LogGap,
+    Store,
+    StoreFull,
+    Write,
+)
 from kvstack.v1.replication_pb2 import Change
 
 
@@ -99,6 +108,70 @@ def test_group_commit_shares_transactions(store: Store) -> None:
     asyncio.run(scenario())
     assert len(store.page(b"g/", 1000)) == 500
     assert store.commits < 100
+
+
+def _saved(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+    """The fields of every "saved" line the store logged."""
+    return [
+        r.fields  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "kvstack.backend.store" and r.getMessage() == "saved"
+    ]
+
+
+def test_one_saved_line_per_commit_names_its_keys(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A commit of several writes logs one "saved" line at INFO that names every key it put
+    and deleted, in order, with the log position and the value bytes."""
+    store.apply([Write("put", b"gone", b"x")])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kvstack.backend.store"):
+        store.apply(
+            [Write("put", b"a", b"12"), Write("delete", b"gone"), Write("put", b"\xff", b"345")]
+        )
+    assert _saved(caplog) == [
+        {"writes": 3, "seq": 4, "bytes": 5, "put": ["a", "\\xff"], "deleted": ["gone"],
+         "unlisted": 0}
+    ]  # fmt: skip
+
+
+def test_a_large_commit_names_its_first_keys_and_counts_the_rest(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A commit larger than SAVED_KEYS_LISTED names that many keys, its first, and says how
+    many it did not name: the line stays bounded whatever the batch."""
+    keys = [f"big/{i:03d}".encode() for i in range(SAVED_KEYS_LISTED + 8)]
+    with caplog.at_level(logging.INFO, logger="kvstack.backend.store"):
+        store.apply([Write("put", k, b"v") for k in keys])
+    (line,) = _saved(caplog)
+    assert line["put"] == [k.decode() for k in keys[:SAVED_KEYS_LISTED]]
+    assert (line["writes"], line["unlisted"]) == (len(keys), 8)
+    # The bound docs/configuration.md gives is this one.
+    doc = " ".join((Path(__file__).parents[2] / "docs" / "configuration.md").read_text().split())
+    n = SAVED_KEYS_LISTED
+    assert f"a commit of more than {n} writes names its first {n} keys" in doc
+
+
+def test_group_commit_logs_once_per_commit(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    """Through the writer thread, as the backend runs it: as many "saved" lines as commits,
+    and between them every write, each listed or counted once."""
+
+    async def scenario() -> None:
+        writer = GroupCommitter(store, max_batch=256)
+        writer.start()
+        await asyncio.gather(
+            *(writer.submit(Write("put", f"l/{i}".encode(), b"v")) for i in range(300))
+        )
+        await writer.stop()
+
+    with caplog.at_level(logging.INFO, logger="kvstack.backend.store"):
+        asyncio.run(scenario())
+    lines = _saved(caplog)
+    assert len(lines) == store.commits < 300
+    listed = [k for line in lines for k in line["put"]]  # type: ignore[attr-defined]
+    assert len(listed) == len(set(listed))
+    assert len(listed) + sum(line["unlisted"] for line in lines) == 300  # type: ignore[misc]
 
 
 def test_group_commit_off_commits_each_write(store: Store) -> None:

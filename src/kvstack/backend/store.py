@@ -94,6 +94,28 @@ class RestoreCounts:
     after: int
 
 
+# The most keys one "saved" line names. A commit holds up to KVSTACK_GROUP_COMMIT_MAX writes
+# (256 by default) of keys up to 511 bytes: listing them all could make a line of hundreds of KB.
+# Under load a commit holds a few writes (docs/benchmarks.md), so nearly every line names all
+# of its keys; a larger commit names its first SAVED_KEYS_LISTED and counts the rest.
+SAVED_KEYS_LISTED = 32
+
+
+def saved_fields(writes: list[Write], seq: int) -> dict[str, Any]:
+    """The fields of a commit's one "saved" line: how many writes, the log position after it,
+    the value bytes written, and the keys put and deleted, in order (the first
+    SAVED_KEYS_LISTED of them; `unlisted` counts the others)."""
+    listed = writes[:SAVED_KEYS_LISTED]
+    return {
+        "writes": len(writes),
+        "seq": seq,
+        "bytes": sum(len(w.value) for w in writes),
+        "put": [printable(w.key) for w in listed if w.op == "put"],
+        "deleted": [printable(w.key) for w in listed if w.op == "delete"],
+        "unlisted": len(writes) - len(listed),
+    }
+
+
 def _pack(seq: int) -> bytes:
     return seq.to_bytes(8, "big")  # big-endian: LMDB's byte order is the log's order
 
@@ -194,10 +216,8 @@ class Store:
             return [self.apply([w], committed_at)[0] for w in writes]
         self._log_bytes = log_bytes
         self._committed(len(writes))
-        for write in writes:
-            log.info(
-                "saved", extra=fields(op=write.op, key=printable(write.key), bytes=len(write.value))
-            )
+        if log.isEnabledFor(logging.INFO):
+            log.info("saved", extra=fields(**saved_fields(writes, seq)))
         return results
 
     def _trim(self, txn: lmdb.Transaction, seq: int, log_bytes: int, budget: int) -> int:

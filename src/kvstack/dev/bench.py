@@ -6,7 +6,13 @@ One run measures, with real processes on 127.0.0.1:
 - beside them, a single-hop gRPC echo (this module's `echo` command: a bare grpc.aio server with
   the services' server options and no LMDB), the practical ceiling of Python gRPC here;
 - durable puts of the backend alone, with group commit and without (KVSTACK_GROUP_COMMIT_MAX=1),
-  and the mean writes per LMDB commit read from the backend's /metrics.
+  and the mean writes per LMDB commit read from the backend's /metrics;
+- Put and Get at 32 in flight at the services' default log level against WARNING, alternating;
+- durable puts through one backend and through two in semi-sync;
+- etcd (Debian's etcd-server, installed when missing where apt-get can) as the peer, one node and
+  three, driven by the same load generator, with kvstack's puts as ratios of its.
+
+`--cells` and `--duration` run a few short cells while developing; `make bench` runs them all.
 
 Each cell runs a load generator in its own process (this module's `loadgen` command: grpc.aio,
 N concurrent callers on one channel, a warm-up, then a fixed measurement window), and the run
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import math
@@ -29,7 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +49,7 @@ from grpc_health.v1.health import aio as health_aio
 from kvstack import runtime
 from kvstack.client import default_write_timeout
 from kvstack.dev.processes import ServiceProcess, free_port
+from kvstack.probe import varint
 from kvstack.v1 import kv_pb2, kv_pb2_grpc
 
 if TYPE_CHECKING:
@@ -58,6 +66,21 @@ LIST_PREFIX = SEED_PREFIX + "00"  # 100 of the seeded keys share it
 LIST_PAGE = 10
 CALL_TIMEOUT = 10.0
 LOG_LEVEL = "WARNING"  # keeps the per-request access and "saved" lines out of the measurement
+# The services' default level (kvstack.runtime.RuntimeConfig.log_level), priced against WARNING.
+DEFAULT_LOG_LEVEL: str = runtime.RuntimeConfig().log_level
+LEVEL_ROUNDS = 2  # each level's cells run this often, alternating: WARNING INFO WARNING INFO
+
+# etcd, the peer (Debian's etcd-server). Its KV.Put is called with hand-serialised bytes rather
+# than etcd's .proto files, which this project does not vendor: etcdserverpb.PutRequest has
+# `bytes key = 1; bytes value = 2;` (etcd's api/etcdserverpb/rpc.proto), so a request is two
+# length-delimited fields (wire type 2: tags 0x0A and 0x12, each followed by a varint length).
+# The answer (PutResponse) is taken as raw bytes and not decoded. etcd syncs each write of its
+# WAL (fdatasync) before a proposal counts as stored, on a follower before it acknowledges to the
+# leader too (etcd-io/etcd#12589, a maintainer's answer: "store ready.Entries into WAL
+# (mustSync:true), then send MsgAppResp"; Red Hat's etcd practices: "fdatasync to sync each
+# write in the WAL"). Debian's 3.4 lists no flag that turns this off (`etcd --help`; the later
+# --unsafe-no-fsync, etcd-io/etcd#12751, is not in it), so its puts are durable as kvstack's are.
+ETCD_PUT_METHOD = "/etcdserverpb.KV/Put"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,16 +174,12 @@ def histogram_quantile(metrics_url: str, name: str, q: float) -> float | None:
     histogram_quantile does, without interpolation), or None when it has no observations."""
     with urllib.request.urlopen(metrics_url, timeout=5) as reply:  # noqa: S310 - our own http URL
         text = reply.read().decode()
-    buckets: list[tuple[float, float]] = []
+    buckets: dict[float, float] = {}
     for line in text.splitlines():
         if line.startswith(f"{name}_bucket{{"):
             bound = line.split('le="', 1)[1].split('"', 1)[0]
-            buckets.append((math.inf if bound == "+Inf" else float(bound), float(line.split()[-1])))
-    buckets.sort()
-    total = buckets[-1][1] if buckets else 0.0
-    if total == 0:
-        return None
-    return next(bound for bound, count in buckets if count >= q * total)
+            buckets[math.inf if bound == "+Inf" else float(bound)] = float(line.split()[-1])
+    return runtime.bucket_quantile(buckets, q)
 
 
 @dataclass
@@ -193,7 +212,14 @@ def _request_maker(op: str, run: str, payload: bytes) -> Callable[[int, int], An
         )
     if op == "list":
         return lambda w, i: kv_pb2.ListRequest(prefix=LIST_PREFIX.encode(), page_size=LIST_PAGE)
+    if op == "etcd-put":
+        return lambda w, i: etcd_put_request(f"bench/etcd/{run}/{w}/{i:08d}".encode(), payload)
     raise ValueError(f"unknown operation {op!r}")
+
+
+def etcd_put_request(key: bytes, value: bytes) -> bytes:
+    """An etcdserverpb.PutRequest{key, value}, serialised by hand (see ETCD_PUT_METHOD)."""
+    return b"\x0a" + varint(len(key)) + key + b"\x12" + varint(len(value)) + value
 
 
 async def _seed(stub: kv_pb2_grpc.KeyValueAsyncStub, payload: bytes) -> None:
@@ -223,12 +249,17 @@ async def drive(
     payload = os.urandom(VALUE_BYTES)
     run = os.urandom(4).hex()
     make = _request_maker(op, run, payload)
-    async with aio.insecure_channel(target) as channel:
+    # A target of several addresses (a three-node etcd) gets every call spread over them in
+    # turn, as etcd's own client balances over its endpoints.
+    options = [("grpc.lb_policy_name", "round_robin")] if "," in target else []
+    async with aio.insecure_channel(target, options=options) as channel:
         async with asyncio.timeout(CALL_TIMEOUT):
             await channel.channel_ready()
         stub = kv_pb2_grpc.KeyValueStub(channel)
         call: Callable[..., Awaitable[Any]]
-        if op == "echo":
+        if op == "etcd-put":
+            call = channel.unary_unary(ETCD_PUT_METHOD)  # bytes in, bytes out
+        elif op == "echo":
             call = channel.unary_unary(
                 ECHO_METHOD,
                 request_serializer=kv_pb2.Entry.SerializeToString,
@@ -295,11 +326,14 @@ async def drive(
 @dataclass(frozen=True)
 class Cell:
     name: str  # e.g. "put-32": what --cells selects
-    group: str  # "echo", "stack" or "durable"
+    group: str  # "echo", "stack", "levels", "replicated", "durable" or "etcd"
     op: str
     concurrency: int
     group_commit: bool = True
     observed: bool = False  # echo through the services' interceptor
+    log_level: str = LOG_LEVEL  # the services' KVSTACK_LOG_LEVEL
+    round: int = 0  # "levels": which of the LEVEL_ROUNDS
+    nodes: int = 0  # "etcd": members of the cluster
 
 
 def all_cells(concurrency: Sequence[int] = (1, 32)) -> list[Cell]:
@@ -308,7 +342,18 @@ def all_cells(concurrency: Sequence[int] = (1, 32)) -> list[Cell]:
     cells += [
         Cell(f"{op}-{c}", "stack", op, c) for op in ("put", "get", "list") for c in concurrency
     ]
+    cells += [
+        Cell(f"{op}-32-{level.lower()}-{r}", "levels", op, 32, log_level=level, round=r)
+        for r in range(1, LEVEL_ROUNDS + 1)
+        for level in (LOG_LEVEL, DEFAULT_LOG_LEVEL)
+        for op in ("put", "get")
+    ]
     cells += [Cell(f"semisync-put-{c}", "replicated", "put", c) for c in concurrency]
+    cells += [
+        Cell(f"etcd-{n}node-{c}", "etcd", "etcd-put", c, nodes=n)
+        for n in (1, 3)
+        for c in concurrency
+    ]
     cells += [
         Cell("durable-group-32", "durable", "put", 32, group_commit=True),
         Cell("durable-single-32", "durable", "put", 32, group_commit=False),
@@ -328,6 +373,7 @@ class Result:
     cpu_pct: dict[str, float]
     writes_per_commit: float | None = None
     lag_p99_ms: float | None = None  # replicated cells: primary commit -> replica commit
+    log_bytes_per_s: float | None = None  # "levels": what server and backend logged, per second
 
 
 @dataclass
@@ -343,13 +389,15 @@ class Run:
     lmdb_commits: float | None = None  # single-put sync commits/s, in-process
     rollouts: list[Outcome] = field(default_factory=list)
     rollouts_skipped: str = ""  # why the rollout table is missing, when it is
+    etcd_skipped: str = ""  # why etcd was not measured, when it was not
+    etcd_version: str = ""
 
     def get(self, name: str) -> Result | None:
         return next((r for r in self.results if r.cell.name == name), None)
 
 
-def _service_env(**extra: str) -> dict[str, str]:
-    return {"KVSTACK_LOG_LEVEL": LOG_LEVEL, "KVSTACK_SHUTDOWN_GRACE": "2", **extra}
+def _service_env(level: str = LOG_LEVEL, **extra: str) -> dict[str, str]:
+    return {"KVSTACK_LOG_LEVEL": level, "KVSTACK_SHUTDOWN_GRACE": "2", **extra}
 
 
 def _loadgen(
@@ -440,6 +488,38 @@ def _pid(service: ServiceProcess) -> int:
     return service.proc.pid
 
 
+@contextlib.contextmanager
+def _stack(
+    run: Run, work: Path, name: str, level: str = LOG_LEVEL, **env: str
+) -> Iterator[tuple[ServiceProcess, dict[str, int], str, list[Path]]]:
+    """A backend and a server in front of it at log level `level` (and with `env`), logging
+    to files named after `name`: (the server, the pids to measure, the backend's /metrics
+    URL, the logs)."""
+    metrics = free_port()
+    backend = ServiceProcess(
+        "backend",
+        free_port(),
+        work / f"backend-{name}.log",
+        _service_env(
+            level,
+            KVSTACK_DATA_DIR=str(run.data_dir / name),
+            KVSTACK_METRICS_PORT=str(metrics),
+            **env,
+        ),
+    )
+    server = ServiceProcess("server", free_port(), work / f"server-{name}.log", {})
+    try:
+        backend.start().wait_serving()
+        server.env = _service_env(level, KVSTACK_BACKEND_TARGET=f"dns:///{backend.target}", **env)
+        server.start().wait_serving()
+        watch = {"server": _pid(server), "backend": _pid(backend)}
+        logs = [backend.log_path, server.log_path]
+        yield server, watch, f"http://127.0.0.1:{metrics}/metrics", logs
+    finally:
+        server.stop()
+        backend.stop()
+
+
 def run_cells(cells: Sequence[Cell], run: Run, work: Path) -> None:
     """Run every cell, group by group, with only that group's processes alive."""
     log = work / "loadgen.log"
@@ -461,30 +541,34 @@ def run_cells(cells: Sequence[Cell], run: Run, work: Path) -> None:
 
     stack = [c for c in cells if c.group == "stack"]
     if stack:
-        metrics = free_port()
-        backend = ServiceProcess(
-            "backend",
-            free_port(),
-            work / "backend.log",
-            _service_env(
-                KVSTACK_DATA_DIR=str(run.data_dir / "stack"), KVSTACK_METRICS_PORT=str(metrics)
-            ),
-        )
-        server = ServiceProcess("server", free_port(), work / "server.log", {})
-        try:
-            backend.start().wait_serving()
-            server.env = _service_env(KVSTACK_BACKEND_TARGET=f"dns:///{backend.target}")
-            server.start().wait_serving()
-            watch = {"server": _pid(server), "backend": _pid(backend)}
+        with _stack(run, work, "stack") as (server, watch, metrics_url, _):
             seeded = False
             for cell in stack:
                 seed = cell.op in ("get", "list") and not seeded
                 seeded = seeded or seed
-                url = f"http://127.0.0.1:{metrics}/metrics" if cell.op == "put" else None
+                url = metrics_url if cell.op == "put" else None
                 run.results.append(_loadgen(cell, server.target, run, log, watch, url, seed))
-        finally:
-            server.stop()
-            backend.stop()
+
+    # The same Put and Get cells at WARNING and at the default level, alternating (A B A B),
+    # each level on a stack of its own started at that level.
+    for r in range(1, LEVEL_ROUNDS + 1):
+        for level in (LOG_LEVEL, DEFAULT_LOG_LEVEL):
+            levels = [
+                c for c in cells if c.group == "levels" and (c.round, c.log_level) == (r, level)
+            ]
+            if not levels:
+                continue
+            name = f"levels-{level.lower()}-{r}"
+            with _stack(run, work, name, level) as (server, watch, url, logs):
+                for cell in levels:
+                    put_url = url if cell.op == "put" else None
+                    logged = sum(p.stat().st_size for p in logs)
+                    seed = cell.op == "get"
+                    result = _loadgen(cell, server.target, run, log, watch, put_url, seed)
+                    logged = sum(p.stat().st_size for p in logs) - logged
+                    if not seed:  # the seeding's own writes would be counted too
+                        result.log_bytes_per_s = logged / (run.warmup + run.duration)
+                    run.results.append(result)
 
     replicated = [c for c in cells if c.group == "replicated"]
     if replicated:
@@ -533,6 +617,10 @@ def run_cells(cells: Sequence[Cell], run: Run, work: Path) -> None:
             for backend in backends:
                 backend.stop()
 
+    etcd_cells = [c for c in cells if c.group == "etcd"]
+    if etcd_cells:
+        run_etcd(etcd_cells, run, work, log)
+
     for cell in (c for c in cells if c.group == "durable"):
         metrics = free_port()
         name = "group" if cell.group_commit else "single"
@@ -553,6 +641,29 @@ def run_cells(cells: Sequence[Cell], run: Run, work: Path) -> None:
             run.results.append(_loadgen(cell, backend.target, run, log, watch, url))
         finally:
             backend.stop()
+
+
+def run_etcd(cells: Sequence[Cell], run: Run, work: Path, log: Path) -> None:
+    """The etcd cells: Debian's etcd-server (installed when missing, where that is ours to do),
+    one node and then three, each cluster on loopback with its data under run.data_dir."""
+    from kvstack.dev import etcd
+
+    binary, why = etcd.ensure()
+    if binary is None:
+        run.etcd_skipped = why
+        print(f"kvstack bench: etcd not measured: {why}", file=sys.stderr, flush=True)
+        return
+    run.etcd_version = etcd.version(binary)
+    probe = etcd_put_request(b"bench/etcd/ready", b"")
+    for nodes in sorted({c.nodes for c in cells}):
+        data = run.data_dir / f"etcd-{nodes}"
+        with etcd.cluster(binary, nodes, data, work, probe, ETCD_PUT_METHOD) as members:
+            watch = {f"etcd-{i}": m.proc.pid for i, m in enumerate(members) if m.proc is not None}
+            target = (
+                "ipv4:" + ",".join(m.client for m in members) if nodes > 1 else members[0].client
+            )
+            for cell in (c for c in cells if c.nodes == nodes):
+                run.results.append(_loadgen(cell, target, run, log, watch))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -737,6 +848,25 @@ def reading(run: Run) -> list[str]:
             f"without ({100 * (observed.qps / echo32.qps - 1):+.0f}%); the server and the "
             "backend each run it on every call."
         )
+    for op in ("put", "get"):
+        ratio = level_ratio(run, op)
+        if ratio:
+            lines.append(
+                f"- **{op.capitalize()} at the default log level** ({DEFAULT_LOG_LEVEL}) does "
+                f"{ratio[0]:.2f}x of its throughput at {LOG_LEVEL} at 32 in flight (runs "
+                f"{ratio[1]:.2f}x to {ratio[2]:.2f}x); the target is at least 0.9x."
+            )
+    for c in (1, 32):
+        single, three = run.get(f"etcd-1node-{c}"), run.get(f"etcd-3node-{c}")
+        put, semi = run.get(f"put-{c}"), run.get(f"semisync-put-{c}")
+        if single and put and three and semi and single.qps and three.qps:
+            lines.append(
+                f"- **Against etcd at {c} in flight.** kvstack's durable put with one backend "
+                f"does {put.qps / single.qps:.2f}x of one etcd node ({put.qps:,.0f} against "
+                f"{single.qps:,.0f} puts/s); its replicated put (two copies, semi-sync) "
+                f"{semi.qps / three.qps:.2f}x of three etcd nodes (three copies; {semi.qps:,.0f} "
+                f"against {three.qps:,.0f})."
+            )
     busy = [r for r in run.results if other_cpu(r) > 20]
     if busy:
         worst = max(busy, key=other_cpu)
@@ -752,10 +882,135 @@ def reading(run: Run) -> list[str]:
     return lines
 
 
+def _spread(values: Sequence[float]) -> str:
+    return " / ".join(_fmt(v) for v in values)
+
+
+def level_ratio(run: Run, op: str) -> tuple[float, float, float] | None:
+    """INFO / WARNING throughput of `op` at 32 in flight over the alternating rounds: (ratio of
+    the means, lowest, highest: the worst and best run of one level against the other's)."""
+    runs = {
+        level: [
+            r.qps
+            for r in run.results
+            if r.cell.group == "levels" and r.cell.op == op and r.cell.log_level == level
+        ]
+        for level in (LOG_LEVEL, DEFAULT_LOG_LEVEL)
+    }
+    quiet, default = runs[LOG_LEVEL], runs[DEFAULT_LOG_LEVEL]
+    if not quiet or not default or min(quiet) <= 0:
+        return None
+    mean = (sum(default) / len(default)) / (sum(quiet) / len(quiet))
+    return mean, min(default) / max(quiet), max(default) / min(quiet)
+
+
+def _mean_log_kb(results: Sequence[Result]) -> float | None:
+    """KB/s the services logged during these cells (warm-up included), on average."""
+    rates = [r.log_bytes_per_s for r in results if r.log_bytes_per_s is not None]
+    return sum(rates) / len(rates) / 1000 if rates else None
+
+
+def level_table(run: Run) -> list[str]:
+    """Put and Get at 32 in flight at WARNING and at the services' default level."""
+    if not any(r.cell.group == "levels" for r in run.results):
+        return []
+    out = [
+        f"## The default log level ({DEFAULT_LOG_LEVEL}) against {LOG_LEVEL}",
+        "",
+        f"Put and Get through server -> backend at 32 in flight, {LEVEL_ROUNDS} runs of each "
+        f"level alternating ({LOG_LEVEL}, {DEFAULT_LOG_LEVEL}, {LOG_LEVEL}, ...), each run on a "
+        "fresh backend and server started at that level, logging to a file; logs KB/s is "
+        "what they wrote during a Put cell, warm-up included (none for Get, whose cells "
+        "write their keys first).",
+        "",
+        f"| call | {LOG_LEVEL}: req/s per run | {DEFAULT_LOG_LEVEL}: req/s per run "
+        f"| {DEFAULT_LOG_LEVEL} / {LOG_LEVEL} (means) | lowest - highest | "
+        f"p99 ms {LOG_LEVEL} / {DEFAULT_LOG_LEVEL} (worst run) | "
+        f"logs KB/s {LOG_LEVEL} / {DEFAULT_LOG_LEVEL} | other processes (max) |",
+        "| --- | --- | --- | ---: | --- | --- | --- | ---: |",
+    ]
+    for op in ("put", "get"):
+        ratio = level_ratio(run, op)
+        rows = [r for r in run.results if r.cell.group == "levels" and r.cell.op == op]
+        if ratio is None:
+            continue
+        by = {
+            lv: [r for r in rows if r.cell.log_level == lv] for lv in (LOG_LEVEL, DEFAULT_LOG_LEVEL)
+        }
+        p99 = " / ".join(_fmt(max(r.p99_ms for r in by[lv]), 1) for lv in by)
+        logged = " / ".join(_fmt(_mean_log_kb(by[lv]), 1) for lv in by)
+        out.append(
+            f"| {op.capitalize()} | {_spread([r.qps for r in by[LOG_LEVEL]])} | "
+            f"{_spread([r.qps for r in by[DEFAULT_LOG_LEVEL]])} | {ratio[0]:.2f} | "
+            f"{ratio[1]:.2f} - {ratio[2]:.2f} | {p99} | {logged} | "
+            f"{max(other_cpu(r) for r in rows):.0f} |"
+        )
+    return [*out, ""]
+
+
+def etcd_table(run: Run) -> list[str]:
+    """etcd's durable puts on the same load generator, and kvstack's puts as ratios of them."""
+    if run.etcd_skipped:
+        return ["## The peer: etcd", "", f"Not measured: {run.etcd_skipped}.", ""]
+    results = [r for r in run.results if r.cell.group == "etcd"]
+    if not results:
+        return []
+    out = [
+        f"## The peer: etcd {run.etcd_version} (Debian's package) on the same load generator",
+        "",
+        f"Durable puts of {VALUE_BYTES}-byte values through etcd's KV.Put over gRPC, etcd's "
+        "defaults (its WAL is fsync'd before it answers), members on 127.0.0.1 with their "
+        "data in the run's temporary directory; the three-node cluster's calls are spread over "
+        "its members in turn, as etcd's client does.",
+        "",
+        "| etcd members | in flight | puts/s | p50 ms | p99 ms | errors "
+        "| CPU % of one core: loadgen / each member | other processes |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for r in results:
+        members = [n for n in r.cpu_pct if n.startswith("etcd-")]
+        out.append(
+            f"| {r.cell.nodes} | {r.cell.concurrency} | {_fmt(r.qps)} | {_fmt(r.p50_ms, 2)} | "
+            f"{_fmt(r.p99_ms, 2)} | {_errors(r)} | {_cpu(r, 'loadgen', *members)} | "
+            f"{other_cpu(r):.0f} |"
+        )
+    ratios = []
+    for c in sorted({r.cell.concurrency for r in results}):
+        pairs = [
+            ("put", 1, "durable put, 1 backend (1 copy)"),
+            ("semisync-put", 3, "replicated put, semi-sync (2 copies)"),
+        ]
+        for kv_name, nodes, what in pairs:
+            ours, theirs = run.get(f"{kv_name}-{c}"), run.get(f"etcd-{nodes}node-{c}")
+            if ours and theirs and theirs.qps > 0:
+                ratios.append(
+                    f"| {what} | {c} | {_fmt(ours.qps)} | {nodes} node{'s' if nodes > 1 else ''}: "
+                    f"{_fmt(theirs.qps)} "
+                    f"| {ours.qps / theirs.qps:.2f}x | {_fmt(ours.p99_ms, 1)} / "
+                    f"{_fmt(theirs.p99_ms, 1)} |"
+                )
+    if ratios:
+        out += [
+            "",
+            "kvstack's puts through the server as a ratio of etcd's, same run:",
+            "",
+            "| kvstack | in flight | kvstack puts/s | etcd puts/s | kvstack / etcd "
+            "| p99 ms kvstack / etcd |",
+            "| --- | ---: | ---: | --- | ---: | --- |",
+            *ratios,
+        ]
+    return [*out, ""]
+
+
 def rollout_table(run: Run) -> list[str]:
     """Write latency before and during each change of the local stack (kvstack.dev.rollouts)."""
     if run.rollouts_skipped:
-        return ["## Writes while the stack changes", "", f"Not measured: {run.rollouts_skipped}."]
+        return [
+            "## Writes while the stack changes",
+            "",
+            f"Not measured: {run.rollouts_skipped}.",
+            "",
+        ]
     if not run.rollouts:
         return []
     from kvstack.dev.rollouts import BEFORE_S
@@ -816,6 +1071,10 @@ def render(run: Run, info: dict[str, str]) -> str:
         f"Generated by `make bench` on {run.started:%Y-%m-%d %H:%M} UTC, in one run of "
         f"{run.elapsed:.0f} s on the machine described below. Numbers from another machine, "
         "or another run, differ: compare runs on the same machine only.",
+        "",
+        "Where a request's time goes in the server and the backend (py-spy profiles, before and "
+        "after the logging change): [profile.md](profile.md), written by hand from "
+        "`python -m kvstack.dev.profile` and not regenerated by this run.",
         "",
     ]
     one_hop = [r for r in run.results if r.cell.group in ("echo", "stack")]
@@ -886,6 +1145,8 @@ def render(run: Run, info: dict[str, str]) -> str:
                 f"{_cpu(r, 'loadgen', 'backend')} | {other_cpu(r):.0f} |"
             )
         out.append("")
+    out += level_table(run)
+    out += etcd_table(run)
     out += rollout_table(run)
     lines = reading(run)
     if lines:
@@ -919,9 +1180,11 @@ def render(run: Run, info: dict[str, str]) -> str:
         "(KVSTACK_GROUP_COMMIT_MAX=1: one transaction and one fsync per write). Writes per "
         "commit is the change of `kvstack_backend_commit_writes` sum / count on the backend's "
         "/metrics over the window; the server -> backend Put cells report it too.",
-        f"- Services run with KVSTACK_LOG_LEVEL={LOG_LEVEL}, so the per-request access line and "
-        "the per-write `saved` line are not written during the measurement (at INFO each call "
-        "would write one or two JSON lines). Everything else is the services' defaults: the "
+        f"- Services run with KVSTACK_LOG_LEVEL={LOG_LEVEL} (no access or `saved` lines), but "
+        f"for the cells of the default-level table, which run at {DEFAULT_LOG_LEVEL} (a `saved` "
+        "line per commit, access lines only for errors and slow calls, a summary every "
+        f"{runtime.RuntimeConfig().log_summary:g} s; docs/configuration.md) with the "
+        "services' output in a file. Everything else is the services' defaults: the "
         "backend's LMDB is opened with sync on, so every acknowledged Put is on disk.",
         "- CPU is user + system time of each whole process (every thread) from /proc/PID/stat "
         "over the window, in % of one core; the machine has "
@@ -936,8 +1199,14 @@ def render(run: Run, info: dict[str, str]) -> str:
         "machine clock) over the whole cell, warm-up included: the upper bound of the bucket "
         "holding the 99th percentile.",
         "- Only the processes of a group run at a time: the echo server alone, then backend + "
-        "server for the Put/Get/List cells, then primary + replica + server for the semi-sync "
-        "cells, then a fresh backend per durable cell.",
+        "server for the Put/Get/List cells, then a fresh backend + server per level and round "
+        "of the default-level table, then primary + replica + server for the semi-sync "
+        "cells, then etcd (one node, then three), then a fresh backend per durable cell.",
+        "- etcd: Debian's `etcd-server`, installed with apt-get by the benchmark where it is "
+        "missing (as `make up` installs Docker), started with its defaults but for its "
+        "addresses (127.0.0.1 ports only) and its data directory (under the run's temporary "
+        "directory), and stopped after its cells. The same load generator calls its "
+        "`etcdserverpb.KV/Put` with a new key per call and the same values.",
         "",
         "## Machine",
         "",
@@ -1025,7 +1294,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     load = sub.add_parser("loadgen", help="(internal) run one cell and print its result as JSON")
     load.add_argument("--target", required=True)
-    load.add_argument("--op", choices=("echo", "put", "get", "list"), required=True)
+    load.add_argument("--op", choices=("echo", "put", "get", "list", "etcd-put"), required=True)
     load.add_argument("--concurrency", type=int, default=1)
     load.add_argument("--duration", type=float, default=6.0)
     load.add_argument("--warmup", type=float, default=1.0)

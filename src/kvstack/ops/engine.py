@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from kvstack.ops.errors import CommandError
-from kvstack.ops.shell import Runner, say
+from kvstack.ops.shell import Runner, apt_install, apt_unavailable, debian_like, say
 
 # Debian's 20.10 client has BuildKit built in; a newer client without buildx (as on PATH on the
 # CI machines) refuses DOCKER_BUILDKIT=1. KVSTACK_DOCKER overrides.
@@ -108,22 +108,19 @@ def ensure(runner: Runner) -> None:
             "no Docker engine answers; install Docker Desktop (brew install --cask docker, or "
             "https://docs.docker.com/desktop/setup/install/mac-install/), start it, then retry"
         )
-    debian_like = Path("/etc/debian_version").exists() and shutil.which("apt-get") is not None
-    if not debian_like:
+    if not debian_like():
         raise CommandError(
             "no Docker engine answers; install Docker Engine "
             "(https://docs.docker.com/engine/install/), start it, then retry"
         )
-    if os.geteuid() != 0:
+    if apt_unavailable():
         raise CommandError(
             "no Docker engine answers; run: sudo apt-get install -y docker.io && "
             "sudo systemctl start docker && sudo usermod -aG docker $USER (then log in again)"
         )
     if not shutil.which("dockerd") or not Path(DEBIAN_CLIENT).exists():
-        say("no Docker engine here: installing Debian's docker.io (apt-get, about a minute)")
-        apt_env = {"DEBIAN_FRONTEND": "noninteractive"}
-        runner.run(["apt-get", "update", "-q"], env=apt_env)
-        runner.run(["apt-get", "install", "-y", "-q", "docker.io"], env=apt_env)
+        say("no Docker engine here")
+        apt_install(runner, "docker.io", "the Docker engine", "about a minute")
         if runner.dry_run or _wait_for_engine(runner, 5):
             return  # an init system started it with the package
     say(f"starting dockerd in the background (log: {DOCKERD_LOG})")

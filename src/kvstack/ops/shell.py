@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from kvstack.ops.errors import CommandError
 
@@ -79,3 +81,27 @@ class Runner:
                 + (": " + " / ".join(detail) if detail else "; see its output above")
             )
         return result
+
+
+def debian_like() -> bool:
+    """A Debian or Ubuntu machine, with apt-get."""
+    return Path("/etc/debian_version").exists() and shutil.which("apt-get") is not None
+
+
+def apt_unavailable() -> str | None:
+    """Why Debian's packages cannot be installed here by apt-get, or None when they can (a
+    Debian or Ubuntu machine, as root): what `apt_install` needs."""
+    if not debian_like():
+        return "this is not a Debian or Ubuntu machine (no apt-get)"
+    if os.geteuid() != 0:
+        return "apt-get needs root and this runs as another user"
+    return None
+
+
+def apt_install(runner: Runner, package: str, what: str, took: str) -> None:
+    """Install one of Debian's packages with apt-get, saying so first (`what` it is for, and
+    how long it `took` here). Only where apt_unavailable() is None."""
+    say(f"installing Debian's {package} for {what} (apt-get, {took})")
+    apt_env = {"DEBIAN_FRONTEND": "noninteractive"}
+    runner.run(["apt-get", "update", "-q"], env=apt_env)
+    runner.run(["apt-get", "install", "-y", "-q", package], env=apt_env)
