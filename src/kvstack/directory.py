@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import logging
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,7 @@ class Member:
     following: bool = False  # a replica that says it is demonstrably following its primary
     ordinal: int = -1
     error: str = ""  # why the last Role call failed, for the logs
+    answered_at: float = 0.0  # when (monotonic) its last Role answer arrived
     kv: kv_pb2_grpc.KeyValueAsyncStub = field(init=False)
     replication: replication_pb2_grpc.ReplicationAsyncStub = field(init=False)
 
@@ -111,7 +113,7 @@ class Directory:
             member.following = False
             member.error = err.code().name
             return
-        member.error = ""
+        member.error, member.answered_at = "", time.monotonic()
         member.role, member.seq = reply.role, reply.seq
         member.readable, member.ordinal = reply.readable, reply.ordinal
         member.following = reply.following

@@ -197,30 +197,39 @@ def test_a_replica_is_readable_only_while_it_hears_from_its_primary(tmp_path: Pa
 
 
 class _APrimary(_NoPrimary):
-    """A Directory stand-in in which a backend says it is the primary."""
+    """A Directory stand-in in which a backend said it is the primary at `answered_at`."""
+
+    def __init__(self, answered_at: float) -> None:
+        super().__init__()
+        self.answered_at = answered_at
 
     def primary(self) -> object:  # type: ignore[override]
-        return type("M", (), {"address": "p:2", "error": ""})()
+        return type("M", (), {"address": "p:2", "error": "", "answered_at": self.answered_at})()
 
 
 def test_a_replica_whose_primary_stopped_stays_readable_until_a_primary_answers(
     tmp_path: Path,
 ) -> None:
     """A primary that drained says it stopped (its last position): the replica, caught up to
-    within max_lag of it, answers reads past its staleness bound while no backend says it is the
-    primary, whatever the Directory's last error for that address (a timeout too); once one
-    does, only following it counts."""
+    within max_lag of it, answers reads past its staleness bound while no backend has said it
+    is the primary since, whatever the Directory's last error for that address (a timeout too)
+    and even while its view of the old primary is a refresh old; once one does, only following
+    it counts."""
     stopped = follower(tmp_path / "a", _NoPrimary(**{"p:1": "DEADLINE_EXCEEDED"}))
     stopped.heard_at, stopped.primary_seq, stopped.primary_address = time.monotonic() - 10, 5, "p:1"
     assert not stopped.readable_now()  # silent past the bound, not said to have stopped
-    stopped.primary_stopped = True
+    stopped.stopped_at = time.monotonic() - 5
     assert stopped.readable_now()
     stopped.primary_seq = 11  # the stop's last position is 11 changes ahead: over max_lag
     assert not stopped.readable_now()
-    successor = follower(tmp_path / "b", _APrimary())
+    stale = follower(tmp_path / "b", _APrimary(answered_at=time.monotonic() - 6))
+    stale.heard_at, stale.primary_seq = time.monotonic() - 10, 0
+    stale.stopped_at = time.monotonic() - 5
+    assert stale.readable_now()  # the Directory's answer from the old primary, before its stop
+    successor = follower(tmp_path / "c", _APrimary(answered_at=time.monotonic()))
     successor.heard_at, successor.primary_seq = time.monotonic() - 10, 0
-    successor.primary_stopped = True
-    assert not successor.readable_now()  # a primary answers again: it may take writes
+    successor.stopped_at = time.monotonic() - 5
+    assert not successor.readable_now()  # a primary answered since: it may take writes
 
 
 def test_the_server_reads_from_a_replica_only_while_it_follows_a_reachable_primary() -> None:

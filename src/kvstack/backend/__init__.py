@@ -115,6 +115,10 @@ class _Restoring(Exception):
     """A write while a restore replaces the primary's data."""
 
 
+class _Draining(Exception):
+    """A write that reached a primary which is stopping."""
+
+
 async def _refuse(context: Context, err: Exception) -> None:
     if isinstance(err, _Starting):
         await context.abort(
@@ -125,6 +129,12 @@ async def _refuse(context: Context, err: Exception) -> None:
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(err), trailing_metadata=NO_RETRY)
     if isinstance(err, _Replica):
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+    if isinstance(err, _Draining):
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            "the primary is stopping (a restart or a move) and takes no more writes; the "
+            "server sends the write again to the primary once it answers: retry",
+        )
     if isinstance(err, _Restoring):
         await context.abort(
             grpc.StatusCode.UNAVAILABLE,
@@ -183,6 +193,8 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
                 f"backend ordinal {backend.ordinal} is a read replica; writes go to the primary "
                 f"(ordinal {self.config.primary_ordinal}). Call the server, which routes them"
             )
+        if backend.draining:
+            raise _Draining
         if backend.writes_stopped:
             raise _Restoring
         backend.writes_in_flight += 1
@@ -200,7 +212,7 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
             applied = await self._write(
                 Write("put", request.key, request.value, request_id(request.request_id))
             )
-        except (validation.Invalid, StoreFull, _Starting, _Replica, _Restoring) as err:
+        except (validation.Invalid, StoreFull, _Starting, _Replica, _Restoring, _Draining) as err:
             await _refuse(context, err)
         return kv_pb2.PutResponse(created=applied.changed)
 
@@ -224,7 +236,7 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
             applied = await self._write(
                 Write("delete", request.key, request_id=request_id(request.request_id))
             )
-        except (validation.Invalid, StoreFull, _Starting, _Replica, _Restoring) as err:
+        except (validation.Invalid, StoreFull, _Starting, _Replica, _Restoring, _Draining) as err:
             await _refuse(context, err)
         if not applied.changed:
             await context.abort(
@@ -291,6 +303,7 @@ class Backend:
         self.writes_in_flight = 0
         self.restoring = False  # a restore is arriving or loading (one at a time)
         self.writes_stopped = False  # a restore is loading: writes are refused
+        self.draining = False  # the primary is stopping: writes are refused
 
     def bind_health(self, set_serving: Callable[[str, bool], None]) -> None:
         self._set_serving = set_serving
@@ -299,14 +312,23 @@ class Backend:
         """On a primary: once the writes in flight are done (they still get their replica
         acknowledgement), end the replication streams, which would otherwise hold the drain
         open for its whole grace period."""
-        if self.primary is None:
+        if self.primary is None or self.store is None or self.writer is None:
             return
+        # From here a write is refused (UNAVAILABLE: the server sends it again to the primary
+        # once one answers), even one the gRPC server had accepted before it began to stop.
+        self.draining = True
         deadline = time.monotonic() + grace / 2
-        while self.writes_in_flight and time.monotonic() < deadline:
+
+        def busy() -> bool:
+            return bool(self.writes_in_flight or (self.writer and self.writer.pending))
+
+        while busy() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        # The server refuses new calls by now (runtime.Lifecycle.shutdown), so with none in
-        # flight and no restore loading, the last position is final.
-        self.primary.drain(final=not self.writes_in_flight and not self.restoring)
+        # With no write in flight or queued (a caller that went away leaves its write in the
+        # writer's queue) and no restore loading, no write can commit any more: the position
+        # is final, and the replicas are told so.
+        final = not busy() and not self.restoring
+        self.primary.drain(self.store.seq() if final else None)
 
     def register(self, server: aio.Server) -> list[str]:
         # wire.add_servicer, not the generated add_*_to_server: a request that is not a valid

@@ -65,6 +65,7 @@ SNAPSHOT_QUEUED = 8  # snapshot chunks received but not yet written, at most
 # A replica answers reads only while it heard from its primary this recently (KVSTACK_MAX_STALENESS)
 DEFAULT_MAX_STALENESS_S = 3.0
 WATCH_S = 0.25  # how often a replica checks that bound
+FLUSH_CHANGES = 2 * BATCH_CHANGES  # a draining primary sends a replica at most this much more
 CUT_RETRY_S = 2.0  # after a working stream is cut, retry every 0.05 s (else 0.5 s) this long
 Chunk = tuple[int, list[tuple[bytes, bytes]]]  # a snapshot's position, and entries
 
@@ -85,9 +86,9 @@ class PrimaryState:
         self._waiters: list[tuple[int, int, asyncio.Future[bool]]] = []
         # Set when the primary drains: its streams end (replicas reconnect to its successor).
         self.draining = asyncio.Event()
-        # Whether last_seq is final when it drains (no write can still commit): then each
-        # stream sends what is left and says the primary stopped.
-        self.final = False
+        # The primary's last position when it drained with no write able to commit any more:
+        # each stream sends what is left up to it and says the primary stopped.
+        self.final_seq: int | None = None
         # Moves on with each restore: every stream of an earlier generation ends, telling its
         # replica to copy a snapshot (its data is of the history the restore replaced).
         self.generation = 0
@@ -110,10 +111,11 @@ class PrimaryState:
         event, self._commit = self._commit, asyncio.Event()
         event.set()
 
-    def drain(self, final: bool) -> None:
-        """End every stream now (a stream waiting for a commit is woken); `final`: no write can
-        commit any more, so the streams tell their replicas this primary stopped."""
-        self.final = final
+    def drain(self, final_seq: int | None) -> None:
+        """End every stream now (a stream waiting for a commit is woken). `final_seq`: the last
+        position, when no write can commit any more: the streams tell their replicas this
+        primary stopped there."""
+        self.final_seq = final_seq
         self.draining.set()
         event, self._commit = self._commit, asyncio.Event()
         event.set()
@@ -348,15 +350,17 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
                 if state.last_seq <= after and not state.draining.is_set():
                     # idle: a heartbeat tells the replica it is current
                     yield replication_pb2.ChangeBatch(primary_seq=state.last_seq)
-            if state.draining.is_set() and state.final and not reader.done():
+            final = state.final_seq
+            if final is not None and not reader.done() and final - after <= FLUSH_CHANGES:
                 # Drained with no write left to commit: send the rest, then say this position
                 # is the last, so the replica keeps answering reads while no primary does
-                # (instead of only for its staleness bound).
-                while changes := store.changes_after(after, BATCH_CHANGES):
+                # (instead of only for its staleness bound). A replica further behind is not
+                # waited for: the drain would take as long as its catching up.
+                while after < final and (changes := store.changes_after(after, BATCH_CHANGES)):
                     after = changes[-1].seq
-                    yield replication_pb2.ChangeBatch(changes=changes, primary_seq=after)
+                    yield replication_pb2.ChangeBatch(changes=changes, primary_seq=final)
                 log.info("told the replica this primary stopped", extra=fields(replica=replica))
-                yield replication_pb2.ChangeBatch(primary_seq=state.last_seq, primary_stopped=True)
+                yield replication_pb2.ChangeBatch(primary_seq=final, primary_stopped=True)
         except LogGap:  # a replica too far behind to be sent the rest: it copies a snapshot later
             log.info("replica left behind by the drain", extra=fields(replica=replica, seq=after))
         finally:
@@ -405,8 +409,9 @@ class Follower:
         self.heard_at: float | None = None
         self.primary_seq = 0
         self.primary_address = ""
-        # The primary said it stopped (it drained) and primary_seq was its last change.
-        self.primary_stopped = False
+        # When (monotonic) the primary said it stopped (it drained; primary_seq was its last
+        # change), until a primary answers again.
+        self.stopped_at: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -447,9 +452,15 @@ class Follower:
             return True
         if self.primary_seq - self.applied > self.max_lag:
             return False
-        if self.primary_stopped and self.directory.primary() is None:
+        if self.stopped_at is not None and not self._primary_since(self.stopped_at):
             return True
         return self.primary_gone()
+
+    def _primary_since(self, moment: float) -> bool:
+        """Whether a backend said it is the primary after `moment` (the Directory's view of the
+        primary that stopped may be up to a refresh old)."""
+        primary = self.directory.primary()
+        return primary is not None and primary.answered_at > moment
 
     def _set_readable(self, readable: bool) -> None:
         if readable != self.readable:
@@ -471,6 +482,10 @@ class Follower:
         """Turn NOT_SERVING within WATCH_S of the staleness bound passing, whatever the stream
         is doing (a blocked stream delivers nothing that would tell)."""
         while True:
+            if self.stopped_at is not None and self._primary_since(self.stopped_at):
+                # A primary answers again: only following it counts from now on, even if it
+                # goes away before this replica streams from it (it may have taken writes).
+                self.stopped_at = None
             self._set_readable(self.readable_now())
             await asyncio.sleep(WATCH_S)
 
@@ -549,7 +564,7 @@ class Follower:
                 self._streamed = True
                 batch = cast(replication_pb2.ChangeBatch, received)
                 self.primary_address = primary.address
-                self.primary_stopped = False
+                self.stopped_at = None
                 if batch.snapshot_required:
                     # Not following until the copy is in: this replica's data may be of a
                     # history a restore replaced, or far behind. No reads from it meanwhile.
@@ -577,7 +592,7 @@ class Follower:
                         )
                 LAG.set(max(0, batch.primary_seq - self.applied))
                 if batch.primary_stopped:
-                    self.primary_stopped = True
+                    self.stopped_at = time.monotonic()
                     log.info(
                         "the primary stopped; reads go on here until a primary answers",
                         extra=fields(primary=primary.address, seq=self.applied),

@@ -528,6 +528,9 @@ class GroupCommitter:
         # None is the stop marker: everything queued before it is committed first.
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="lmdb-writer", daemon=True)
+        # Writes submitted whose outcome has not reached the event loop yet (committed or
+        # failed), counted on the loop: a caller that went away does not take its write out.
+        self.pending = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -537,6 +540,7 @@ class GroupCommitter:
             raise RuntimeError("the writer is not running")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Applied] = loop.create_future()
+        self.pending += 1
         self._queue.put((write, future, loop))
         return await future
 
@@ -564,7 +568,7 @@ class GroupCommitter:
             for (_, future, loop), result in zip(batch, results, strict=True):
                 by_loop.setdefault(loop, []).append((future, result))
             for loop, outcomes in by_loop.items():
-                loop.call_soon_threadsafe(_resolve, outcomes)
+                loop.call_soon_threadsafe(self._resolve, outcomes)
             seqs = [r.seq for r in results if isinstance(r, Applied)]
             if seqs and self.on_commit is not None:
                 batch[0][2].call_soon_threadsafe(self.on_commit, max(seqs))
@@ -575,12 +579,12 @@ class GroupCommitter:
             self._queue.put(None)
             await asyncio.to_thread(self._thread.join)
 
-
-def _resolve(outcomes: list[tuple[asyncio.Future[Applied], Any]]) -> None:
-    for future, result in outcomes:
-        if future.done():  # the caller went away (deadline, cancellation)
-            continue
-        if isinstance(result, Exception):
-            future.set_exception(result)
-        else:
-            future.set_result(result)
+    def _resolve(self, outcomes: list[tuple[asyncio.Future[Applied], Any]]) -> None:
+        self.pending -= len(outcomes)
+        for future, result in outcomes:
+            if future.done():  # the caller went away (deadline, cancellation)
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
