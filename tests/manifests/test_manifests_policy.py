@@ -15,7 +15,7 @@ import pytest
 
 from kvstack import registry, runtime
 from kvstack.client import default_write_timeout
-from kvstack.ops import manifests
+from kvstack.ops import manifests, model
 from kvstack.registry import Service
 from kvstack.runtime import RuntimeConfig
 from kvstack.server import ServerConfig
@@ -291,7 +291,7 @@ def _break_security(docs: Docs) -> None:
 
 def _break_timing(docs: Docs) -> None:
     pod = next(w for w in docs if w["kind"] == "Deployment")["spec"]["template"]["spec"]
-    pod["terminationGracePeriodSeconds"] = manifests.PRESTOP_SECONDS
+    pod["terminationGracePeriodSeconds"] = model.PRESTOP_SECONDS
 
 
 def _break_restart(docs: Docs) -> None:
