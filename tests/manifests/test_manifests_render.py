@@ -118,14 +118,14 @@ def test_check_mode_fails_on_stale_files(
 ) -> None:
     """`kvstack manifests --check` exits 1 naming a hand-edited file and an orphan, and
     `kvstack manifests` then restores the one and deletes the other."""
-    edited = repo_copy / "deploy/base/server/deployment.yaml"
+    edited = repo_copy / "deploy/base/backend/statefulset.yaml"
     edited.write_text(edited.read_text().replace("replicas: 2", "replicas: 3"))
     orphan = repo_copy / "deploy/base/gone/deployment.yaml"
     orphan.parent.mkdir()
     orphan.write_text(manifests.GENERATED_HEADER + "{}\n")
     assert cli.main(["manifests", "--check", "--root", str(repo_copy)]) == 1
     err = capsys.readouterr().err
-    assert "deploy/base/server/deployment.yaml" in err
+    assert "deploy/base/backend/statefulset.yaml" in err
     assert "deploy/base/gone/deployment.yaml" in err
     assert cli.main(["manifests", "--root", str(repo_copy)]) == 0
     assert cli.main(["manifests", "--check", "--root", str(repo_copy)]) == 0

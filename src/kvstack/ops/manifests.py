@@ -219,7 +219,12 @@ def deployment(svc: Service, services: Mapping[str, Service]) -> dict[str, Any]:
         "kind": "Deployment",
         "metadata": metadata(svc.name, svc),
         "spec": {
-            "replicas": svc.replicas,
+            # No `replicas` when the HPA owns the count: every apply would reset it to the
+            # manifest's figure. Kubernetes advises leaving it out ("Migrating Deployments and
+            # StatefulSets to horizontal autoscaling"; a field removed from a Deployment that
+            # had it drops to the default of 1 once, until the HPA scales it back up):
+            # https://kubernetes.io/docs/tasks/run-application/horizontal-pod-autoscale/#migrating-deployments-and-statefulsets-to-horizontal-autoscaling
+            **({} if model.autoscaled(svc) else {"replicas": svc.replicas}),
             "revisionHistoryLimit": 10,
             "progressDeadlineSeconds": 180,
             "selector": {"matchLabels": selector_labels(svc)},
@@ -519,7 +524,7 @@ def render(services: Mapping[str, Service]) -> dict[str, str]:
         if svc.long_running:
             docs["service"] = service(svc)
             docs["pdb"] = pdb(svc)
-        if svc.kind == "stateless":
+        if model.autoscaled(svc):
             docs["hpa"] = hpa(svc)
         for kind_file, doc in docs.items():
             files[f"{base}/{svc.name}/{kind_file}.yaml"] = dump(doc)

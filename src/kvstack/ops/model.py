@@ -75,6 +75,15 @@ if SWARM_HEALTH.timeout <= PROBE_DEADLINE_SECONDS:
     raise AssertionError("the probe's deadline must end inside the Swarm check's timeout")
 
 
+# -- Scale --------------------------------------------------------------------------------------
+
+
+def autoscaled(svc: registry.Service) -> bool:
+    """Whether a HorizontalPodAutoscaler owns the service's replica count on Kubernetes (its
+    floor the registry's count): then the workload itself sets none (kvstack.ops.manifests)."""
+    return svc.kind == "stateless"
+
+
 # -- Environment --------------------------------------------------------------------------------
 
 
