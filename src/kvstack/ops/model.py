@@ -11,22 +11,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from kvstack import registry, runtime
+from kvstack import registry
 
 # Where a stateful service keeps its data: its volume's mount point, and KVSTACK_DATA_DIR.
 DATA_DIR = "/data"
 
 # -- Stopping -----------------------------------------------------------------------------------
 # On SIGTERM a service turns NOT_SERVING, lets its calls in flight finish within its drain
-# (KVSTACK_SHUTDOWN_GRACE, the runtime's default) and releases what it holds (the backend
-# commits every queued write). On Kubernetes a preStop pause comes first, while endpoints and
-# callers' resolvers drop the pod (Swarm removes a stopping task from DNS itself). The platform
-# kills the process STOP_GRACE_SECONDS after the stop began (terminationGracePeriodSeconds,
-# stop_grace_period): 20 s, the pause and the drain with 5 s to release and exit. More only
-# lengthens how long a hung process holds up a rollout (a stateful service stops first, so a
-# hung primary delays every write); 20 s is also what every Swarm fault test and benchmark ran.
+# (KVSTACK_SHUTDOWN_GRACE, default registry.DRAIN_SECONDS) and releases what it holds (the
+# backend commits every queued write). On Kubernetes a preStop pause comes first, while
+# endpoints and callers' resolvers drop the pod (Swarm removes a stopping task from DNS itself).
+# The platform kills the process STOP_GRACE_SECONDS after the stop began
+# (terminationGracePeriodSeconds, stop_grace_period): 20 s, the pause and the drain with 5 s to
+# release and exit. More only lengthens how long a hung process holds up a rollout (a stateful
+# service stops first, so a hung primary delays every write); 20 s is also what every Swarm
+# fault test and benchmark ran with.
 PRESTOP_SECONDS = 5
-DRAIN_SECONDS = int(runtime.RuntimeConfig.shutdown_grace)
+DRAIN_SECONDS = registry.DRAIN_SECONDS
 STOP_GRACE_SECONDS = 20
 if STOP_GRACE_SECONDS < PRESTOP_SECONDS + DRAIN_SECONDS + 5:
     raise AssertionError("the stop grace period must outlast preStop + drain, with time to exit")
