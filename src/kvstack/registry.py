@@ -29,6 +29,10 @@ MAX_REPLICAS = 5
 # The only writable path besides a stateful service's data: /tmp, in memory, this size (the
 # pods' emptyDir sizeLimit, the Swarm tasks' tmpfs), since every root file system is read-only.
 TMP_BYTES = 64 * 2**20
+# Seconds a service lets its calls in flight finish after SIGTERM (KVSTACK_SHUTDOWN_GRACE's
+# default), here so that the deploy model (kvstack.ops.model) sizes the grace period around it
+# without importing the runtime.
+DRAIN_SECONDS = 10
 # The non-root user every image runs as (set in the Dockerfile, required by the manifests).
 RUNTIME_UID = 65532
 # The arguments a job runs with as a deploy's smoke test, on every target (the local stack's

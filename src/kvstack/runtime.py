@@ -132,7 +132,9 @@ class RuntimeConfig:
         "Prometheus /metrics HTTP port; 0 turns metrics off",
     )
     shutdown_grace: float = setting(
-        "KVSTACK_SHUTDOWN_GRACE", 10.0, "seconds to finish in-flight calls after SIGTERM"
+        "KVSTACK_SHUTDOWN_GRACE",
+        float(registry.DRAIN_SECONDS),
+        "seconds to finish in-flight calls after SIGTERM",
     )
     shutdown_delay: float = setting(
         "KVSTACK_SHUTDOWN_DELAY",

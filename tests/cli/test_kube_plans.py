@@ -288,18 +288,20 @@ def test_gke_deploy_pushes_to_artifact_registry(fake: FakeTools) -> None:
 
 
 def test_redeploy_keeps_scale(fake: FakeTools) -> None:
-    """Fake tools: a deploy over a running release carries the live replica counts and the
-    autoscaler's bounds into the release, so it neither undoes `kvstack scale` nor changes
-    anything when the version is the same."""
+    """Fake tools: a deploy over a running release carries the live replica count of a
+    workload no autoscaler owns (the backend) and the autoscaler's bounds (the server's, whose
+    Deployment then sets no replicas) into the release, so it neither undoes `kvstack scale`
+    nor changes anything when the version is the same."""
     minikube_context(fake)
     fake.rule("kubectl", "get deployment/server", stdout=live("Deployment", "server", "x", 5))
-    fake.rule("kubectl", "get statefulset/backend", stdout=live("StatefulSet", "backend", "y", 1))
+    fake.rule("kubectl", "get statefulset/backend", stdout=live("StatefulSet", "backend", "y", 3))
     fake.rule("kubectl", "get horizontalpodautoscaler/server",
               stdout=json.dumps({"spec": {"minReplicas": 5, "maxReplicas": 5}}))  # fmt: skip
     assert cli.main(["deploy", "minikube", "--version", "v1"]) == 0
     docs = render(release_from(fake.calls()))
     by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
-    assert by_name[("Deployment", "server")]["spec"]["replicas"] == 5
+    assert "replicas" not in by_name[("Deployment", "server")]["spec"]
+    assert by_name[("StatefulSet", "backend")]["spec"]["replicas"] == 3
     hpa = by_name[("HorizontalPodAutoscaler", "server")]["spec"]
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (5, 5)
 

@@ -53,6 +53,9 @@ def test_a_new_service_gets_an_image_and_a_place_in_the_stack(
         *local.PROBE, "--target", "127.0.0.1:50071", "--timeout", "8", "--service", ""
     ]  # fmt: skip
     assert spec["services"]["server"]["environment"] == {
+        "KVSTACK_PORT": "50051",
+        "KVSTACK_METRICS_PORT": "9464",
+        "KVSTACK_SHUTDOWN_GRACE": "10",
         "KVSTACK_BACKEND_TARGET": "dns:///backend:50061",
         "KVSTACK_CACHE_TARGET": "dns:///cache:50071",
     }

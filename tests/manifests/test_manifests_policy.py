@@ -15,7 +15,7 @@ import pytest
 
 from kvstack import registry, runtime
 from kvstack.client import default_write_timeout
-from kvstack.ops import manifests
+from kvstack.ops import manifests, model
 from kvstack.registry import Service
 from kvstack.runtime import RuntimeConfig
 from kvstack.server import ServerConfig
@@ -50,11 +50,24 @@ def env_of(container: Doc) -> dict[str, str]:
 # -- Policies -----------------------------------------------------------------------------------
 
 
+def autoscalers(docs: Docs) -> dict[str, Doc]:
+    """Each HorizontalPodAutoscaler, by the name of the workload it scales."""
+    return {
+        d["spec"]["scaleTargetRef"]["name"]: d
+        for d in docs
+        if d["kind"] == "HorizontalPodAutoscaler"
+    }
+
+
 def check_replicas(docs: Docs) -> list[str]:
-    """Long-running services (the replicated backend included) run >= 2 replicas."""
+    """Long-running services (the replicated backend included) run >= 2 replicas: the
+    workload's own count, else its autoscaler's floor (else Kubernetes' default, 1)."""
     out = []
+    hpas = autoscalers(docs)
     for w in workloads(docs, LONG_RUNNING_KINDS):
-        name, replicas = w["metadata"]["name"], w["spec"].get("replicas", 1)
+        name = w["metadata"]["name"]
+        floor = hpas[name]["spec"]["minReplicas"] if name in hpas else 1
+        replicas = w["spec"].get("replicas", floor)
         if replicas < MIN_REPLICAS:
             out.append(f"{w['kind']}/{name}: {replicas} replicas, want >= {MIN_REPLICAS}")
     return out
@@ -111,11 +124,7 @@ def check_disruption(docs: Docs) -> list[str]:
     """A PDB for every long-running workload; an HPA for every Deployment, from its replicas."""
     out = []
     pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
-    hpas = {
-        d["spec"]["scaleTargetRef"]["name"]: d
-        for d in docs
-        if d["kind"] == "HorizontalPodAutoscaler"
-    }
+    hpas = autoscalers(docs)
     for w in workloads(docs, LONG_RUNNING_KINDS):
         name = w["metadata"]["name"]
         if not any(_selects(p["spec"]["selector"], w) for p in pdbs):
@@ -124,10 +133,8 @@ def check_disruption(docs: Docs) -> list[str]:
             hpa = hpas.get(name)
             if hpa is None:
                 out.append(f"Deployment/{name}: no HorizontalPodAutoscaler")
-            elif not (
-                hpa["spec"]["minReplicas"] == w["spec"]["replicas"] <= hpa["spec"]["maxReplicas"]
-            ):
-                out.append(f"Deployment/{name}: HPA bounds do not start at its replicas")
+            elif not MIN_REPLICAS <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]:
+                out.append(f"Deployment/{name}: HPA bounds do not start at {MIN_REPLICAS}")
             strategy = w["spec"].get("strategy", {}).get("rollingUpdate", {})
             if strategy.get("maxUnavailable") != 0:
                 out.append(f"Deployment/{name}: rolling update may drop below desired count")
@@ -173,6 +180,17 @@ def check_security(docs: Docs) -> list[str]:
     if not any(d["kind"] == "Namespace" for d in docs):
         out.append("no Namespace: nothing enforces the restricted profile")
     return out
+
+
+def check_autoscaled_sets_no_replicas(docs: Docs) -> list[str]:
+    """A workload an HPA scales sets no `replicas`: each apply would reset the autoscaler's
+    count to the manifest's (Kubernetes' advice, cited in kvstack.ops.manifests.deployment)."""
+    hpas = autoscalers(docs)
+    return [
+        f"{w['kind']}/{w['metadata']['name']}: sets replicas, which its HPA owns"
+        for w in workloads(docs, LONG_RUNNING_KINDS)
+        if w["metadata"]["name"] in hpas and "replicas" in w["spec"]
+    ]
 
 
 def check_shutdown_timing(docs: Docs) -> list[str]:
@@ -246,6 +264,7 @@ POLICIES: list[Callable[[Docs], list[str]]] = [
     check_image_tags,
     check_resources,
     check_disruption,
+    check_autoscaled_sets_no_replicas,
     check_security,
     check_shutdown_timing,
     check_primary_restart_fits_a_write,
@@ -284,6 +303,10 @@ def _break_disruption(docs: Docs) -> None:
     docs[:] = [d for d in docs if d["kind"] != "HorizontalPodAutoscaler"]
 
 
+def _break_autoscaled(docs: Docs) -> None:
+    next(w for w in docs if w["kind"] == "Deployment")["spec"]["replicas"] = 2
+
+
 def _break_security(docs: Docs) -> None:
     sc = containers(next(w for w in docs if w["kind"] == "Deployment"))[0]["securityContext"]
     sc["allowPrivilegeEscalation"] = True
@@ -291,7 +314,7 @@ def _break_security(docs: Docs) -> None:
 
 def _break_timing(docs: Docs) -> None:
     pod = next(w for w in docs if w["kind"] == "Deployment")["spec"]["template"]["spec"]
-    pod["terminationGracePeriodSeconds"] = manifests.PRESTOP_SECONDS
+    pod["terminationGracePeriodSeconds"] = model.PRESTOP_SECONDS
 
 
 def _break_restart(docs: Docs) -> None:
@@ -305,6 +328,7 @@ BREAKERS: dict[str, Callable[[Docs], None]] = {
     "check_image_tags": _break_tags,
     "check_resources": _break_resources,
     "check_disruption": _break_disruption,
+    "check_autoscaled_sets_no_replicas": _break_autoscaled,
     "check_security": _break_security,
     "check_shutdown_timing": _break_timing,
     "check_primary_restart_fits_a_write": _break_restart,

@@ -16,9 +16,10 @@ from typing import Any
 
 import kubernetes_validate  # type: ignore[import-untyped]  # ships no types
 import pytest
+import yaml  # type: ignore[import-untyped]  # PyYAML ships no types
 
 from kvstack import cli, registry
-from kvstack.ops import manifests
+from kvstack.ops import local, manifests
 
 from .render import COMBINATION_IDS, DEPLOY, OVERLAYS, ROOT, Rendered, kustomize
 
@@ -46,6 +47,63 @@ def test_generated_manifests_are_current() -> None:
     assert manifests.stale(ROOT, manifests.render(registry.services())) == []
 
 
+def _seconds(value: str) -> int:
+    assert value.endswith("s"), value
+    return int(value[:-1])
+
+
+def swarm_facts(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """What a service's entry in the committed stack file says about the facts both targets
+    share (Swarm's own ways of saying the ordinal left out)."""
+    env = {k: v for k, v in entry["environment"].items() if "ORDINAL" not in k}
+    mounts = [v.split(":", 1)[1] for v in entry["volumes"] if isinstance(v, str)]
+    probe = entry["healthcheck"]["test"]
+    return {
+        "image": entry["image"].split(":", 1)[0],
+        "port": int(probe[probe.index("--target") + 1].rsplit(":", 1)[1]),
+        "readiness": probe[probe.index("--service") + 1],
+        "replicas": entry["deploy"]["replicas"],
+        "env": env,
+        "grace": _seconds(entry["stop_grace_period"]),
+        "startup": _seconds(entry["healthcheck"]["start_period"]),
+        "data": mounts,
+    }
+
+
+def kubernetes_facts(workload: dict[str, Any], docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The same facts, as the rendered Kubernetes workload (and its HPA) says them."""
+    pod = workload["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    hpa = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"
+           and d["spec"]["scaleTargetRef"]["name"] == workload["metadata"]["name"]]  # fmt: skip
+    startup = container["startupProbe"]
+    return {
+        "image": container["image"].split(":", 1)[0],
+        "port": container["readinessProbe"]["grpc"]["port"],
+        "readiness": container["readinessProbe"]["grpc"].get("service", ""),
+        "replicas": hpa[0]["spec"]["minReplicas"] if hpa else workload["spec"]["replicas"],
+        "env": env,
+        "grace": pod["terminationGracePeriodSeconds"],
+        "startup": startup["periodSeconds"] * startup["failureThreshold"],
+        "data": [m["mountPath"] for m in container["volumeMounts"] if m["name"] == "data"],
+    }
+
+
+def test_both_targets_say_the_same_of_each_service(shipped: dict[str, Rendered]) -> None:
+    """The committed Swarm stack file and the rendered Kubernetes manifests agree, service by
+    service, on what one model defines once (kvstack.ops.model, the registry): the image, the
+    port, the readiness name, the replica count, the environment, the grace period before
+    SIGKILL, the time a starting process gets, where the data lives."""
+    stack = yaml.safe_load((ROOT / local.STACK_FILE).read_text())
+    docs = shipped["minikube"].docs
+    workloads = {d["metadata"]["name"]: d for d in docs
+                 if d["kind"] in ("Deployment", "StatefulSet")}  # fmt: skip
+    assert set(workloads) == set(stack["services"])
+    for name, entry in stack["services"].items():
+        assert swarm_facts(name, entry) == kubernetes_facts(workloads[name], docs), name
+
+
 @pytest.fixture
 def repo_copy(tmp_path: Path) -> Path:
     """A copy of the registry and deploy/, to regenerate into without touching the work tree."""
@@ -60,14 +118,14 @@ def test_check_mode_fails_on_stale_files(
 ) -> None:
     """`kvstack manifests --check` exits 1 naming a hand-edited file and an orphan, and
     `kvstack manifests` then restores the one and deletes the other."""
-    edited = repo_copy / "deploy/base/server/deployment.yaml"
+    edited = repo_copy / "deploy/base/backend/statefulset.yaml"
     edited.write_text(edited.read_text().replace("replicas: 2", "replicas: 3"))
     orphan = repo_copy / "deploy/base/gone/deployment.yaml"
     orphan.parent.mkdir()
     orphan.write_text(manifests.GENERATED_HEADER + "{}\n")
     assert cli.main(["manifests", "--check", "--root", str(repo_copy)]) == 1
     err = capsys.readouterr().err
-    assert "deploy/base/server/deployment.yaml" in err
+    assert "deploy/base/backend/statefulset.yaml" in err
     assert "deploy/base/gone/deployment.yaml" in err
     assert cli.main(["manifests", "--root", str(repo_copy)]) == 0
     assert cli.main(["manifests", "--check", "--root", str(repo_copy)]) == 0

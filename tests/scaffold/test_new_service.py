@@ -107,6 +107,7 @@ def test_creates_the_service_and_nothing_else_is_edited(
             "deploy/base/kustomization.yaml",
             "deploy/components/network-policy/networkpolicy.yaml",
             "deploy/overlays/gke/images/kustomization.yaml",
+            "deploy/local/stack.yaml",
         }
     }
     assert others == set(), f"new-service changed files outside its own: {sorted(others)}"

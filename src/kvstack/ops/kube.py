@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstack import registry
-from kvstack.ops import images, manifests
+from kvstack.ops import images, manifests, model
 from kvstack.ops.engine import docker
 from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner, say
@@ -188,15 +188,17 @@ class KubeTarget:
         for svc in registry.rollout_order():
             live = get_json(runner, resource(svc), self.namespace)
             snap.templates[resource(svc)] = template_of(live)
-            if live:
-                snap.replicas[svc.name] = int(live["spec"].get("replicas", svc.replicas))
-            if svc.kind == "stateless":
+            if model.autoscaled(svc):
+                # Its scale is its autoscaler's bounds: the release sets no replicas on a
+                # workload an HPA owns (see kvstack.ops.manifests.deployment).
                 hpa = get_json(runner, f"horizontalpodautoscaler/{svc.name}", self.namespace)
                 if hpa:
                     snap.hpa_bounds[svc.name] = (
                         int(hpa["spec"].get("minReplicas", 1)),
                         int(hpa["spec"]["maxReplicas"]),
                     )
+            elif live:
+                snap.replicas[svc.name] = int(live["spec"].get("replicas", svc.replicas))
         return snap
 
     def release_kustomization(

@@ -28,33 +28,34 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from kvstack import forward, registry
-from kvstack.ops import engine, images
+from kvstack.ops import engine, images, model
 from kvstack.ops.engine import docker
 from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner, say
 from kvstack.ops.targets import DeployRequest
 
 DEFAULT_STACK = "kvstack"
+STACK_VARIABLE = "KVSTACK_STACK"  # the stack every local verb works on, and the stack file's
+TAG_VARIABLE = "KVSTACK_TAG"  # the image tag the committed stack file runs (see STACK_FILE)
 
 
 def stack_name() -> str:
     """The stack every local verb works on: $KVSTACK_STACK, or kvstack (`--stack` overrides)."""
-    return os.environ.get("KVSTACK_STACK", DEFAULT_STACK)
+    return os.environ.get(STACK_VARIABLE, DEFAULT_STACK)
 
 
 BUILD_DIR = images.ROOT / "build"
-DATA_DIR = "/data"
 HEALTHY_TIMEOUT_S = 180.0
 # `python -m kvstack.probe` asks the service's own gRPC health endpoint (port from the image's
 # KVSTACK_SERVICE); it exits 0 only on SERVING.
 PROBE = ["CMD", "/opt/venv/bin/python", "-m", "kvstack.probe"]
-PROBE_DEADLINE_S = 8  # the probe's gRPC deadline, inside the check's 10 s timeout
 # Between two replicas of a rolling update or rollback of a stateless service. Callers balance
 # over the tasks' addresses from DNS (dnsrr) and re-resolve at most once a second (the client's
 # and the server's channel options); with gRPC's default of 30 s, replacing every replica faster
@@ -73,12 +74,14 @@ def flow_network(flow: registry.Flow) -> str:
     return f"{flow.source}-{flow.target}"
 
 
-def networks_of(service: registry.Service) -> list[str]:
+def networks_of(
+    service: registry.Service, services: Mapping[str, registry.Service] | None = None
+) -> list[str]:
     """The stack file's keys of the networks `service` joins: one per flow between services it
     is an end of (see the module docstring for a flow from a service to itself)."""
     ends = [
         f
-        for f in registry.flows(registry.services())
+        for f in registry.flows(services or registry.services())
         if f.between_services and service.name in (f.source, f.target)
     ]
     others = [flow_network(f) for f in ends if f.source != f.target]
@@ -116,11 +119,8 @@ def slot_volume(stack: str, service: registry.Service) -> str:
 
 
 def callee_targets(service: registry.Service) -> dict[str, str]:
-    """KVSTACK_<CALLEE>_TARGET for each service it calls: the callee's name on the stack's
-    network, resolved to every task's address (dnsrr) for client-side round robin."""
-    return {
-        f"KVSTACK_{callee.upper()}_TARGET": registry.get(callee).target for callee in service.calls
-    }
+    """KVSTACK_<CALLEE>_TARGET for each service a job calls (`docker run --env`)."""
+    return {model.target_variable(callee): registry.get(callee).target for callee in service.calls}
 
 
 def service_spec(
@@ -130,50 +130,50 @@ def service_spec(
     image: str | None = None,
     replicas: int | None = None,
     labels: dict[str, str] | None = None,
+    services: Mapping[str, registry.Service] | None = None,
 ) -> dict[str, Any]:
-    """One service of the stack; `image`, `replicas`, `labels` override the registry's."""
+    """One service of the stack (kvstack.ops.model on Swarm); `image`, `replicas`, `labels`
+    override the registry's, `services` is the service list (default: the registry)."""
     stateful = service.kind == "stateful"
+    order = "stop-first" if stateful else "start-first"
+    # Between two replicas of a stateless service's update or rollback (see UPDATE_DELAY).
+    delay = {} if stateful else {"delay": UPDATE_DELAY}
+    health = model.SWARM_HEALTH
     spec: dict[str, Any] = {
         "image": image or images.image_ref(service, tag),
         "environment": {
-            **callee_targets(service),
+            **model.environment(service, services or registry.services()),
             **(
                 {"KVSTACK_ORDINAL": SLOT, "KVSTACK_PRIMARY_ORDINAL": str(PRIMARY_SLOT)}
                 if stateful
                 else {}
             ),
         },
-        "networks": networks_of(service),
+        "networks": networks_of(service, services),
         # As locked down as the pods where Swarm allows it: a read-only root with an in-memory
         # /tmp, no capabilities, the image's non-root user. (Swarm services take no
         # no-new-privileges option; with no capabilities and no setuid file in the image
         # there is no privilege to gain.)
         "read_only": True,
         "cap_drop": ["ALL"],
-        # Swarm has one check for what Kubernetes splits in two: it gates updates (a task counts
-        # once it says SERVING for its readiness name, e.g. a replica once it follows) and it
-        # replaces a task that stays unhealthy. So it fails only after a minute (12 x 5 s): a
-        # replica cut off from its primary for less is waited for, not killed. The figures are
-        # measured (docs/architecture.md, "What a health check costs"): a check costs about
-        # 60 ms of CPU with the exec itself, every 5 s (about 1% of a core per task), and took
-        # at most 6.8 s on a saturated host, under the 10 s timeout (the probe's own deadline
-        # is 8 s, so that it says why). --target spares it reading services.toml (20 ms).
+        # The one Swarm check (timings and why: kvstack.ops.model). --target spares the probe
+        # reading services.toml (20 ms).
         "healthcheck": {
             "test": [
                 *PROBE,
                 "--target",
                 f"127.0.0.1:{service.port}",
                 "--timeout",
-                str(PROBE_DEADLINE_S),
+                str(model.PROBE_DEADLINE_SECONDS),
                 "--service",
                 service.readiness,
             ],
-            "interval": "5s",
-            "timeout": "10s",
-            "retries": 12,
-            "start_period": "120s",
+            "interval": f"{health.period}s",
+            "timeout": f"{health.timeout}s",
+            "retries": health.failures,
+            "start_period": f"{model.STARTUP_SECONDS}s",
         },
-        "stop_grace_period": "20s",
+        "stop_grace_period": f"{model.STOP_GRACE_SECONDS}s",
         "deploy": {
             # dnsrr: the name resolves to every task's address, for client-side balancing.
             "endpoint_mode": "dnsrr",
@@ -181,45 +181,46 @@ def service_spec(
             "restart_policy": {"condition": "any", "delay": "1s"},
             # A stateful service has one writer per volume: stop the old task first. Others
             # start the new task, wait for it to be healthy, then stop an old one.
-            # The pause between replicas outlasts gRPC's default DNS re-resolution limit (30 s):
-            # a caller that resolved the name before the update learns the new tasks before
-            # the last task it knew goes (see UPDATE_DELAY).
             "update_config": {
                 "parallelism": 1,
-                "order": "stop-first" if stateful else "start-first",
+                "order": order,
                 "failure_action": "rollback",
                 "monitor": "10s",
-                **({} if stateful else {"delay": UPDATE_DELAY}),
+                **delay,
             },
-            "rollback_config": {
-                "parallelism": 1,
-                "order": "stop-first" if stateful else "start-first",
-                **({} if stateful else {"delay": UPDATE_DELAY}),
-            },
+            "rollback_config": {"parallelism": 1, "order": order, **delay},
             "labels": {"dev.kvstack.service": service.name, **(labels or {})},
         },
     }
     tmp = {"type": "tmpfs", "target": "/tmp", "tmpfs": {"size": registry.TMP_BYTES}}  # noqa: S108
-    spec["volumes"] = [tmp, *([f"{volume_name(service)}:{DATA_DIR}"] if stateful else [])]
+    data = [f"{volume_name(service)}:{model.DATA_DIR}"] if stateful else []
+    spec["volumes"] = [tmp, *data]
     return spec
 
 
 def stack_spec(
-    tag: str, services: dict[str, dict[str, Any]] | None = None, stack: str = DEFAULT_STACK
+    tag: str,
+    services: dict[str, dict[str, Any]] | None = None,
+    stack: str = DEFAULT_STACK,
+    *,
+    listed: Mapping[str, registry.Service] | None = None,
 ) -> dict[str, Any]:
-    """The compose v3.8 stack of every long-running service in the registry (`services`: ready
-    service entries by name, as the local target's deploy computes them)."""
-    long_running = [s for s in registry.services().values() if s.long_running]
+    """The compose v3.8 stack of every long-running service (`services`: ready service entries
+    by name, as the local target's deploy computes them; `listed`: the service list, default
+    the registry's)."""
+    catalog = listed or registry.services()
+    long_running = [s for s in catalog.values() if s.long_running]
     given = services or {}
     return {
         "version": "3.8",
-        "services": {s.name: given.get(s.name) or service_spec(s, tag) for s in long_running},
+        "services": {
+            s.name: given.get(s.name) or service_spec(s, tag, services=catalog)
+            for s in long_running
+        },
         # Attachable: the client (a job) and the tests' own containers join as `docker run`s.
         "networks": {
             key: {"driver": "overlay", "attachable": True}
-            for key in dict.fromkeys(
-                k for s in registry.services().values() for k in networks_of(s)
-            )
+            for key in dict.fromkeys(k for s in catalog.values() for k in networks_of(s, catalog))
         },
         "volumes": {
             volume_name(s): {"name": slot_volume(stack, s)}
@@ -227,6 +228,27 @@ def stack_spec(
             if s.kind == "stateful"
         },
     }
+
+
+# The committed stack file (deploy/local/stack.yaml, written by `kvstack manifests`): the same
+# rendering with compose's own interpolation where a deploy puts its values, so that
+# `KVSTACK_STACK=NAME docker stack deploy -c deploy/local/stack.yaml NAME` runs the images
+# `make images` tagged (KVSTACK_TAG, default latest) with volumes named after the stack.
+# `docker stack deploy` interpolates ${VAR:-default} from the shell's environment (no .env):
+# https://docs.docker.com/reference/compose-file/interpolation/,
+# https://docs.docker.com/engine/reference/commandline/stack_config/ (the same interpolation
+# `docker stack config` shows), moby/moby#29133 (stack deploy reads no .env, by design).
+STACK_FILE = "deploy/local/stack.yaml"
+
+
+def committed_stack(listed: Mapping[str, registry.Service]) -> dict[str, Any]:
+    """The stack file as committed: this tree's service list, tag and stack name left to
+    `docker stack deploy`'s interpolation."""
+    return stack_spec(
+        f"${{{TAG_VARIABLE}:-{images.STABLE_TAG}}}",
+        stack=f"${{{STACK_VARIABLE}:-{DEFAULT_STACK}}}",
+        listed=listed,
+    )
 
 
 def write_stack_file(
