@@ -59,6 +59,10 @@ TIMELINE = {
     "readable",
     "not readable",
     "the primary stopped; reads go on here until a primary answers",
+    "told the replica this primary stopped",
+    "replica left behind by the drain",
+    "backend slow to answer a read; trying another",
+    "backend slow to answer a read; trying again",
     "lost the primary",
     "draining",
     "serving",
@@ -210,12 +214,15 @@ def wait_backends(stack: StackUnderTest, count: int, timeout: float = 120) -> di
 
 def seen_by_servers(stack: StackUnderTest, task: Task) -> float:
     """Seconds from a replica's first "readable" to when the last server's Directory listed it as
-    a replica that may answer reads (so the server spreads reads to it from then on)."""
+    a replica that says it may answer reads (the server reads from it from then on if it also
+    says it follows the primary, which a replica that just turned readable does)."""
 
     def at(record: dict[str, object]) -> float:
         return datetime.fromisoformat(str(record["time"])).timestamp()
 
-    readable = min(at(r) for r in json_logs(task.container) if r.get("message") == "readable")
+    became = [at(r) for r in json_logs(task.container) if r.get("message") == "readable"]
+    assert became, f"the replica in slot {task.slot} never logged that it turned readable"
+    readable = min(became)
     seen = []
     for server in stack.containers(registry.get("server").name):
         listed = [
@@ -319,10 +326,14 @@ class Workload:
         to `moment` (epoch): where to look when a call failed."""
         lines = []
         for service in (BACKEND.name, registry.get("server").name):
-            for cid in self.stack.containers(service):
+            label = f"label=com.docker.swarm.service.name={self.stack.name}_{service}"
+            # Stopped tasks' containers too (Swarm keeps a few): a drained primary's, say.
+            for cid in docker("ps", "-aq", "--filter", label).split():
                 for r in json_logs(cid):
+                    if r.get("message") not in TIMELINE or "time" not in r:
+                        continue
                     at = datetime.fromisoformat(str(r["time"])).timestamp()
-                    if r.get("message") in TIMELINE and moment - before <= at <= moment + 1:
+                    if moment - before <= at <= moment + 1:
                         backends = r.get("backends", "")
                         lines.append(f"{at:.2f} {service} {cid[:8]} {r['message']} {backends}")
         return sorted(lines)

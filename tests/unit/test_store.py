@@ -174,6 +174,33 @@ def test_group_commit_logs_once_per_commit(store: Store, caplog: pytest.LogCaptu
     assert len(listed) + sum(line["unlisted"] for line in lines) == 300  # type: ignore[misc]
 
 
+def test_a_write_whose_caller_left_stays_pending_until_it_commits(store: Store) -> None:
+    """A write whose caller went away (deadline, cancellation) still commits, and the writer
+    counts it as pending until it has: a draining primary waits for pending == 0 before it
+    tells its replicas its last position."""
+
+    async def scenario() -> None:
+        writer = GroupCommitter(store, max_batch=256)
+        writer.start()
+        callers = [
+            asyncio.ensure_future(writer.submit(Write("put", f"left/{i}".encode(), b"v")))
+            for i in range(50)
+        ]
+        await asyncio.sleep(0)  # every write is queued
+        for caller in callers:
+            caller.cancel()
+        assert writer.pending == 50
+        for _ in range(500):  # 5 s at most
+            if not writer.pending:
+                break
+            await asyncio.sleep(0.01)
+        assert writer.pending == 0
+        assert store.seq() == 50  # every write committed, none left behind the count
+        await writer.stop()
+
+    asyncio.run(scenario())
+
+
 def test_group_commit_off_commits_each_write(store: Store) -> None:
     """With max_batch 1 (group commit off) every write is its own transaction."""
 

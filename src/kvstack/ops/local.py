@@ -56,11 +56,15 @@ HEALTHY_TIMEOUT_S = 180.0
 # `python -m kvstack.probe` asks the service's own gRPC health endpoint (port from the image's
 # KVSTACK_SERVICE); it exits 0 only on SERVING.
 PROBE = ["CMD", "/opt/venv/bin/python", "-m", "kvstack.probe"]
-# Between two replicas of a rolling update or rollback of a stateless service. Callers balance
-# over the tasks' addresses from DNS (dnsrr) and re-resolve at most once a second (the client's
-# and the server's channel options); with gRPC's default of 30 s, replacing every replica faster
-# than that left a caller with only dead addresses (measured: 8 of 340 calls failed in a 24 s
-# update). A short pause lets callers learn the new task before the next old one goes.
+# Between two tasks of a rolling update or rollback. Callers balance over the tasks' addresses
+# from DNS (dnsrr) and re-resolve at most once a second (the client's and the server's channel
+# options); with gRPC's default of 30 s, replacing every replica faster than that left a caller
+# with only dead addresses (measured: 8 of 340 calls failed in a 24 s update). The server finds
+# backends the same way (its Directory: a lookup and a Role call each second): a backend task
+# stopped the moment the one before it turned healthy could leave it, for a few seconds, with no
+# backend it knew could answer a read (1 read of about 1,200 failed at the client's 5 s deadline
+# in 1 of 5 backend rolling updates on a loaded machine). A short pause lets callers learn the
+# new task before the next old one goes.
 UPDATE_DELAY = "2s"
 # Swarm numbers the tasks of a service from 1 (its slot); each task of a stateful service gets
 # the volume and the ordinal of its slot, and slot 1 is the primary. Swarm scales down from the
@@ -136,8 +140,6 @@ def service_spec(
     override the registry's, `services` is the service list (default: the registry)."""
     stateful = service.kind == "stateful"
     order = "stop-first" if stateful else "start-first"
-    # Between two replicas of a stateless service's update or rollback (see UPDATE_DELAY).
-    delay = {} if stateful else {"delay": UPDATE_DELAY}
     health = model.SWARM_HEALTH
     spec: dict[str, Any] = {
         "image": image or images.image_ref(service, tag),
@@ -186,9 +188,9 @@ def service_spec(
                 "order": order,
                 "failure_action": "rollback",
                 "monitor": "10s",
-                **delay,
+                "delay": UPDATE_DELAY,
             },
-            "rollback_config": {"parallelism": 1, "order": order, **delay},
+            "rollback_config": {"parallelism": 1, "order": order, "delay": UPDATE_DELAY},
             "labels": {"dev.kvstack.service": service.name, **(labels or {})},
         },
     }
