@@ -33,6 +33,9 @@ TMP_BYTES = 64 * 2**20
 # default), here so that the deploy model (kvstack.ops.model) sizes the grace period around it
 # without importing the runtime.
 DRAIN_SECONDS = 10
+# Where a stateful service keeps its data: its volume's mount point and KVSTACK_DATA_DIR's
+# default (the Dockerfile creates it, owned by RUNTIME_UID, so a fresh volume mounted there is).
+DATA_DIR = "/data"
 # The non-root user every image runs as (set in the Dockerfile, required by the manifests).
 RUNTIME_UID = 65532
 # The arguments a job runs with as a deploy's smoke test, on every target (the local stack's

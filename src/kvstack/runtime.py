@@ -1,7 +1,7 @@
 """What every long-running kvstack service shares: configuration from the environment, JSON logs,
 the gRPC health service, reflection, Prometheus metrics and graceful shutdown.
 
-A service supplies a `Service` (its servicers, a start-up step that decides when it can really
+A service supplies a `ServiceImpl` (its servicers, a start-up step that decides when it can really
 serve, and a clean-up step) and calls `run(service, config)`. Nothing here is copied into the
 services: a fix here is a fix for all of them.
 """
@@ -420,8 +420,8 @@ class ObservingInterceptor(aio.ServerInterceptor):
 # The service lifecycle.
 
 
-class Service(Protocol):
-    """What a service gives the runtime."""
+class ServiceImpl(Protocol):
+    """What a service gives the runtime (not registry.Service, its entry in the service list)."""
 
     name: str
 
@@ -497,7 +497,9 @@ def server_options(config: RuntimeConfig, recycle: bool = True) -> list[tuple[st
 class Lifecycle:
     """A running gRPC server with health that tells the truth; used by run() and by tests."""
 
-    def __init__(self, service: Service, config: RuntimeConfig, *, access_log: bool = True) -> None:
+    def __init__(
+        self, service: ServiceImpl, config: RuntimeConfig, *, access_log: bool = True
+    ) -> None:
         self.service = service
         self.config = config
         self.health = health_aio.HealthServicer()
@@ -595,7 +597,7 @@ class Lifecycle:
 def run(
     name: str,
     argv: list[str],
-    build: Callable[[], Service],
+    build: Callable[[], ServiceImpl],
     settings: type[Any] | None = None,
 ) -> int:
     """Serve until SIGTERM or SIGINT, drain, and return the exit code (0 after a clean drain).

@@ -149,7 +149,7 @@ def test_services_refuse_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     """A long-running service given arguments exits 2 pointing at the environment variables,
     without building or starting anything."""
 
-    def build() -> runtime.Service:
+    def build() -> runtime.ServiceImpl:
         raise AssertionError("must not be built")
 
     assert runtime.run("backend", ["--port", "1"], build) == 2

@@ -34,7 +34,7 @@ BACKUP = backup_pb2.DESCRIPTOR.services_by_name["Backup"].full_name
 class BackendConfig:
     data_dir: str = setting(
         "KVSTACK_DATA_DIR",
-        "/data",
+        registry.DATA_DIR,
         "directory of the LMDB files (a local volume: never a network or shared file system)",
     )
     map_size: int = setting(

@@ -49,12 +49,13 @@ use = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(json.dumps({"cpu": (use.ru_utime + use.ru_stime) / n, "walls": sorted(walls),
                   "codes": sorted(codes)}))
 """
-GRPCIO_CHECK = """
+BACKEND = registry.get("backend")
+GRPCIO_CHECK = f"""
 import sys, grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-with grpc.insecure_channel("localhost:50061") as channel:
+with grpc.insecure_channel("localhost:{BACKEND.port}") as channel:
     reply = health_pb2_grpc.HealthStub(channel).Check(
-        health_pb2.HealthCheckRequest(service="kvstack.v1.KeyValue"), timeout=10)
+        health_pb2.HealthCheckRequest(service="{BACKEND.readiness}"), timeout=10)
 sys.exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
 """
 BURN = """
@@ -71,8 +72,9 @@ if __name__ == "__main__":
 COMMANDS = {
     "`python -c pass` (start-up only)": [PY, "-c", "pass"],
     "grpcio health client (the probe before)": [PY, "-c", GRPCIO_CHECK],
-    "`python -m kvstack.probe` (now)": [PY, "-m", "kvstack.probe", "--target", "localhost:50061",
-                                        "--service", "kvstack.v1.KeyValue", "--timeout", "10"],
+    "`python -m kvstack.probe` (now)": [PY, "-m", "kvstack.probe", "--target",
+                                        f"localhost:{BACKEND.port}",
+                                        "--service", BACKEND.readiness, "--timeout", "10"],
 }  # fmt: skip
 
 
@@ -99,7 +101,7 @@ def answers(port: int, runs: int) -> dict[str, float]:
     walls = []
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        request = health_pb2.HealthCheckRequest(service="kvstack.v1.KeyValue")
+        request = health_pb2.HealthCheckRequest(service=BACKEND.readiness)
         stub.Check(request, timeout=30)  # connected
         for _ in range(runs):
             start = time.monotonic()
@@ -151,13 +153,14 @@ def main() -> int:
     backend = f"probe-cost-{run}-backend"
     burner = f"probe-cost-{run}-burner"
     rows = []
+    spec, data, uid = BACKEND, registry.DATA_DIR, registry.RUNTIME_UID
     try:
         docker("run", "--detach", "--name", backend, "--read-only", "--tmpfs", "/tmp",  # noqa: S108 - the container's
-               "--publish", "127.0.0.1::50061",
-               "--tmpfs", "/data:uid=65532", "--env", "KVSTACK_DATA_DIR=/data",
-               images.image_ref(registry.get("backend"), tag))  # fmt: skip
+               "--publish", f"127.0.0.1::{spec.port}",
+               "--tmpfs", f"{data}:uid={uid}", "--env", f"KVSTACK_DATA_DIR={data}",
+               images.image_ref(spec, tag))  # fmt: skip
         time.sleep(5)  # LMDB open, SERVING
-        port = int(docker("port", backend, "50061").split(":")[-1])
+        port = int(docker("port", backend, str(spec.port)).split(":")[-1])
         for shares in [0, *(args.shares or [16384])]:
             if shares:
                 seconds = 60 + args.runs * 30

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from kvstack import registry
 
 # Where a stateful service keeps its data: its volume's mount point, and KVSTACK_DATA_DIR.
-DATA_DIR = "/data"
+DATA_DIR = registry.DATA_DIR
 
 # -- Stopping -----------------------------------------------------------------------------------
 # On SIGTERM a service turns NOT_SERVING, lets its calls in flight finish within its drain
