@@ -216,8 +216,9 @@ def wait_seen_by_servers(
     stack: StackUnderTest, count: int, timeout: float = 120
 ) -> dict[int, Task]:
     """Wait until `count` backends run healthy and every server's Directory lists each of them
-    (its last "backends" line): a test of a change then starts from a stack whose servers can
-    use every backend, not only one whose tasks are healthy."""
+    as the primary or a readable replica (its last "backends" line): a test of a change then
+    starts from a stack whose servers can use every backend, not only one whose tasks are
+    healthy."""
     deadline = time.monotonic() + timeout
     while True:
         tasks = wait_backends(stack, count, timeout=max(1.0, deadline - time.monotonic()))
@@ -225,10 +226,10 @@ def wait_seen_by_servers(
         for server in stack.containers(registry.get("server").name):
             lines = [r for r in json_logs(server) if r.get("message") == "backends"]
             listing = lines[-1].get("backends") if lines else None
-            entries = listing if isinstance(listing, list) else []
-            views.append({str(entry).split()[0] for entry in entries})  # "ADDRESS role"
+            views.append({str(e) for e in listing} if isinstance(listing, list) else set())
         targets = {t.target for t in tasks.values()}
-        if views and all(targets <= view for view in views):
+        usable = [{f"{t} primary", f"{t} replica"} for t in targets]
+        if views and all(view & ok for view in views for ok in usable):
             return tasks
         if time.monotonic() > deadline:
             pytest.fail(
@@ -347,8 +348,8 @@ class Workload:
         )
 
     def timeline(self, moment: float, before: float) -> list[str]:
-        """What the stack's running containers said about backends in the `before` seconds up
-        to `moment` (epoch): where to look when a call failed."""
+        """What the stack's containers (stopped tasks' too) said about backends in the `before`
+        seconds up to `moment` (epoch): where to look when a call failed."""
         lines = []
         for service in (BACKEND.name, registry.get("server").name):
             label = f"label=com.docker.swarm.service.name={self.stack.name}_{service}"
@@ -480,7 +481,7 @@ def test_replica_sigkill_loses_no_acknowledged_write(
     """`docker kill -s KILL` of the replica (slot 2) during writes; Swarm restarts it on its own
     volume and it catches up from where it was: identical to the primary, nothing lost, and no
     call failed (the primary acknowledges alone meanwhile; reads go to the primary)."""
-    wait_backends(rstack, BACKENDS)
+    wait_seen_by_servers(rstack, BACKENDS)
     run = workload("kill-replica")
     run.wait_acks(500)
     kill_and_wait(rstack, PRIMARY_SLOT + 1)
@@ -501,21 +502,22 @@ def test_partitioned_replica_converges_after_reconnect(
     run.wait_acks(300)
     docker("network", "disconnect", backend_network(rstack), replica)
     try:
-        run.wait_acks(LOG_RETAIN + 500)  # beyond the primary's log: the replica needs a snapshot
-    finally:
-        docker("network", "connect", backend_network(rstack), replica)
-    run.wait_acks(300)
-    run.stop()
-    print(run.check(), flush=True)
-    try:
+        try:
+            run.wait_acks(LOG_RETAIN + 500)  # beyond the primary's log: it needs a snapshot
+        finally:
+            docker("network", "connect", backend_network(rstack), replica)
+        run.wait_acks(300)
+        run.stop()
+        print(run.check(), flush=True)
         assert replica == backends(rstack)[PRIMARY_SLOT + 1].container, "the replica was replaced"
         snapshots = [r for r in json_logs(replica) if r.get("message") == "snapshot loaded"]
         assert snapshots, "the reconnected replica did not copy a snapshot"
     finally:
         # A task container connected again by hand is back on the network but not in the
         # service's DNS (seen here: no server listed it again, so the next test began with the
-        # primary as the only reader). Swarm replaces the task, which registers it properly.
-        docker("rm", "--force", replica)
+        # primary as the only reader). Swarm replaces the task, which registers it properly;
+        # whatever failed above, the next tests get a whole stack.
+        docker("rm", "--force", replica, check=False)
         wait_seen_by_servers(rstack, BACKENDS)
 
 

@@ -130,10 +130,12 @@ async def _refuse(context: Context, err: Exception) -> None:
     if isinstance(err, _Replica):
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
     if isinstance(err, _Draining):
+        # With the pushback trailer: gRPC's own retry would only send it back here.
         await context.abort(
             grpc.StatusCode.UNAVAILABLE,
-            "the primary is stopping (a restart or a move) and takes no more writes; the "
-            "server sends the write again to the primary once it answers: retry",
+            "the primary is stopping (a restart or a move) and takes no more writes; retry "
+            "through the server, which holds the write until the next primary answers",
+            trailing_metadata=NO_RETRY,
         )
     if isinstance(err, _Restoring):
         await context.abort(

@@ -134,7 +134,7 @@ def container(svc: Service, services: Mapping[str, Service]) -> dict[str, Any]:
                 },
             }
         )
-        mounts.append({"name": "data", "mountPath": model.DATA_DIR})
+        mounts.append({"name": "data", "mountPath": registry.DATA_DIR})
     spec: dict[str, Any] = {
         "name": svc.name,
         "image": f"{svc.image}:{BASE_TAG}",

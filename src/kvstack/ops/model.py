@@ -13,9 +13,6 @@ from dataclasses import dataclass
 
 from kvstack import registry
 
-# Where a stateful service keeps its data: its volume's mount point, and KVSTACK_DATA_DIR.
-DATA_DIR = registry.DATA_DIR
-
 # -- Stopping -----------------------------------------------------------------------------------
 # On SIGTERM a service turns NOT_SERVING, lets its calls in flight finish within its drain
 # (KVSTACK_SHUTDOWN_GRACE, default registry.DRAIN_SECONDS) and releases what it holds (the
@@ -103,7 +100,7 @@ def environment(svc: registry.Service, services: Mapping[str, registry.Service])
         env["KVSTACK_METRICS_PORT"] = str(registry.METRICS_PORT)
         env["KVSTACK_SHUTDOWN_GRACE"] = str(DRAIN_SECONDS)
     if svc.kind == "stateful":
-        env["KVSTACK_DATA_DIR"] = DATA_DIR
+        env["KVSTACK_DATA_DIR"] = registry.DATA_DIR
     for callee in svc.calls:
         env[target_variable(callee)] = services[callee].target
     return env

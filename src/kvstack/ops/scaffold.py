@@ -341,7 +341,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         dest="kind",
         action="store_const",
         const="stateful",
-        help="keeps data on its own volume (/data)",
+        help=f"keeps data on its own volume ({registry.DATA_DIR})",
     )
     new.add_argument("--root", type=Path, default=ROOT, help="repository (default: this one)")
     new.add_argument("--dry-run", action="store_true", help="check and list, write nothing")
