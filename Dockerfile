@@ -1,6 +1,6 @@
 # One Dockerfile for every kvstack service (see docs/packaging.md):
 #   DOCKER_BUILDKIT=1 docker build --target service --build-arg SERVICE=server -t kvstack-server .
-# `kvstack images` (make images) runs this once per service in services.toml.
+# `kvstack images` (make images) runs this once per service in src/kvstack/ops/services.toml.
 # Stages: build (Debian's Python 3.11, locked deps in /opt/venv, then a distroless-style root file
 # system in /rootfs), app (the source, precompiled), runtime (FROM scratch: rootfs + app, shared by
 # every image), service (the service's own package and its metadata).
@@ -63,7 +63,7 @@ RUN R=/rootfs; py=/usr/lib/python3.11; \
 # ID, so a deploy restarts only the changed service. A new shared subpackage is listed here
 # (tests/unit/test_packaging_inputs.py fails until it is).
 FROM build AS shared
-COPY src/kvstack/*.py src/kvstack/py.typed src/kvstack/services.toml /app/kvstack/
+COPY src/kvstack/*.py src/kvstack/py.typed /app/kvstack/
 COPY src/kvstack/v1 /app/kvstack/v1
 RUN python3 -m compileall -q --invalidation-mode unchecked-hash -d /opt/venv/lib/python3.11/site-packages/kvstack /app/kvstack
 

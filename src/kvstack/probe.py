@@ -57,10 +57,9 @@ class ProtocolError(Exception):
 def default_port() -> int:
     if os.environ.get("KVSTACK_PORT"):
         return int(os.environ["KVSTACK_PORT"])
-    from kvstack import registry  # only when no port is given: reading services.toml costs
+    from kvstack import defaults  # a module of constants: no cost to speak of
 
-    service = registry.get(os.environ.get("KVSTACK_SERVICE", "server"))
-    return service.port or 0
+    return defaults.PORTS.get(os.environ.get("KVSTACK_SERVICE", "server"), 0)
 
 
 def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:

@@ -30,7 +30,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram, start_http_server
 
-from kvstack import registry
+from kvstack import defaults
 
 log = logging.getLogger("kvstack.runtime")
 
@@ -114,7 +114,8 @@ def settings_of(cls: type[Any]) -> list[tuple[str, Any, str]]:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Settings every long-running service has. `port` defaults to the registry's port."""
+    """Settings every long-running service has. `port` defaults to the service's own
+    (kvstack.defaults.PORTS)."""
 
     port: int = setting(
         "KVSTACK_PORT", 0, "gRPC port (default: the service's port in services.toml)"
@@ -128,12 +129,12 @@ class RuntimeConfig:
     )
     metrics_port: int = setting(
         "KVSTACK_METRICS_PORT",
-        registry.METRICS_PORT,
+        defaults.METRICS_PORT,
         "Prometheus /metrics HTTP port; 0 turns metrics off",
     )
     shutdown_grace: float = setting(
         "KVSTACK_SHUTDOWN_GRACE",
-        float(registry.DRAIN_SECONDS),
+        float(defaults.DRAIN_SECONDS),
         "seconds to finish in-flight calls after SIGTERM",
     )
     shutdown_delay: float = setting(
@@ -421,7 +422,8 @@ class ObservingInterceptor(aio.ServerInterceptor):
 
 
 class ServiceImpl(Protocol):
-    """What a service gives the runtime (not registry.Service, its entry in the service list)."""
+    """What a service gives the runtime (not kvstack.ops.catalog.Service, its entry in the
+    deploy's service list)."""
 
     name: str
 
@@ -517,7 +519,7 @@ class Lifecycle:
             ],
             self.server,
         )
-        port = config.port or (registry.get(service.name).port or 0)
+        port = config.port or defaults.PORTS.get(service.name, 0)
         self.port = self.server.add_insecure_port(f"{config.host}:{port}")
         if self.port == 0:
             raise ConfigError(

@@ -9,9 +9,9 @@ import sys
 import tomllib
 from pathlib import Path
 
-from kvstack import registry, runtime
+from kvstack import runtime
 from kvstack.backend import BackendConfig
-from kvstack.ops import images
+from kvstack.ops import catalog, images
 from kvstack.server import ServerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,7 +62,7 @@ def test_pip_install_gives_a_working_cli(tmp_path: Path) -> None:
     changed = run(str(venv / "bin" / "kvstack"), "pipeline", "changed", "--all", cwd=ROOT)
     assert changed.returncode == 0, changed.stderr
     versions = {row["service"]: row["version"] for row in json.loads(changed.stdout)}
-    assert versions == {n: images.revision(s) for n, s in registry.services().items()}
+    assert versions == {n: images.revision(s) for n, s in catalog.services().items()}
     # ...and outside any tree it says so, without a traceback.
     outside = run(str(venv / "bin" / "kvstack"), "pipeline", "changed", "--all")
     assert outside.returncode == 1, outside.stdout + outside.stderr

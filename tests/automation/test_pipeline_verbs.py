@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from kvstack import cli, registry
-from kvstack.ops import pipeline
+from kvstack import cli
+from kvstack.ops import catalog, pipeline
 
 REGISTRY = "europe-west1-docker.pkg.dev/kvstack-demo/kvstack"
 
@@ -38,22 +38,22 @@ def repo(tmp_path: Path) -> Path:
     git(tmp_path, "init", "-q")
     for path in ["Dockerfile", "requirements.lock", "src/kvstack/runtime.py",
                  "src/kvstack/ops/kube.py",
-                 *(f"src/kvstack/{s}/__init__.py" for s in registry.services())]:  # fmt: skip
+                 *(f"src/kvstack/{s}/__init__.py" for s in catalog.services())]:  # fmt: skip
         commit(tmp_path, path, "v1\n")
     return tmp_path
 
 
-def names(services: list[registry.Service]) -> list[str]:
+def names(services: list[catalog.Service]) -> list[str]:
     return [s.name for s in services]
 
 
 def test_a_change_to_one_service_rebuilds_that_service_alone(repo: Path) -> None:
     """Editing src/kvstack/server/ changes the server's version and no other's."""
     base = git(repo, "rev-parse", "HEAD")
-    before = {s: pipeline.service_version(svc, repo) for s, svc in registry.services().items()}
+    before = {s: pipeline.service_version(svc, repo) for s, svc in catalog.services().items()}
     head = commit(repo, "src/kvstack/server/__init__.py", "v2\n")
     assert names(pipeline.changed_since(base, repo)) == ["server"]
-    after = {s: pipeline.service_version(svc, repo) for s, svc in registry.services().items()}
+    after = {s: pipeline.service_version(svc, repo) for s, svc in catalog.services().items()}
     assert after["server"] == head
     assert {s: v for s, v in after.items() if s != "server"} == {
         s: v for s, v in before.items() if s != "server"
@@ -64,7 +64,7 @@ def test_a_change_to_shared_code_rebuilds_every_service(repo: Path) -> None:
     """Editing shared code (runtime.py, Dockerfile) gives every service a new image."""
     base = git(repo, "rev-parse", "HEAD")
     commit(repo, "src/kvstack/runtime.py", "v2\n")
-    assert names(pipeline.changed_since(base, repo)) == list(registry.services())
+    assert names(pipeline.changed_since(base, repo)) == list(catalog.services())
 
 
 def test_a_change_outside_the_images_rebuilds_nothing(repo: Path) -> None:
@@ -77,13 +77,13 @@ def test_a_change_outside_the_images_rebuilds_nothing(repo: Path) -> None:
 
 def test_an_unknown_base_rebuilds_every_service(repo: Path) -> None:
     """A new branch (forty zeros) or a commit missing from a shallow clone: everything."""
-    assert names(pipeline.changed_since("0" * 40, repo)) == list(registry.services())
-    assert names(pipeline.changed_since("f" * 40, repo)) == list(registry.services())
+    assert names(pipeline.changed_since("0" * 40, repo)) == list(catalog.services())
+    assert names(pipeline.changed_since("f" * 40, repo)) == list(catalog.services())
 
 
 def test_release_tags_add_the_semver() -> None:
     """refs/tags/v1.2.3 tags the image 1.2.3 besides the git SHA; a branch only the SHA."""
-    svc = registry.get("server")
+    svc = catalog.get("server")
     assert pipeline.tags_for(svc, "abc", REGISTRY, "refs/tags/v1.2.3") == [
         f"{REGISTRY}/kvstack-server:abc",
         f"{REGISTRY}/kvstack-server:1.2.3",
@@ -131,16 +131,16 @@ def test_release_refers_to_images_by_digest_with_a_version_per_service(
     out, err = capsys.readouterr()
     assert code == 0, err
     digests = json.loads(out.strip().splitlines()[-1])
-    assert set(digests) == {s.image for s in registry.services().values()}
+    assert set(digests) == {s.image for s in catalog.services().values()}
     kustomization = err.split("<<'EOF'\n", 1)[1].split("EOF", 1)[0]
-    for svc in registry.services().values():
+    for svc in catalog.services().values():
         assert f"digest: {digests[svc.image]}" in kustomization
         assert pipeline.service_version(svc) in kustomization
     assert "newTag" not in kustomization
     calls = [json.loads(line) for line in fake_tools.read_text().splitlines()]
     described = [c[5] for c in calls if c[1:4] == ["artifacts", "docker", "images"]]
     assert described == [
-        f"{REGISTRY}/{s.image}:{pipeline.service_version(s)}" for s in registry.services().values()
+        f"{REGISTRY}/{s.image}:{pipeline.service_version(s)}" for s in catalog.services().values()
     ]
 
 

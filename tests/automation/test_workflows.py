@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no types
 
-from kvstack import cli, registry
+from kvstack import cli
+from kvstack.ops import catalog
 from tests.automation import zizmor
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -195,7 +196,7 @@ def test_no_workflow_spells_out_the_services() -> None:
     assert include == "${{ fromJSON(needs.changes.outputs.matrix) }}"
     for wf in WORKFLOWS:
         values = " ".join(strings(load(wf)))
-        for name in registry.services():
+        for name in catalog.services():
             assert not re.search(rf"\b{name}\b", values), f"{wf.name} names the service {name}"
 
 

@@ -28,9 +28,9 @@ import grpc
 import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no types
 
-from kvstack import backup, cli, registry
+from kvstack import backup, cli
 from kvstack.dev.processes import ServiceProcess
-from kvstack.ops import kube, manifests
+from kvstack.ops import catalog, kube, manifests
 from kvstack.v1 import kv_pb2, kv_pb2_grpc
 from tests.conftest import Spawn
 
@@ -210,7 +210,7 @@ def test_minikube_deploy_plan(fake: FakeTools) -> None:
         ["kubectl", "config", "current-context"],
         *[
             [cmd[0], *cmd[1:]]
-            for s in registry.services().values()
+            for s in catalog.services().values()
             for cmd in (
                 ["docker", "image", "inspect", "--format", "{{.Id}}", f"{s.image}:v1"],
                 ["minikube", "image", "load", f"{s.image}:v1"],
@@ -230,7 +230,7 @@ def test_minikube_deploy_plan(fake: FakeTools) -> None:
     docs = render(release)
     images = {c["image"] for d in docs if "template" in d.get("spec", {})
               for c in d["spec"]["template"]["spec"]["containers"]}  # fmt: skip
-    assert images == {f"{s.image}:v1" for s in registry.services().values()}
+    assert images == {f"{s.image}:v1" for s in catalog.services().values()}
     for d in docs:
         if d["kind"] in ("Deployment", "StatefulSet", "Job"):
             assert d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/version"] == "v1"
@@ -248,7 +248,7 @@ def test_kind_deploy_loads_into_the_contexts_cluster(fake: FakeTools) -> None:
     assert cli.main(["deploy", "kind", "--version", "v1"]) == 0
     assert fake.calls("kind") == [
         ["kind", "load", "docker-image", "--name", "kvstack-e2e", f"{s.image}:v1"]
-        for s in registry.services().values()
+        for s in catalog.services().values()
     ]
     assert not fake.calls("minikube")
     assert [*NS, "patch", "job/client", "--type=merge",
@@ -259,7 +259,7 @@ def test_kind_deploy_loads_into_the_contexts_cluster(fake: FakeTools) -> None:
     assert [c["spec"]["storageClassName"] for c in claims] == ["standard"]
     images = {c["image"] for d in docs if "template" in d.get("spec", {})
               for c in d["spec"]["template"]["spec"]["containers"]}  # fmt: skip
-    assert images == {f"{s.image}:v1" for s in registry.services().values()}
+    assert images == {f"{s.image}:v1" for s in catalog.services().values()}
 
 
 def test_gke_deploy_pushes_to_artifact_registry(fake: FakeTools) -> None:
@@ -273,7 +273,7 @@ def test_gke_deploy_pushes_to_artifact_registry(fake: FakeTools) -> None:
     assert calls[0] == ["gcloud", "auth", "list", "--filter=status:ACTIVE",
                         "--format=value(account)"]  # fmt: skip
     assert calls[1] == ["gcloud", "auth", "configure-docker", host, "--quiet"]
-    for s in registry.services().values():
+    for s in catalog.services().values():
         remote = f"{REGISTRY}/{s.image}:v2"
         assert ["docker", "tag", f"{s.image}:v2", remote] in calls
         assert ["docker", "push", remote] in calls
@@ -283,7 +283,7 @@ def test_gke_deploy_pushes_to_artifact_registry(fake: FakeTools) -> None:
     docs = render(release_from(fake.calls()))
     images = {c["image"] for d in docs if "template" in d.get("spec", {})
               for c in d["spec"]["template"]["spec"]["containers"]}  # fmt: skip
-    assert images == {f"{REGISTRY}/{s.image}:v2" for s in registry.services().values()}
+    assert images == {f"{REGISTRY}/{s.image}:v2" for s in catalog.services().values()}
     assert not fake.calls("minikube")
 
 
@@ -505,10 +505,10 @@ def test_deploy_builds_the_trees_images_when_no_version(
     minikube_context(fake)
     assert cli.main(["deploy", "minikube"]) == 0
     builds = [c for c in fake.calls("docker") if c[1] == "build"]
-    assert len(builds) == len(registry.services())
+    assert len(builds) == len(catalog.services())
     tag = builds[0][builds[0].index("--tag") + 1].split(":", 1)[1]
     loads = [c[-1] for c in fake.calls("minikube")]
-    assert loads == [f"{s.image}:{tag}" for s in registry.services().values()]
+    assert loads == [f"{s.image}:{tag}" for s in catalog.services().values()]
 
 
 # -- errors that say what to do -----------------------------------------------------------------

@@ -15,12 +15,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kvstack import registry
-from kvstack.ops import engine, images, local
+from kvstack.ops import catalog, engine, images, local
 from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner
 
@@ -37,13 +37,24 @@ def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
     return result.stdout
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test here that uses the engine (the `tag` or `stack` fixture) is a containers test,
+    marked or not, so that `make test-fast` (-m "not containers") never builds images."""
+    here = Path(__file__).parent
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.path.is_relative_to(here) and {"tag", "stack"} & fixtures:
+            item.add_marker(pytest.mark.containers)
+
+
 @pytest.fixture(scope="session")
 def tag() -> str:
     """The tag of this tree's images, built (or found up to date) as `make up` would."""
     try:
         engine.ensure(RUNNER)
         version = images.version()
-        images.build(RUNNER, list(registry.services().values()), version, only_if_changed=True)
+        images.build(RUNNER, list(catalog.services().values()), version, only_if_changed=True)
     except CommandError as err:
         pytest.fail(f"cannot set up the Docker engine and images: {err}")
     return version
@@ -68,7 +79,7 @@ class StackUnderTest:
     ) -> list[str]:
         """docker run arguments for a job (the client) on its network in the stack, or on
         `network` (a test that stands where another service stands, e.g. reads backends)."""
-        service = registry.get(job)
+        service = catalog.get(job)
         env = [f"--env={k}={v}" for k, v in local.callee_targets(service).items()]
         name = f"{self.name}-{job}-{uuid.uuid4().hex[:6]}"
         mode = ["--detach", f"--name={name}"] if detach else ["--rm"]
@@ -91,7 +102,7 @@ class StackUnderTest:
         """Per long-running service: (healthy tasks on this tag's image, replicas wanted); a
         service in the middle of an update counts one replica short."""
         counts = {}
-        for service in registry.rollout_order():
+        for service in catalog.rollout_order():
             name = local.service_name(self.name, service)
             images_run = docker("ps", "--filter", f"label=com.docker.swarm.service.name={name}",
                                 "--filter", "health=healthy", "--format", "{{.Image}}",
@@ -140,7 +151,7 @@ def own_stack(
 def stack(tag: str) -> Iterator[StackUnderTest]:
     """A stack of every long-running service, deployed for this session and removed after it."""
     with own_stack("kvtest", tag) as test_stack:
-        server = registry.get("server")
+        server = catalog.get("server")
         local.ensure_gateway(RUNNER, test_stack.name, images.image_ref(server, tag),
                              local.local_address())  # fmt: skip
         yield test_stack

@@ -22,9 +22,9 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from kvstack import backup, cli, registry
+from kvstack import backup, cli
 from kvstack.dev.rollouts import json_logs
-from kvstack.ops import local
+from kvstack.ops import catalog, local
 from kvstack.ops.shell import Runner
 
 from .conftest import StackUnderTest, docker
@@ -33,7 +33,7 @@ from .test_replication_faults import PRIMARY_SLOT, listings, wait_backends
 pytestmark = pytest.mark.containers
 
 RUNNER = Runner()
-BACKEND = registry.get("backend")
+BACKEND = catalog.get("backend")
 CONVERGE_S = 90
 
 

@@ -26,9 +26,8 @@ from typing import Any
 
 import pytest
 
-from kvstack import registry
 from kvstack.dev.probe_cost import BURN
-from kvstack.ops import images, local
+from kvstack.ops import catalog, images, local
 
 from .conftest import StackUnderTest, docker, own_stack
 
@@ -37,7 +36,7 @@ pytestmark = pytest.mark.containers
 BURN_S = 120
 SHARES = 65536  # 64 busy containers' worth
 # The stack's health check: unhealthy after this many failures in a row.
-RETRIES = local.service_spec(registry.get("server"), "t")["healthcheck"]["retries"]
+RETRIES = local.service_spec(catalog.get("server"), "t")["healthcheck"]["retries"]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,7 @@ def cstack(tag: str) -> Iterator[StackUnderTest]:
 def tasks(stack: StackUnderTest) -> dict[str, list[str]]:
     """Every task Swarm has for each service (its history included): 'ID DESIRED-STATE'."""
     out = {}
-    for service in registry.rollout_order():
+    for service in catalog.rollout_order():
         name = local.service_name(stack.name, service)
         fmt = "{{.ID}} {{.DesiredState}}"
         out[service.name] = docker("service", "ps", "--no-trunc", "--format", fmt, name).split("\n")
@@ -87,8 +86,8 @@ def test_a_saturated_host_kills_no_healthy_task(cstack: StackUnderTest) -> None:
     put = cstack.run_job("client", "put", f"{key}/before", "v", timeout=120)
     assert put.returncode == 0, f"the stack does not take writes before the burn: {put.stderr}"
     before_tasks = tasks(cstack)
-    containers = {s.name: sorted(cstack.containers(s.name)) for s in registry.rollout_order()}
-    wanted = {s.name: s.replicas for s in registry.rollout_order()}
+    containers = {s.name: sorted(cstack.containers(s.name)) for s in catalog.rollout_order()}
+    wanted = {s.name: s.replicas for s in catalog.rollout_order()}
     assert {k: len(v) for k, v in containers.items()} == wanted, (
         f"not every task runs before the burn: {containers}; see `docker stack ps {cstack.name}`"
     )
@@ -96,7 +95,7 @@ def test_a_saturated_host_kills_no_healthy_task(cstack: StackUnderTest) -> None:
     streaks: dict[str, int] = {}  # container -> the longest failing streak seen
     failures: dict[str, dict[str, Any]] = {}  # container -> its last failed check
     checks: dict[tuple[str, str], float] = {}  # (container, start) -> seconds the check took
-    client = images.image_ref(registry.get("client"), cstack.tag)
+    client = images.image_ref(catalog.get("client"), cstack.tag)
     started = time.monotonic()
     try:
         docker("run", "--detach", "--rm", "--name", burner, "--cpu-shares", str(SHARES),
@@ -132,7 +131,7 @@ def test_a_saturated_host_kills_no_healthy_task(cstack: StackUnderTest) -> None:
         f"last failed check: {failures.get(cid)}"
         for cid in (c for ids in containers.values() for c in ids)
     )
-    after = {s.name: sorted(cstack.containers(s.name)) for s in registry.rollout_order()}
+    after = {s.name: sorted(cstack.containers(s.name)) for s in catalog.rollout_order()}
     after_tasks = tasks(cstack)
     replaced = (
         f"tasks were replaced during {elapsed:.0f} s of a saturated host (burner at "

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from kvstack import registry
-from kvstack.ops import dev
+from kvstack.ops import catalog, dev
 from tests.conftest import copy_repository
 
 SERVER_CODE = "src/kvstack/server/__init__.py"
@@ -58,12 +57,12 @@ def test_a_service_package_affects_that_service_alone() -> None:
 
 
 def test_shared_code_and_protos_affect_every_service() -> None:
-    """Shared code (runtime.py, the registry, generated v1 code) and protos/: every service,
-    with every unit and integration test (no -k)."""
-    every = list(registry.services())
+    """Shared code (runtime.py, the services' defaults, generated v1 code) and protos/: every
+    service, with every unit and integration test (no -k)."""
+    every = list(catalog.services())
     for path in (
         "src/kvstack/runtime.py",
-        "src/kvstack/services.toml",
+        "src/kvstack/defaults.py",
         "protos/kvstack/v1/x.proto",
     ):
         assert names([path]) == (every, True), path
@@ -74,6 +73,8 @@ def test_shared_code_and_protos_affect_every_service() -> None:
 def test_code_in_no_image_affects_nothing() -> None:
     """The ops CLI, the developer tools, docs and tests are in no image: no service, no tests."""
     paths = ["src/kvstack/ops/dev.py", "src/kvstack/dev/bench.py", "docs/x.md", "tests/unit/a.py"]
+    # The service list too: no running service reads it, so a replica count rebuilds nothing.
+    paths.append(catalog.SERVICES_PATH)
     assert names(paths) == ([], False)
     assert dev.tests_argv(dev.plan_for(paths)) == []
 
@@ -213,7 +214,7 @@ def copy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevCopy]:
     REF") that did not exist before are deleted, and a kvstack-NAME:latest is put back only if
     it still names an image these runs built."""
     tags_before = image_tags()
-    latest_before = {s.image: image_id(f"{s.image}:latest") for s in registry.services().values()}
+    latest_before = {s.image: image_id(f"{s.image}:latest") for s in catalog.services().values()}
     root = copy_repository(tmp_path_factory.mktemp("repo"))
     (root / MARK_TEST).write_text(MARK_TEST_TEXT)
     under_test = DevCopy(root, f"kvtest-dev-{uuid.uuid4().hex[:6]}")

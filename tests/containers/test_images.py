@@ -15,8 +15,7 @@ from typing import IO
 
 import pytest
 
-from kvstack import registry
-from kvstack.ops import images
+from kvstack.ops import catalog, images
 from tests.conftest import copy_repository
 
 from .conftest import docker
@@ -36,27 +35,27 @@ SECRET_PATHS = re.compile(
 
 
 def refs(tag: str) -> list[str]:
-    return [images.image_ref(s, tag) for s in registry.services().values()]
+    return [images.image_ref(s, tag) for s in catalog.services().values()]
 
 
 def layers(ref: str) -> list[str]:
     return list(json.loads(docker("image", "inspect", "--format", "{{json .RootFS.Layers}}", ref)))
 
 
-@pytest.mark.parametrize("service", list(registry.services()))
+@pytest.mark.parametrize("service", list(catalog.services()))
 def test_each_image_is_at_most_100_mb(tag: str, service: str) -> None:
     """Each service image stays within 100 MB (`docker image inspect` Size)."""
-    ref = images.image_ref(registry.get(service), tag)
+    ref = images.image_ref(catalog.get(service), tag)
     size = int(docker("image", "inspect", "--format", "{{.Size}}", ref))
     assert size <= MAX_IMAGE_BYTES, f"{ref} is {size / 1e6:.1f} MB"
 
 
-@pytest.mark.parametrize("service", list(registry.services()))
+@pytest.mark.parametrize("service", list(catalog.services()))
 def test_image_runs_as_the_nonroot_user(tag: str, service: str) -> None:
     """The Dockerfile sets USER 65532 and a container really runs as that uid and gid."""
-    ref = images.image_ref(registry.get(service), tag)
+    ref = images.image_ref(catalog.get(service), tag)
     assert docker("image", "inspect", "--format", "{{.Config.User}}", ref).strip() == (
-        f"{registry.RUNTIME_UID}:{registry.RUNTIME_UID}"
+        f"{catalog.RUNTIME_UID}:{catalog.RUNTIME_UID}"
     )
     out = docker(
         "run",
@@ -69,7 +68,7 @@ def test_image_runs_as_the_nonroot_user(tag: str, service: str) -> None:
         "-c",
         "import os; print(os.getuid(), os.getgid())",
     )
-    assert out.split() == [str(registry.RUNTIME_UID)] * 2
+    assert out.split() == [str(catalog.RUNTIME_UID)] * 2
 
 
 def test_images_share_every_lower_layer(tag: str) -> None:
@@ -130,7 +129,7 @@ def test_a_change_to_one_service_keeps_every_other_image_id(tmp_path: Path) -> N
     labelled by the content hash of their own inputs, as a dirty tree's are.)"""
     copy = copy_repository(tmp_path / "repo")
     tags = [f"kvtest-ids-{uuid.uuid4().hex[:6]}-{n}" for n in (1, 2)]
-    names = list(registry.services())
+    names = list(catalog.services())
     latest = {n: docker("image", "inspect", "-f", "{{.Id}}", f"kvstack-{n}:latest", check=False)
               for n in names}  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(copy / "src")}

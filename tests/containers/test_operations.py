@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from kvstack import registry
-from kvstack.ops import engine, images, local
+from kvstack.ops import catalog, engine, images, local
 from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner
 from kvstack.ops.targets import DeployRequest
@@ -33,8 +32,8 @@ pytestmark = pytest.mark.containers
 
 RUNNER = Runner()
 TIMEOUT = 300  # a paced two-replica update takes ~110 s here; the CLI default
-SERVER = registry.get("server")
-BACKEND = registry.get("backend")
+SERVER = catalog.get("server")
+BACKEND = catalog.get("backend")
 
 # Calls until stopped (SIGTERM) or for at most argv[1] seconds; one JSON line per failed call
 # (after the client's retries) and a summary at the end.
@@ -98,12 +97,12 @@ class OpsStack:
         self.target.deploy(RUNNER, request)
         return time.monotonic() - started
 
-    def live(self, service: registry.Service) -> local.Live:
+    def live(self, service: catalog.Service) -> local.Live:
         found = self.target.live(RUNNER, service)
         assert found is not None, f"{service.name} is not deployed"
         return found
 
-    def running_images(self, service: registry.Service) -> list[str]:
+    def running_images(self, service: catalog.Service) -> list[str]:
         """The image of each running container of the service."""
         label = f"label=com.docker.swarm.service.name={self.target.service(service)}"
         return docker("ps", "--filter", label, "--format", "{{.Image}}").split()
@@ -112,7 +111,7 @@ class OpsStack:
         argv = self.under_test.job_argv(
             "client", "-c", CALLER, str(seconds), f"ops/{uuid.uuid4().hex[:6]}/", detach=True
         )
-        image_at = argv.index(images.image_ref(registry.get("client"), self.tag))
+        image_at = argv.index(images.image_ref(catalog.get("client"), self.tag))
         argv.insert(image_at, "--entrypoint=/opt/venv/bin/python")
         caller = Caller(docker(*argv).strip())
         self.callers.append(caller)
@@ -125,7 +124,7 @@ def _make_release(tag: str, v2: str) -> None:
     """v2: the server rebuilt with one more label (a different image), backend and client
     retagged (same content, so the deploy must not restart the backend)."""
     for name in ("backend", "client"):
-        svc = registry.get(name)
+        svc = catalog.get(name)
         docker("tag", images.image_ref(svc, tag), images.image_ref(svc, v2))
     _build_server(
         v2, f"FROM {images.image_ref(SERVER, tag)}\nLABEL dev.kvstack.test-release={v2}\n"
@@ -156,7 +155,7 @@ def ops(tag: str) -> Iterator[OpsStack]:
             docker("rm", "--force", caller.container, check=False)
         local.remove(RUNNER, stack.target.stack, volumes=True)
         (local.BUILD_DIR / f"{stack.target.stack}.stack.json").unlink(missing_ok=True)
-        for svc in registry.services().values():
+        for svc in catalog.services().values():
             docker("image", "rm", images.image_ref(svc, v2), check=False)
 
 
@@ -241,7 +240,7 @@ def test_a_failing_release_is_rolled_back_by_itself(ops: OpsStack) -> None:
     ops.deploy(ops.tag)
     bad = f"{ops.tag}-opsbad"
     for name in ("backend", "client"):
-        svc = registry.get(name)
+        svc = catalog.get(name)
         docker("tag", images.image_ref(svc, ops.tag), images.image_ref(svc, bad))
     dockerfile = (
         f"FROM {images.image_ref(SERVER, ops.tag)}\n"
@@ -256,5 +255,5 @@ def test_a_failing_release_is_rolled_back_by_itself(ops: OpsStack) -> None:
         assert server.image == images.image_ref(SERVER, ops.tag)
         assert ops.running_images(SERVER) == [server.image] * server.replicas
     finally:
-        for svc in registry.services().values():
+        for svc in catalog.services().values():
             docker("image", "rm", images.image_ref(svc, bad), check=False)

@@ -31,14 +31,13 @@ from typing import Protocol
 
 import pytest
 
-from kvstack import registry
 from kvstack.client import default_write_timeout
 from kvstack.dev.rollouts import (
     json_logs,
     restart_phases,
     write_latency,
 )
-from kvstack.ops import images, local
+from kvstack.ops import catalog, images, local
 from kvstack.ops.shell import Runner
 
 from .conftest import StackUnderTest, docker
@@ -46,7 +45,7 @@ from .conftest import StackUnderTest, docker
 pytestmark = pytest.mark.containers
 
 RUNNER = Runner()
-BACKEND = registry.get("backend")
+BACKEND = catalog.get("backend")
 PRIMARY_SLOT = local.PRIMARY_SLOT
 BACKENDS = 2  # the stack's default backend count
 LOG_RETAIN = 1500  # a few seconds of writes: a partitioned or new replica needs a snapshot
@@ -167,7 +166,7 @@ def python_job(
     """docker run arguments for a Python script in the client image on the client's network
     in the stack (it reaches the server), or on `network`."""
     argv = stack.job_argv("client", "-c", script, *args, detach=detach, network=network)
-    argv.insert(argv.index(images.image_ref(registry.get("client"), stack.tag)), "--entrypoint")
+    argv.insert(argv.index(images.image_ref(catalog.get("client"), stack.tag)), "--entrypoint")
     argv.insert(argv.index("--entrypoint") + 1, "/opt/venv/bin/python")
     return argv
 
@@ -223,7 +222,7 @@ def wait_seen_by_servers(
     while True:
         tasks = wait_backends(stack, count, timeout=max(1.0, deadline - time.monotonic()))
         views: list[set[str]] = []
-        for server in stack.containers(registry.get("server").name):
+        for server in stack.containers(catalog.get("server").name):
             lines = [r for r in json_logs(server) if r.get("message") == "backends"]
             listing = lines[-1].get("backends") if lines else None
             views.append({str(e) for e in listing} if isinstance(listing, list) else set())
@@ -250,7 +249,7 @@ def seen_by_servers(stack: StackUnderTest, task: Task) -> float:
     assert became, f"the replica in slot {task.slot} never logged that it turned readable"
     readable = min(became)
     seen = []
-    for server in stack.containers(registry.get("server").name):
+    for server in stack.containers(catalog.get("server").name):
         listed = [
             at(r)
             for r in json_logs(server)
@@ -351,7 +350,7 @@ class Workload:
         """What the stack's containers (stopped tasks' too) said about backends in the `before`
         seconds up to `moment` (epoch): where to look when a call failed."""
         lines = []
-        for service in (BACKEND.name, registry.get("server").name):
+        for service in (BACKEND.name, catalog.get("server").name):
             label = f"label=com.docker.swarm.service.name={self.stack.name}_{service}"
             # Stopped tasks' containers too (Swarm keeps a few): a drained primary's, say.
             for cid in docker("ps", "-aq", "--filter", label).split():
@@ -553,7 +552,7 @@ def test_server_rolling_update_fails_no_call(
     """`docker service update --force` of the server (start-first: a new task is healthy before
     an old one stops) with a writer at 8 and at 32 in flight and a reader: no call fails and
     nothing acknowledged is lost."""
-    service = f"{rstack.name}_{registry.get('server').name}"
+    service = f"{rstack.name}_{catalog.get('server').name}"
     wait_seen_by_servers(rstack, BACKENDS)
     before = set(rstack.containers("server"))
     run = workload("server-rolling", in_flight)

@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import pytest
 
-from kvstack import cli, registry
+from kvstack import cli
 from kvstack.client import Client
-from kvstack.ops import engine, images, local
+from kvstack.ops import catalog, engine, images, local
 from kvstack.ops.shell import Runner
 from tests.conftest import LOOPBACK, listeners
 
@@ -32,7 +32,7 @@ def test_client_batch_succeeds_through_server_to_backend(stack: StackUnderTest) 
 def test_the_client_image_finds_the_server_by_itself(stack: StackUnderTest) -> None:
     """`docker run --network STACK_client-server kvstack-client` with no settings at all: its
     default target is the server's name on the stack's network."""
-    image = images.image_ref(registry.get("client"), stack.tag)
+    image = images.image_ref(catalog.get("client"), stack.tag)
     result = subprocess.run(
         engine.docker("run", "--rm", "--network", stack.network(), image, "put", "dflt", "v"),
         capture_output=True, text=True, timeout=120, check=False,
@@ -44,7 +44,7 @@ def probe_from(stack: StackUnderTest, network: str, target: str) -> str:
     """What the image's health probe, run in a container on `network`, gets from `target`."""
     probe = ["-m", "kvstack.probe", "--target", target, "--timeout", "3"]
     argv = stack.job_argv("client", *probe, network=network)
-    image = argv.index(images.image_ref(registry.get("client"), stack.tag))
+    image = argv.index(images.image_ref(catalog.get("client"), stack.tag))
     argv[image:image] = ["--entrypoint", "/opt/venv/bin/python"]
     result = docker(*argv, check=False, timeout=60)
     return result.strip().rsplit(": ", 1)[-1]
@@ -71,8 +71,8 @@ def test_the_host_reaches_the_server_on_loopback_only(stack: StackUnderTest) -> 
     # Nothing listens on 0.0.0.0 or [::] for it.
     assert listeners(port), f"nothing listens on {port}"
     assert listeners(port) <= LOOPBACK, listeners(port)
-    for name in registry.services():
-        if registry.get(name).long_running:
+    for name in catalog.services():
+        if catalog.get(name).long_running:
             ports = docker("service", "inspect", "--format", "{{json .Endpoint.Ports}}",
                            f"{stack.name}_{name}").strip()  # fmt: skip
             assert ports in ("null", "[]"), f"{name} publishes {ports}"
@@ -95,7 +95,7 @@ def test_tasks_run_read_only_without_capabilities(stack: StackUnderTest) -> None
         for cid in stack.containers(service):
             template = "{{.HostConfig.ReadonlyRootfs}} {{.HostConfig.CapDrop}} {{.Config.User}}"
             assert docker("inspect", "--format", template, cid).split() == [
-                "true", "[ALL]", f"{registry.RUNTIME_UID}:{registry.RUNTIME_UID}"
+                "true", "[ALL]", f"{catalog.RUNTIME_UID}:{catalog.RUNTIME_UID}"
             ], service  # fmt: skip
             mounts = docker("inspect", "--format", "{{json .HostConfig.Mounts}}", cid)
             assert '"Type":"tmpfs","Target":"/tmp"' in mounts, mounts

@@ -6,10 +6,13 @@ import os
 import subprocess
 import uuid
 
-from kvstack import registry
-from kvstack.ops import checkout, engine, local
+import pytest
+
+from kvstack.ops import catalog, checkout, engine, local
 
 from .conftest import RUNNER, StackUnderTest, docker
+
+pytestmark = pytest.mark.containers
 
 
 def test_the_committed_stack_file_deploys_by_hand(tag: str) -> None:
@@ -29,7 +32,7 @@ def test_the_committed_stack_file_deploys_by_hand(tag: str) -> None:
         stack.wait_healthy(timeout=180)
         label = f"label=com.docker.stack.namespace={name}"
         volumes = docker("volume", "ls", "-q", "--filter", label).split()
-        per_slot = [f"{name}_{local.volume_name(s)}-{slot}" for s in registry.rollout_order()
+        per_slot = [f"{name}_{local.volume_name(s)}-{slot}" for s in catalog.rollout_order()
                     if s.kind == "stateful" for slot in range(1, s.replicas + 1)]  # fmt: skip
         assert sorted(volumes) == sorted(per_slot)
         smoke = stack.run_job("client", "smoke")

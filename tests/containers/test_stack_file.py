@@ -1,28 +1,25 @@
-"""The generated stack file (no engine needed): everything per service comes from the registry."""
+"""The generated stack file (no engine needed): all it says of a service is the service list's."""
 
 from __future__ import annotations
 
 import pytest
 
-from kvstack import registry
-from kvstack.ops import images, local
+from kvstack import defaults
+from kvstack.ops import catalog, images, local
 
 FOUR_SERVICES = """
 [services.backend]
 kind = "stateful"
-port = 50061
 replicas = 2
 
 [services.server]
 kind = "stateless"
-port = 50051
 replicas = 2
 calls = ["backend", "cache"]
 publish = true
 
 [services.cache]
 kind = "stateless"
-port = 50071
 replicas = 2
 
 [services.client]
@@ -32,15 +29,16 @@ calls = ["server"]
 
 
 @pytest.fixture
-def four_services(monkeypatch: pytest.MonkeyPatch) -> dict[str, registry.Service]:
-    """services.toml with a fourth service (cache) added, and nothing else edited."""
-    services = registry.parse(FOUR_SERVICES)
-    monkeypatch.setattr(registry, "services", lambda: services)
+def four_services(monkeypatch: pytest.MonkeyPatch) -> dict[str, catalog.Service]:
+    """services.toml with a fourth service (cache) added, its port beside the others', and
+    nothing else edited."""
+    services = catalog.parse(FOUR_SERVICES, ports={**defaults.PORTS, "cache": 50071})
+    monkeypatch.setattr(catalog, "services", lambda: services)
     return services
 
 
 def test_a_new_service_gets_an_image_and_a_place_in_the_stack(
-    four_services: dict[str, registry.Service],
+    four_services: dict[str, catalog.Service],
 ) -> None:
     """A service added to services.toml is built and deployed with no other edit."""
     assert [s.name for s in images.select([])] == list(four_services)
@@ -62,7 +60,7 @@ def test_a_new_service_gets_an_image_and_a_place_in_the_stack(
 
 
 def test_stack_publishes_at_most_the_server_and_keeps_jobs_out(
-    four_services: dict[str, registry.Service],
+    four_services: dict[str, catalog.Service],
 ) -> None:
     """No Swarm service publishes a port (Swarm would bind it on every interface: the gateway
     container publishes on loopback instead); jobs are not services of the stack; the stateful
@@ -71,7 +69,7 @@ def test_stack_publishes_at_most_the_server_and_keeps_jobs_out(
     assert "client" not in spec["services"]
     assert [name for name, s in spec["services"].items() if "ports" in s] == []
     assert local.published() == four_services["server"]
-    tmp = {"type": "tmpfs", "target": "/tmp", "tmpfs": {"size": registry.TMP_BYTES}}
+    tmp = {"type": "tmpfs", "target": "/tmp", "tmpfs": {"size": catalog.TMP_BYTES}}
     assert spec["services"]["backend"]["volumes"] == [tmp, "backend-data:/data"]
     assert spec["services"]["server"]["volumes"] == [tmp]
     assert spec["services"]["backend"]["deploy"]["update_config"]["order"] == "stop-first"
@@ -80,7 +78,7 @@ def test_stack_publishes_at_most_the_server_and_keeps_jobs_out(
     assert spec["services"]["backend"]["environment"]["KVSTACK_ORDINAL"] == "{{.Task.Slot}}"
 
 
-def test_stack_networks_are_the_flow_graph(four_services: dict[str, registry.Service]) -> None:
+def test_stack_networks_are_the_flow_graph(four_services: dict[str, catalog.Service]) -> None:
     """One network per flow between two services, joined by its two ends only: the client
     shares none with the backend or the cache, and the backend none with the cache."""
     spec = local.stack_spec("t1")
@@ -97,13 +95,13 @@ def test_stack_networks_are_the_flow_graph(four_services: dict[str, registry.Ser
 
 def test_a_flow_to_itself_gets_a_network_only_when_it_has_no_other() -> None:
     """Replicas of one service share its networks; alone, its own flow gets one."""
-    alone = registry.parse(
-        '[services.db]\nkind = "stateful"\nport = 1\nreplicas = 2\ncalls = ["db"]\n'
+    alone = catalog.parse(
+        '[services.db]\nkind = "stateful"\nreplicas = 2\ncalls = ["db"]\n', ports={"db": 1}
     )
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(registry, "services", lambda: alone)
+        m.setattr(catalog, "services", lambda: alone)
         assert local.networks_of(alone["db"]) == ["db-db"]
-    shipped = registry.services()
+    shipped = catalog.services()
     assert local.networks_of(shipped["backend"]) == ["server-backend"]
 
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from kvstack import registry, runtime
+from kvstack import runtime
 from kvstack.client import default_write_timeout
-from kvstack.ops import manifests, model
-from kvstack.registry import Service
+from kvstack.ops import catalog, manifests, model
+from kvstack.ops.catalog import Service
 from kvstack.runtime import RuntimeConfig
 from kvstack.server import ServerConfig
 
@@ -31,7 +31,7 @@ MIN_REPLICAS = 2
 
 
 def services() -> dict[str, Service]:
-    return registry.services()
+    return catalog.services()
 
 
 def workloads(docs: Docs, kinds: tuple[str, ...] = WORKLOAD_KINDS) -> Docs:
@@ -145,7 +145,7 @@ RESTRICTED_CONTAINER = {
     "allowPrivilegeEscalation": False,
     "readOnlyRootFilesystem": True,
     "runAsNonRoot": True,
-    "runAsUser": registry.RUNTIME_UID,
+    "runAsUser": catalog.RUNTIME_UID,
 }
 
 
@@ -346,7 +346,7 @@ def test_policies_can_fail(
 
 
 def test_every_long_running_service_has_a_workload(shipped: dict[str, Rendered]) -> None:
-    """Every service in the registry appears as a workload of its kind in every overlay."""
+    """Every service in the service list appears as a workload of its kind in every overlay."""
     kind_of = {"stateful": "StatefulSet", "stateless": "Deployment", "job": "Job"}
     for rendered in shipped.values():
         present = {(w["kind"], w["metadata"]["name"]) for w in workloads(rendered.docs)}

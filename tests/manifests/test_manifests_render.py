@@ -18,8 +18,8 @@ import kubernetes_validate  # type: ignore[import-untyped]  # ships no types
 import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no types
 
-from kvstack import cli, registry
-from kvstack.ops import local, manifests
+from kvstack import cli
+from kvstack.ops import catalog, local, manifests, scaffold
 
 from .render import COMBINATION_IDS, DEPLOY, OVERLAYS, ROOT, Rendered, kustomize
 
@@ -42,9 +42,9 @@ def tool(name: str) -> str:
 
 
 def test_generated_manifests_are_current() -> None:
-    """Every generated file under deploy/ is what `kvstack manifests` writes from the registry
+    """Every generated file under deploy/ is what `kvstack manifests` writes from the service list
     now (no stale file, no missing one, no orphan of a removed service)."""
-    assert manifests.stale(ROOT, manifests.render(registry.services())) == []
+    assert manifests.stale(ROOT, manifests.render(catalog.services())) == []
 
 
 def _seconds(value: str) -> int:
@@ -92,7 +92,7 @@ def kubernetes_facts(workload: dict[str, Any], docs: list[dict[str, Any]]) -> di
 
 def test_both_targets_say_the_same_of_each_service(shipped: dict[str, Rendered]) -> None:
     """The committed Swarm stack file and the rendered Kubernetes manifests agree, service by
-    service, on what one model defines once (kvstack.ops.model, the registry): the image, the
+    service, on what one model defines once (kvstack.ops.model, the service list): the image, the
     port, the readiness name, the replica count, the environment, the grace period before
     SIGKILL, the time a starting process gets, where the data lives."""
     stack = yaml.safe_load((ROOT / local.STACK_FILE).read_text())
@@ -106,9 +106,11 @@ def test_both_targets_say_the_same_of_each_service(shipped: dict[str, Rendered])
 
 @pytest.fixture
 def repo_copy(tmp_path: Path) -> Path:
-    """A copy of the registry and deploy/, to regenerate into without touching the work tree."""
-    (tmp_path / "src/kvstack").mkdir(parents=True)
-    shutil.copy(registry.REGISTRY_PATH, tmp_path / "src/kvstack/services.toml")
+    """A copy of the service list (its two files) and deploy/, to regenerate into without
+    touching the work tree."""
+    for rel in (catalog.SERVICES_PATH, catalog.DEFAULTS_PATH):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, tmp_path / rel)
     shutil.copytree(DEPLOY, tmp_path / "deploy")
     return tmp_path
 
@@ -133,16 +135,17 @@ def test_check_mode_fails_on_stale_files(
 
 
 def test_new_service_needs_no_manifest_edit(repo_copy: Path, tmp_path: Path) -> None:
-    """A fourth service added to the registry alone (stateless, called by the server) gets its
+    """A fourth service added to the service list alone (stateless, called by the server) gets its
     base, its network policy and its GKE image from `kvstack manifests`; every overlay renders
     and validates with it; removing it again leaves deploy/ byte for byte as it was."""
     before = {p: p.read_bytes() for p in (repo_copy / "deploy").rglob("*") if p.is_file()}
-    toml = repo_copy / "src/kvstack/services.toml"
-    original = toml.read_text()
+    toml, ports = repo_copy / catalog.SERVICES_PATH, repo_copy / catalog.DEFAULTS_PATH
+    original, original_ports = toml.read_text(), ports.read_text()
     toml.write_text(
         original.replace('calls = ["backend"]', 'calls = ["backend", "cache"]')
-        + '\n[services.cache]\nkind = "stateless"\nport = 50071\nreplicas = 2\ncalls = []\n'
+        + '\n[services.cache]\nkind = "stateless"\nreplicas = 2\ncalls = []\n'
     )
+    ports.write_text(scaffold.with_port(original_ports, "cache", 50071))
     assert cli.main(["manifests", "--root", str(repo_copy)]) == 0
     for overlay in OVERLAYS:
         docs = Rendered(overlay, (), kustomize(repo_copy / "deploy/overlays" / overlay)).docs
@@ -152,6 +155,7 @@ def test_new_service_needs_no_manifest_edit(repo_copy: Path, tmp_path: Path) -> 
         for doc in docs:
             validate(doc, KUBERNETES_VERSIONS[0])
     toml.write_text(original)
+    ports.write_text(original_ports)
     assert cli.main(["manifests", "--root", str(repo_copy)]) == 0
     after = {p: p.read_bytes() for p in (repo_copy / "deploy").rglob("*") if p.is_file()}
     assert after == before

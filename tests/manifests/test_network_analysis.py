@@ -2,7 +2,7 @@
 
 network-config-analyzer (see tests/manifests/netpol.py for the model of the cluster and what it
 cannot show) answers, for each overlay, one query per connection:
-- permitted: every flow of the flow graph (kvstack.registry.flows), AND every connection in
+- permitted: every flow of the flow graph (kvstack.catalog.flows), AND every connection in
   CODE_OPENS below, written out here from what the code does rather than from the graph, so a
   flow the graph forgets (as replication was) fails here instead of on a cluster;
 - forbidden: the client to a backend, any pod of another namespace to a service (the metrics
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from kvstack import registry
+from kvstack import defaults
+from kvstack.ops import catalog
 
 from .netpol import (
     METADATA_IP,
@@ -34,7 +35,7 @@ from .netpol import (
 )
 from .render import Rendered
 
-SERVICES = registry.services()
+SERVICES = catalog.services()
 
 
 def code_opens(model: Model) -> list[Query]:
@@ -62,7 +63,7 @@ def code_opens(model: Model) -> list[Query]:
             out.append(Query(pod, 53, proto, target_ip=METADATA_IP, why="Cloud DNS"))
     collector = model.pod("collector-0")
     out += [
-        Query(collector, registry.METRICS_PORT, target=p, why="metrics")
+        Query(collector, defaults.METRICS_PORT, target=p, why="metrics")
         for p in [*model.of("server"), *model.of("backend")]
     ]
     return out
@@ -72,15 +73,15 @@ def graph_flows(model: Model) -> list[Query]:
     """Every flow of the flow graph, between the modelled pods of its two ends."""
 
     def pods(end: str) -> list[Pod]:
-        if end == registry.METRICS_COLLECTOR:
+        if end == catalog.METRICS_COLLECTOR:
             return [model.pod("collector-0")]
         return model.of(end)
 
     out = []
-    for flow in registry.flows(SERVICES):
+    for flow in catalog.flows(SERVICES):
         for src in pods(flow.source):
             for proto in flow.protocols:
-                if flow.target == registry.DNS:
+                if flow.target == catalog.DNS:
                     out.append(Query(src, flow.port, proto, target=model.pod("kube-dns-0")))
                     out.append(Query(src, flow.port, proto, target_ip=NODELOCAL_DNS_IP))
                     continue
@@ -107,7 +108,7 @@ def must_not(model: Model) -> list[Query]:
     out += [
         Query(b, server.port, target=s) for b in model.of("backend") for s in model.of("server")
     ]
-    out += [Query(p, registry.METRICS_PORT, target=q) for p in services for q in services if p != q]
+    out += [Query(p, defaults.METRICS_PORT, target=q) for p in services for q in services if p != q]
     out += [Query(p, 80, target_ip=METADATA_IP) for p in [client_pod, *services]]
     out += [Query(p, 443, target_ip="203.0.113.7") for p in [client_pod, *services]]
     # DNS to the resolvers only: port 53 to any other address is a channel out of the cluster.

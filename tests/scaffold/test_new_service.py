@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from kvstack.ops import catalog
 from tests.conftest import copy_repository
 from tests.manifests.render import COMBINATIONS, render_combination
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "inventory"
-PORT = 50071  # the port new-service picks after the registry's (50051, 50061)
+PORT = 50071  # the port new-service picks after the service list's (50051, 50061)
 # What running things in the copy leaves behind, which is not part of the repository.
 NOT_REPOSITORY = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".hypothesis"}
 
@@ -88,7 +89,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
 def test_creates_the_service_and_nothing_else_is_edited(
     repo: tuple[Path, dict[str, str]],
 ) -> None:
-    """new-service writes the service's own files, its registry entry and the generated
+    """new-service writes the service's own files, its service-list entry and the generated
     manifests; every other file of the repository is untouched."""
     copy, before = repo
     after = snapshot(copy)
@@ -103,7 +104,8 @@ def test_creates_the_service_and_nothing_else_is_edited(
         not in {
             f"tests/unit/test_{NAME}.py",
             f"tests/integration/test_{NAME}_service.py",
-            "src/kvstack/services.toml",
+            catalog.SERVICES_PATH,
+            catalog.DEFAULTS_PATH,
             "deploy/base/kustomization.yaml",
             "deploy/components/network-policy/networkpolicy.yaml",
             "deploy/overlays/gke/images/kustomization.yaml",
@@ -111,10 +113,17 @@ def test_creates_the_service_and_nothing_else_is_edited(
         }
     }
     assert others == set(), f"new-service changed files outside its own: {sorted(others)}"
-    registry_text = (copy / "src/kvstack/services.toml").read_text()
-    original = (ROOT / "src/kvstack/services.toml").read_text()
-    assert registry_text.startswith(original), "the registry's existing text (comments) changed"
-    assert f"[services.{NAME}]" in registry_text
+    listed = (copy / catalog.SERVICES_PATH).read_text()
+    original = (ROOT / catalog.SERVICES_PATH).read_text()
+    assert listed.startswith(original), "the service list's existing text (comments) changed"
+    assert f"[services.{NAME}]" in listed
+    # Its port is the service's own default, one line added to the others' in PORTS.
+    ports_before = catalog.ports_in((ROOT / catalog.DEFAULTS_PATH).read_text())
+    ports_after = catalog.ports_in((copy / catalog.DEFAULTS_PATH).read_text())
+    assert ports_after == {**ports_before, NAME: PORT}
+    lines_before = (ROOT / catalog.DEFAULTS_PATH).read_text().splitlines()
+    lines_after = (copy / catalog.DEFAULTS_PATH).read_text().splitlines()
+    assert [line for line in lines_after if line not in lines_before] == [f'    "{NAME}": {PORT},']
 
 
 def test_its_own_tests_pass(repo: tuple[Path, dict[str, str]]) -> None:
@@ -151,7 +160,7 @@ def test_every_overlay_renders_with_it(repo: tuple[Path, dict[str, str]], tmp_pa
 
 def test_every_overlay_validates_with_it(repo: tuple[Path, dict[str, str]]) -> None:
     """The copy's own manifest tests (schema validation, policy, staleness, the network
-    analysis) pass with the fourth service in the registry, without any edit to them. Left out:
+    analysis) pass with the fourth service in the service list, without any edit to them. Left out:
     the check that docs/deploying.md shows the analyser's current table, which a new service
     changes on purpose (docs/adding-a-service.md says to paste the new one)."""
     copy, _ = repo
@@ -199,12 +208,14 @@ def test_dry_runs_list_what_they_would_change_and_change_nothing(
     repo: tuple[Path, dict[str, str]],
 ) -> None:
     """`new-service billing --dry-run` lists the files it would write (its proto, package, tests,
-    the registry) and `remove-service inventory --dry-run` what would go; neither touches a file."""
+    the service list) and `remove-service inventory --dry-run` what would go; neither touches a
+    file."""
     copy, _ = repo
     before = snapshot(copy)
     new = kvstack(copy, "new-service", "billing", "--dry-run")
     assert "would write protos/kvstack/billing/v1/billing.proto" in new.stdout, new.stdout
-    assert "would write src/kvstack/services.toml" in new.stdout
+    assert f"would write {catalog.SERVICES_PATH}" in new.stdout
+    assert f"would write {catalog.DEFAULTS_PATH}" in new.stdout
     gone = kvstack(copy, "remove-service", NAME, "--dry-run")
     assert f"would change src/kvstack/{NAME}/" in gone.stdout, gone.stdout
     assert "nothing was" in new.stderr
@@ -298,15 +309,16 @@ def test_remove_restores_the_repository(repo: tuple[Path, dict[str, str]]) -> No
 
 
 def test_rerun_completes_after_a_failure(tmp_path: Path) -> None:
-    """A run cut short (some files written, the registry not yet) is completed by running the
+    """A run cut short (some files written, the service list not yet) is completed by running the
     same command again, with the same result as one clean run."""
     clean = copy_repository(tmp_path / "clean")
     kvstack(clean, "new-service", NAME, "--stateful")
     broken = copy_repository(tmp_path / "broken")
     kvstack(broken, "new-service", NAME, "--stateful")
-    # As if it had stopped before its last two steps: deploy/ and the registry entry.
+    # As if it had stopped before its last steps: deploy/ and the service-list entry (the port,
+    # written just before the entry, is left in: the run is cut between the two).
     for rel in (
-        "src/kvstack/services.toml",
+        catalog.SERVICES_PATH,
         *(p for p in snapshot(broken) if p.startswith("deploy/")),
     ):
         if (ROOT / rel).exists():

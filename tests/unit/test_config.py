@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from kvstack import registry, runtime
+from kvstack import runtime
 from kvstack.backend import BackendConfig
+from kvstack.ops import catalog
 from kvstack.runtime import ConfigError, RuntimeConfig, load, parse_size, settings_of
 from kvstack.server import ServerConfig
 
@@ -66,36 +67,48 @@ def test_every_setting_is_documented() -> None:
             assert re.search(rf"`{env}`", doc), f"{env} is missing from docs/configuration.md"
 
 
-def test_registry_lists_the_three_services() -> None:
+def test_the_service_list_has_the_three_services() -> None:
     """The one list has the backend, server and client with distinct ports."""
-    services = registry.services()
+    services = catalog.services()
     assert {"backend", "server", "client"} <= set(services)
     ports = [s.port for s in services.values() if s.long_running]
     assert len(ports) == len(set(ports))
-    assert registry.get("server").calls == ("backend",)
+    assert catalog.get("server").calls == ("backend",)
 
 
 @pytest.mark.parametrize(
-    ("text", "message"),
+    ("text", "ports", "message"),
     [
-        ('[services.x]\nkind = "daemon"\nport = 1', "kind"),
-        ('[services.x]\nkind = "stateless"', "needs an integer port"),
-        ('[services.x]\nkind = "job"\ncalls = ["nobody"]', "unknown service"),
-        ('[services.x]\nkind = "stateless"\nport = 1\nreplicas = 1', "runs 2 to 5"),
-        ('[services.x]\nkind = "stateless"\nport = 1\nreplicas = 6', "runs 2 to 5"),
-        ('[services.x]\nkind = "job"\n[services.y]\nkind = "job"\ncalls = ["x"]', "a job"),
+        ('[services.x]\nkind = "daemon"', {"x": 1}, "kind"),
+        ('[services.x]\nkind = "stateless"', {}, "has no port: add it to kvstack.defaults.PORTS"),
+        ('[services.x]\nkind = "stateless"\nport = 1', {"x": 1}, "set it in kvstack.defaults"),
+        ('[services.x]\nkind = "job"', {"x": 1}, "a job, which serves no port"),
+        ('[services.x]\nkind = "job"', {"y": 2}, "lists no service 'y'"),
+        ('[services.x]\nkind = "job"\ncalls = ["nobody"]', {}, "unknown service"),
+        ('[services.x]\nkind = "stateless"\nreplicas = 1', {"x": 1}, "runs 2 to 5"),
+        ('[services.x]\nkind = "stateless"\nreplicas = 6', {"x": 1}, "runs 2 to 5"),
+        ('[services.x]\nkind = "job"\n[services.y]\nkind = "job"\ncalls = ["x"]', {}, "a job"),
     ],
 )
-def test_registry_errors_say_what_to_fix(text: str, message: str) -> None:
-    """A wrong entry in services.toml is refused with what is wrong."""
+def test_service_list_errors_say_what_to_fix(
+    text: str, ports: dict[str, int], message: str
+) -> None:
+    """A wrong entry in services.toml, or a port in kvstack.defaults.PORTS that disagrees with
+    it, is refused with what is wrong and where to fix it."""
     with pytest.raises(ValueError, match=message):
-        registry.parse(text)
+        catalog.parse(text, ports=ports)
+
+
+def test_the_tree_and_the_imported_modules_give_the_same_list() -> None:
+    """catalog.of_tree reads the checkout's two files as text (what `kvstack manifests` and
+    new-service use); it finds what the imported modules say."""
+    assert catalog.of_tree(ROOT) == catalog.services()
 
 
 def test_unknown_service_lists_the_known_ones() -> None:
     """Asking for a service that does not exist names the ones that do."""
     with pytest.raises(KeyError, match="known services: backend"):
-        registry.get("nope")
+        catalog.get("nope")
 
 
 def test_json_log_lines_carry_fields(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from kvstack import registry, runtime, validation, wire
+from kvstack import defaults, runtime, validation, wire
 from kvstack.backend.backup import INCOMING, BackupServicer
 from kvstack.backend.replication import Follower, PrimaryState, ReplicationServicer
 from kvstack.backend.store import Applied, GroupCommitter, Store, StoreFull, Write
@@ -34,7 +34,7 @@ BACKUP = backup_pb2.DESCRIPTOR.services_by_name["Backup"].full_name
 class BackendConfig:
     data_dir: str = setting(
         "KVSTACK_DATA_DIR",
-        registry.DATA_DIR,
+        defaults.DATA_DIR,
         "directory of the LMDB files (a local volume: never a network or shared file system)",
     )
     map_size: int = setting(
@@ -62,7 +62,7 @@ class BackendConfig:
     )
     peers: str = setting(
         "KVSTACK_BACKEND_TARGET",
-        registry.get(NAME).target,
+        defaults.target(NAME),
         "where a replica finds the primary: a name resolving to every backend (or host:port,...)",
     )
     semisync_timeout: float = setting(

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from kvstack import registry, runtime
+from kvstack import defaults, runtime
 from kvstack.runtime import printable
 from kvstack.v1 import frontend_pb2, frontend_pb2_grpc, kv_pb2, kv_pb2_grpc, replication_pb2
 
@@ -41,13 +41,12 @@ def default_target() -> str:
     """KVSTACK_SERVER_TARGET; else, in the client's own image (which sets KVSTACK_SERVICE), the
     server's name on the stack's network, and on a developer's machine the local stack's
     loopback address (kvstack up's gateway)."""
-    server = registry.get("server")
     if os.environ.get("KVSTACK_SERVICE") == "client":
-        return os.environ.get("KVSTACK_SERVER_TARGET", server.target)
+        return os.environ.get("KVSTACK_SERVER_TARGET", defaults.target("server"))
     local = os.environ.get("KVSTACK_LOCAL_ADDRESS", "")  # where `kvstack up` put the gateway
     if local and not local.endswith(":0"):
         return os.environ.get("KVSTACK_SERVER_TARGET", local)
-    return os.environ.get("KVSTACK_SERVER_TARGET", f"localhost:{server.port}")
+    return os.environ.get("KVSTACK_SERVER_TARGET", f"localhost:{defaults.port('server')}")
 
 
 # Balance over every address the server's name resolves to, and re-resolve at most once a

@@ -33,8 +33,8 @@ import time
 import uuid
 from pathlib import Path
 
-from kvstack import registry
-from kvstack.ops import engine, images
+from kvstack import defaults
+from kvstack.ops import catalog, engine, images
 
 PY = "/opt/venv/bin/python"
 # Run inside the container: N runs of argv, then one JSON line of the children's CPU and walls.
@@ -49,7 +49,7 @@ use = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(json.dumps({"cpu": (use.ru_utime + use.ru_stime) / n, "walls": sorted(walls),
                   "codes": sorted(codes)}))
 """
-BACKEND = registry.get("backend")
+BACKEND = catalog.get("backend")
 GRPCIO_CHECK = f"""
 import sys, grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -153,7 +153,7 @@ def main() -> int:
     backend = f"probe-cost-{run}-backend"
     burner = f"probe-cost-{run}-burner"
     rows = []
-    spec, data, uid = BACKEND, registry.DATA_DIR, registry.RUNTIME_UID
+    spec, data, uid = BACKEND, defaults.DATA_DIR, catalog.RUNTIME_UID
     try:
         docker("run", "--detach", "--name", backend, "--read-only", "--tmpfs", "/tmp",  # noqa: S108 - the container's
                "--publish", f"127.0.0.1::{spec.port}",
@@ -165,7 +165,7 @@ def main() -> int:
             if shares:
                 seconds = 60 + args.runs * 30
                 docker("run", "--detach", "--rm", "--name", burner, "--cpu-shares", str(shares),
-                       "--entrypoint", PY, images.image_ref(registry.get("client"), tag),
+                       "--entrypoint", PY, images.image_ref(catalog.get("client"), tag),
                        "-c", BURN, str(seconds), str(os.cpu_count() or 2))  # fmt: skip
                 time.sleep(2)
             for name, argv in COMMANDS.items():

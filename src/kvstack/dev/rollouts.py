@@ -27,9 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from kvstack import registry
 from kvstack.dev.bench import percentile
-from kvstack.ops import engine, images, local
+from kvstack.ops import catalog, engine, images, local
 from kvstack.ops.shell import Runner, say
 
 WARMUP_S = 2.0  # the writer starts and finds the server
@@ -136,7 +135,7 @@ def backend_containers(stack: str) -> dict[int, str]:
 
 def writer_argv(stack: str, tag: str, in_flight: int, prefix: str) -> list[str]:
     """docker run arguments for the client's `load` on its network in the stack."""
-    client = registry.get("client")
+    client = catalog.get("client")
     env = [f"--env={k}={v}" for k, v in local.callee_targets(client).items()]
     return [
         "run", "--detach", f"--name={stack}-writer-{uuid.uuid4().hex[:6]}",
@@ -224,12 +223,12 @@ def run(in_flight: Sequence[int] = (8, 32)) -> list[Outcome]:
     runner = Runner()
     engine.ensure(runner)
     tag = images.version()
-    images.build(runner, list(registry.services().values()), tag, only_if_changed=True)
+    images.build(runner, list(catalog.services().values()), tag, only_if_changed=True)
     stack = f"kvbench-{uuid.uuid4().hex[:6]}"
     target = local.Local(stack=stack)
 
     def wait_healthy() -> None:
-        for svc in registry.rollout_order():
+        for svc in catalog.rollout_order():
             failure = target.wait(runner, svc, images.image_ref(svc, tag), 180)
             if failure is not None:
                 raise RuntimeError(failure)

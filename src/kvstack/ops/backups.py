@@ -31,7 +31,8 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kvstack import backup, registry
+from kvstack import backup
+from kvstack.ops import catalog
 from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner, say
 
@@ -80,7 +81,7 @@ def local_run(runner: Runner, stack: str, image: str, mount: str, args: list[str
     from kvstack.ops import local
     from kvstack.ops.engine import docker
 
-    backend = registry.get(BACKEND)
+    backend = catalog.get(BACKEND)
     argv = docker(
         "run", "--rm", f"--name={stack}-backup-{uuid.uuid4().hex[:6]}",
         "--network", local.gateway_network(stack, backend),
@@ -116,7 +117,7 @@ def local_restore(runner: Runner, stack: str, image: str, path: Path, force: boo
 def port_forward(runner: Runner, kubectl: list[str], where: str) -> Iterator[str | None]:
     """`kubectl port-forward` to the primary's backend port on 127.0.0.1 (a port kubectl
     picks), for as long as the block runs; yields 127.0.0.1:PORT (None under --dry-run)."""
-    backend = registry.get(BACKEND)
+    backend = catalog.get(BACKEND)
     pod = f"pod/{backend.name}-0"
     argv = [*kubectl, "port-forward", "--address=127.0.0.1", pod, f":{backend.port}"]
     print(f"+ {shlex.join(argv)} &", file=sys.stderr, flush=True)

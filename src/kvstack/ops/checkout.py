@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 # What makes a folder a kvstack source tree: the build's inputs and the service list.
-MARKERS = ("Dockerfile", "pyproject.toml", "src/kvstack/services.toml")
+MARKERS = ("Dockerfile", "pyproject.toml", "src/kvstack/ops/services.toml")
 
 
 def is_tree(path: Path) -> bool:

@@ -8,9 +8,10 @@ events often do not arrive; for a tree of this size a poll is a few milliseconds
 
 Which services a change affects is the CI pipeline's rule (kvstack.ops.images.affected_by):
 src/kvstack/NAME/ is service NAME's own code; the rest of src/kvstack (shared code, the
-registry, generated protos) is every service's; the ops CLI (src/kvstack/ops), the developer
-tools (src/kvstack/dev), docs and tests are in no image. A change under protos/ regenerates the
-Python code first (`make proto`), which then counts as shared code.
+services' defaults, generated protos) is every service's; the ops CLI (src/kvstack/ops, the
+service list with it), the developer tools (src/kvstack/dev), docs and tests are in no image.
+A change under protos/ regenerates the Python code first (`make proto`), which then counts as
+shared code.
 
 For each affected service, in order:
 1. its tests (TESTS_FOR, see tests_argv): a red test stops here, nothing is built or rolled;
@@ -41,8 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvstack import registry
-from kvstack.ops import engine, images, local
+from kvstack.ops import catalog, engine, images, local
 from kvstack.ops.engine import docker
 from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner, say
@@ -113,14 +113,14 @@ def next_change(
 
 @dataclass(frozen=True)
 class Plan:
-    services: list[registry.Service]  # registry order
+    services: list[catalog.Service]  # the service list's order
     shared: bool  # a change every service shares (its tests: all unit and integration tests)
     protos: bool  # protos/ changed: regenerate the Python code first
 
 
 def plan_for(paths: list[str]) -> Plan:
     """Which services these changed paths affect (the pipeline's rule; protos/ -> all)."""
-    everything = list(registry.services().values())
+    everything = list(catalog.services().values())
     protos = any(p == "protos" or p.startswith("protos/") for p in paths)
     shared = protos or any(len(images.affected_by([p])) == len(everything) for p in paths)
     services = everything if protos else images.affected_by(paths)
@@ -152,7 +152,7 @@ class DevLoop:
     def target(self) -> local.Local:
         return local.Local(stack=self.stack)
 
-    def tag(self, svc: registry.Service) -> str:
+    def tag(self, svc: catalog.Service) -> str:
         return TAG_PREFIX + images.context_hash(self.root, svc)[:12]
 
     def dev_label(self, live: local.Live) -> str:
@@ -162,7 +162,7 @@ class DevLoop:
         labels: dict[str, str] = json.loads(result.stdout or "null") or {}
         return labels.get(DEV_LABEL, "")
 
-    def stale(self, services: list[registry.Service]) -> list[registry.Service]:
+    def stale(self, services: list[catalog.Service]) -> list[catalog.Service]:
         """The services whose inputs differ from what the stack runs (jobs: no image yet)."""
         todo = []
         for svc in services:
@@ -218,7 +218,7 @@ class DevLoop:
         )
         return False
 
-    def build(self, services: list[registry.Service]) -> None:
+    def build(self, services: list[catalog.Service]) -> None:
         for svc in services:
             ref = images.image_ref(svc, self.tag(svc))
             if images.inspect_image(self.runner, ref) is not None:
@@ -226,7 +226,7 @@ class DevLoop:
             else:
                 images.build(self.runner, [svc], self.tag(svc))
 
-    def labels(self, svc: registry.Service, live: local.Live | None) -> dict[str, Any]:
+    def labels(self, svc: catalog.Service, live: local.Live | None) -> dict[str, Any]:
         """The stack entry of svc at its dev tag, with the labels the local target keeps."""
         tag = self.tag(svc)
         ref = images.image_ref(svc, tag)
@@ -241,7 +241,7 @@ class DevLoop:
         )
         return entry
 
-    def roll_out(self, svc: registry.Service) -> None:
+    def roll_out(self, svc: catalog.Service) -> None:
         """Update svc alone to its dev tag (Swarm's health-gated update) and wait for it."""
         live = self.target.require_live(self.runner, svc)
         labels = self.labels(svc, live)["deploy"]["labels"]
@@ -260,27 +260,27 @@ class DevLoop:
 
     def bootstrap(self) -> bool:
         """Deploy the whole stack at the dev tags when a service of it is missing."""
-        missing = [s.name for s in registry.rollout_order()
+        missing = [s.name for s in catalog.rollout_order()
                    if self.target.live(self.runner, s) is None]  # fmt: skip
         if not missing:
             return False
         say(f"stack {self.stack} lacks {', '.join(missing)}: deploying every service")
-        everything = list(registry.services().values())
+        everything = list(catalog.services().values())
         if not self.test(Plan(everything, shared=True, protos=False)):
             raise CommandError("a test is red; the stack was not deployed")
         self.build(everything)
         entries = {
             s.name: self.labels(s, self.target.live(self.runner, s))
-            for s in registry.rollout_order()
+            for s in catalog.rollout_order()
         }
         local.deploy(self.runner, self.stack, "dev", entries)
-        for svc in registry.rollout_order():
+        for svc in catalog.rollout_order():
             ref = images.image_ref(svc, self.tag(svc))
             failure = self.target.wait(self.runner, svc, ref, self.timeout)
             if failure:
                 raise CommandError(f"deploying {svc.name} failed: {failure}")
         say(f"stack {self.stack} is live: " + ", ".join(
-            f"{s.name} {self.tag(s)}" for s in registry.rollout_order()))  # fmt: skip
+            f"{s.name} {self.tag(s)}" for s in catalog.rollout_order()))  # fmt: skip
         return True
 
     def sync(self, plan: Plan) -> bool:
@@ -295,11 +295,11 @@ class DevLoop:
         if not todo:
             say("nothing to roll out")
             return True
-        every = len(todo) == len(registry.services())
+        every = len(todo) == len(catalog.services())
         if not self.test(Plan(todo, shared=plan.shared or every, protos=False)):
             return False
         self.build(todo)
-        for svc in registry.rollout_order():
+        for svc in catalog.rollout_order():
             if svc in todo:
                 self.roll_out(svc)
         say("done: " + ", ".join(f"{s.name} {self.tag(s)}" for s in todo))
@@ -307,7 +307,7 @@ class DevLoop:
 
     def once(self) -> bool:
         say(f"comparing the working tree with stack {self.stack}")
-        return self.sync(Plan(list(registry.services().values()), shared=False, protos=False))
+        return self.sync(Plan(list(catalog.services().values()), shared=False, protos=False))
 
     def watch(self) -> None:
         self.once()

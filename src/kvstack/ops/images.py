@@ -23,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvstack import registry
-from kvstack.ops import checkout, engine
+from kvstack.ops import catalog, checkout, engine
 from kvstack.ops.engine import docker
 from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner, say
@@ -53,14 +52,14 @@ def _git(*args: str, root: Path = ROOT) -> str | None:
     return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else None
 
 
-def pathspec(service: registry.Service | None = None) -> list[str]:
+def pathspec(service: catalog.Service | None = None) -> list[str]:
     """The git pathspec of what an image is built from: every build input except the code no
     image runs (kvstack.ops, kvstack.dev) and, for one service, the other services' packages
     (see the Dockerfile's `own` stage). The one rule for the builds, the dev loop and CI."""
     others = (
         []
         if service is None
-        else [f"src/kvstack/{name}" for name in registry.services() if name != service.name]
+        else [f"src/kvstack/{name}" for name in catalog.services() if name != service.name]
     )
     return [*BUILD_INPUTS, *(f":(exclude){p}" for p in (*IGNORED_INPUTS, *others))]
 
@@ -77,14 +76,14 @@ def in_pathspec(path: str, spec: list[str]) -> bool:
     return any(under(p) for p in included) and not any(under(p) for p in excluded)
 
 
-def affected_by(paths: list[str]) -> list[registry.Service]:
+def affected_by(paths: list[str]) -> list[catalog.Service]:
     """The services whose image inputs include one of these repository-relative paths (the
     rule of `kvstack pipeline changed`, for a list of paths instead of a git range)."""
-    services = list(registry.services().values())
+    services = list(catalog.services().values())
     return [s for s in services if any(in_pathspec(p, pathspec(s)) for p in paths)]
 
 
-def context_hash(root: Path = ROOT, service: registry.Service | None = None) -> str:
+def context_hash(root: Path = ROOT, service: catalog.Service | None = None) -> str:
     """A hash of every file an image is built from (names and contents): that of `service`,
     or of every image when None."""
     spec = pathspec(service)
@@ -98,7 +97,7 @@ def context_hash(root: Path = ROOT, service: registry.Service | None = None) -> 
     return digest.hexdigest()
 
 
-def version(root: Path = ROOT, service: registry.Service | None = None) -> str:
+def version(root: Path = ROOT, service: catalog.Service | None = None) -> str:
     """The tag for a build of this tree (see the module docstring); with `service`, the version
     of that service's own inputs, which its image carries in its labels (so an image whose
     inputs did not change keeps its ID when other services change).
@@ -107,20 +106,22 @@ def version(root: Path = ROOT, service: registry.Service | None = None) -> str:
     the ops CLI) neither rebuild the images nor roll the local stack.
     """
     spec = pathspec(service)
-    commit = _git("log", "-1", "--format=%H", "--", *spec)
-    described = (commit and _git("describe", "--tags", "--always", commit)) or "0.0.0-nogit"
-    if not commit or _git("status", "--porcelain", "--", *spec):
+    commit = _git("log", "-1", "--format=%H", "--", *spec, root=root)
+    described = (commit and _git("describe", "--tags", "--always", commit, root=root)) or (
+        "0.0.0-nogit"
+    )
+    if not commit or _git("status", "--porcelain", "--", *spec, root=root):
         described += "-dirty." + context_hash(root, service)[:8]
     return described
 
 
-def revision(service: registry.Service, root: Path = ROOT) -> str | None:
+def revision(service: catalog.Service, root: Path = ROOT) -> str | None:
     """The full SHA of the last commit that changed `service`'s image inputs (None outside a
     git clone): its image's revision label, and its version in the delivery pipeline."""
     return _git("log", "-1", "--format=%H", "--", *pathspec(service), root=root)
 
 
-def image_ref(service: registry.Service, tag: str) -> str:
+def image_ref(service: catalog.Service, tag: str) -> str:
     return f"{service.image}:{tag}"
 
 
@@ -229,13 +230,13 @@ def source_url(remote: str) -> str:
     return ""
 
 
-def built_from(runner: Runner, ref: str, service: registry.Service, root: Path = ROOT) -> bool:
+def built_from(runner: Runner, ref: str, service: catalog.Service, root: Path = ROOT) -> bool:
     """True when image `ref` exists and was built from `service`'s inputs as they are now."""
     return inspect_image(runner, ref, CONTEXT_LABEL) == context_hash(root, service)
 
 
 def build(
-    runner: Runner, services: list[registry.Service], tag: str, *, only_if_changed: bool = False
+    runner: Runner, services: list[catalog.Service], tag: str, *, only_if_changed: bool = False
 ) -> None:
     """Build each service's image (BuildKit reuses every shared layer after the first)."""
     todo = [
@@ -284,7 +285,7 @@ def verbose() -> bool:
     return os.environ.get("KVSTACK_VERBOSE", "") not in ("", "0")
 
 
-def quiet_build(runner: Runner, argv: list[str], service: registry.Service) -> None:
+def quiet_build(runner: Runner, argv: list[str], service: catalog.Service) -> None:
     """Run a build keeping BuildKit's step-by-step output to itself: a line of what it did,
     and on failure its last lines and where the rest is."""
     result = runner.run(argv, env={"DOCKER_BUILDKIT": "1"}, capture=True, check=False)
@@ -309,9 +310,9 @@ def quiet_build(runner: Runner, argv: list[str], service: registry.Service) -> N
         say(f"{service.image}: {total - cached} of {total} build steps run, {cached} from cache")
 
 
-def select(names: list[str]) -> list[registry.Service]:
+def select(names: list[str]) -> list[catalog.Service]:
     try:
-        return [registry.get(n) for n in names] if names else list(registry.services().values())
+        return [catalog.get(n) for n in names] if names else list(catalog.services().values())
     except KeyError as err:
         raise CommandError(str(err.args[0])) from None
 
@@ -337,7 +338,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=_cmd_images)
 
 
-def require_local(runner: Runner, svc: registry.Service, version: str) -> str:
+def require_local(runner: Runner, svc: catalog.Service, version: str) -> str:
     """kvstack-NAME:VERSION, which the local engine must have (a dry run only says so)."""
     ref = image_ref(svc, version)
     if inspect_image(runner, ref) is None:

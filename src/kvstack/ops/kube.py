@@ -37,8 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvstack import registry
-from kvstack.ops import images, manifests, model
+from kvstack.ops import catalog, images, manifests, model
 from kvstack.ops.engine import docker
 from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner, say
@@ -60,13 +59,13 @@ def kubectl(*args: str, namespace: str = NAMESPACE) -> list[str]:
     return ["kubectl", "--namespace", namespace, *args]
 
 
-def resource(svc: registry.Service) -> str:
+def resource(svc: catalog.Service) -> str:
     """kind/name as kubectl takes it (deployment/server, statefulset/backend, job/client)."""
     return f"{manifests.workload_kind(svc).lower()}/{svc.name}"
 
 
-def jobs() -> list[registry.Service]:
-    return [s for s in registry.services().values() if not s.long_running]
+def jobs() -> list[catalog.Service]:
+    return [s for s in catalog.services().values() if not s.long_running]
 
 
 def get_json(runner: Runner, what: str, namespace: str = NAMESPACE) -> dict[str, Any] | None:
@@ -102,7 +101,7 @@ def template_of(obj: dict[str, Any] | None) -> str:
 
 
 def rollout_status(
-    runner: Runner, svc: registry.Service, timeout: int, namespace: str = NAMESPACE
+    runner: Runner, svc: catalog.Service, timeout: int, namespace: str = NAMESPACE
 ) -> bool:
     say(f"waiting for {resource(svc)} (up to {timeout} s)")
     argv = kubectl("rollout", "status", resource(svc), f"--timeout={timeout}s", namespace=namespace)
@@ -180,12 +179,12 @@ class KubeTarget:
         if request.version:
             return request.version
         version = images.version()
-        images.build(runner, list(registry.services().values()), version, only_if_changed=True)
+        images.build(runner, list(catalog.services().values()), version, only_if_changed=True)
         return version
 
     def snapshot(self, runner: Runner) -> Snapshot:
         snap = Snapshot()
-        for svc in registry.rollout_order():
+        for svc in catalog.rollout_order():
             live = get_json(runner, resource(svc), self.namespace)
             snap.templates[resource(svc)] = template_of(live)
             if model.autoscaled(svc):
@@ -268,7 +267,7 @@ class KubeTarget:
             path.write_text(text, encoding="utf-8")
         return directory
 
-    def stuck_pods(self, runner: Runner, svc: registry.Service, revision: str) -> list[str]:
+    def stuck_pods(self, runner: Runner, svc: catalog.Service, revision: str) -> list[str]:
         """The pods of a StatefulSet made from `revision` that are not Ready."""
         selector = ",".join(
             f"{k}={v}"
@@ -287,7 +286,7 @@ class KubeTarget:
                 stuck.append(str(pod["metadata"]["name"]))
         return sorted(stuck)
 
-    def force_rollback(self, runner: Runner, svc: registry.Service, bad: str) -> str:
+    def force_rollback(self, runner: Runner, svc: catalog.Service, bad: str) -> str:
         """Kubernetes' forced rollback of an OrderedReady StatefulSet: `rollout undo` reverts the
         template, but a pod stuck at the bad revision (crash loop, image pull error) is never
         replaced, and the rollout waits for it forever. Once the controller has taken the undo
@@ -329,9 +328,9 @@ class KubeTarget:
     def roll_back_changed(self, runner: Runner, snap: Snapshot, timeout: int) -> str:
         """Undo every workload whose pod template differs from before the deploy, wait for each
         rollback's rollout, and say what was observed of each (never what was only hoped)."""
-        undone: list[tuple[registry.Service, str]] = []  # and the bad revision (StatefulSets)
+        undone: list[tuple[catalog.Service, str]] = []  # and the bad revision (StatefulSets)
         failed: list[str] = []
-        for svc in registry.rollout_order():
+        for svc in catalog.rollout_order():
             before = snap.templates[resource(svc)]
             if not before:
                 continue  # created by this deploy: there is no earlier revision to return to
@@ -369,7 +368,7 @@ class KubeTarget:
         parts += failed
         return "; ".join(parts) or "nothing to roll back (no workload had an earlier release)"
 
-    def wait_job(self, runner: Runner, svc: registry.Service, timeout: int) -> str | None:
+    def wait_job(self, runner: Runner, svc: catalog.Service, timeout: int) -> str | None:
         """Wait until the Job is Complete (None) or has failed (the failure, as the Job says).
 
         `kubectl wait --for=condition=complete` does not return when a Job fails, and waits
@@ -437,7 +436,7 @@ class KubeTarget:
         applied = runner.run(self.kubectl("apply", "--kustomize", str(directory)), check=False)
         if applied.returncode != 0:
             failure = f"kubectl apply of the release in {directory} failed (see above)"
-        for svc in registry.rollout_order() if failure is None else []:
+        for svc in catalog.rollout_order() if failure is None else []:
             if not rollout_status(runner, svc, request.timeout, self.namespace):
                 failure = (
                     f"the rollout of {resource(svc)} did not finish within {request.timeout} s"
@@ -457,7 +456,7 @@ class KubeTarget:
         else:
             say(f"{version} is live on {self.where}; smoke test passed")
 
-    def scale(self, runner: Runner, service: registry.Service, replicas: int, timeout: int) -> None:
+    def scale(self, runner: Runner, service: catalog.Service, replicas: int, timeout: int) -> None:
         self.preflight(runner)
         if service.kind == "stateless":
             bounds = {
@@ -499,15 +498,15 @@ class KubeTarget:
                            f"--output=custom-columns={columns}"))  # fmt: skip
         runner.run(self.kubectl("get", "horizontalpodautoscalers,poddisruptionbudgets",
                            "--selector", selector))  # fmt: skip
-        for svc in registry.rollout_order():
+        for svc in catalog.rollout_order():
             runner.run(self.kubectl("rollout", "history", resource(svc)))
 
     def history(self, runner: Runner) -> None:
         self.preflight(runner)
-        for svc in registry.rollout_order():
+        for svc in catalog.rollout_order():
             runner.run(self.kubectl("rollout", "history", resource(svc)))
 
-    def revision_of(self, runner: Runner, svc: registry.Service, version: str) -> str:
+    def revision_of(self, runner: Runner, svc: catalog.Service, version: str) -> str:
         """The newest revision of svc whose pods run `version`."""
         selector = f"app.kubernetes.io/name={svc.name},{VERSION_LABEL}={version}"
         if svc.kind == "stateless":
@@ -529,10 +528,10 @@ class KubeTarget:
         return str(max(revisions))
 
     def rollback(
-        self, runner: Runner, service: registry.Service | None, version: str | None, timeout: int
+        self, runner: Runner, service: catalog.Service | None, version: str | None, timeout: int
     ) -> None:
         self.preflight(runner)
-        chosen = [service] if service else registry.rollout_order()
+        chosen = [service] if service else catalog.rollout_order()
         bad: dict[str, str] = {}  # StatefulSet -> its update revision before the undo
         for svc in chosen:
             argv = self.kubectl("rollout", "undo", resource(svc))
@@ -593,7 +592,7 @@ class Minikube(KubeTarget):
 
     def ship(self, runner: Runner, version: str, request: DeployRequest) -> list[dict[str, str]]:
         entries = []
-        for svc in registry.services().values():
+        for svc in catalog.services().values():
             ref = images.require_local(runner, svc, version)
             say(f"loading {ref} into {self.name}")
             runner.run(self.load(ref))
@@ -666,7 +665,7 @@ class Gke(KubeTarget):
         path = self.registry_path(request)
         runner.run(["gcloud", "auth", "configure-docker", path.split("/", 1)[0], "--quiet"])
         entries = []
-        for svc in registry.services().values():
+        for svc in catalog.services().values():
             remote = f"{path}/{svc.image}:{version}"
             local = images.image_ref(svc, version)
             if images.inspect_image(runner, local) is not None:

@@ -1,7 +1,7 @@
 """The whole system on the local Docker engine: `kvstack up` and `kvstack down`.
 
 Swarm mode does the running (replicas, restart on crash, health-gated rolling updates); the stack
-file is generated from the service registry into build/, never written by hand. No Swarm
+file is generated from the service list into build/, never written by hand. No Swarm
 service publishes a port: Swarm binds a published port on every interface, whatever host IP the
 stack file names (moby/moby#26696), and its ingress mesh does not work on the project's
 machines. The service marked `publish` (the server) is reached from the host through a gateway
@@ -9,7 +9,7 @@ instead: a plain container running `kvstack.forward`, published on 127.0.0.1:500
 (KVSTACK_LOCAL_ADDRESS), on the network of its callers' flow (see kvstack.forward). The client
 runs as a `docker run` container on the network of its flow to the server.
 
-The networks follow the flow graph (kvstack.registry.flows), as the NetworkPolicies do on
+The networks follow the flow graph (kvstack.catalog.flows), as the NetworkPolicies do on
 Kubernetes: each flow between two services is its own overlay network, joined by those two
 services only, so a container reaches another service only where the graph has a flow (the
 client has no network in common with the backend, and its name does not even resolve there).
@@ -34,8 +34,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kvstack import forward, registry
-from kvstack.ops import engine, images, model
+from kvstack import defaults, forward
+from kvstack.ops import catalog, engine, images, model
 from kvstack.ops.engine import docker
 from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner, say
@@ -73,19 +73,19 @@ SLOT = "{{.Task.Slot}}"
 PRIMARY_SLOT = 1
 
 
-def flow_network(flow: registry.Flow) -> str:
+def flow_network(flow: catalog.Flow) -> str:
     """The stack file's key of the network that carries one flow, e.g. `server-backend`."""
     return f"{flow.source}-{flow.target}"
 
 
 def networks_of(
-    service: registry.Service, services: Mapping[str, registry.Service] | None = None
+    service: catalog.Service, services: Mapping[str, catalog.Service] | None = None
 ) -> list[str]:
     """The stack file's keys of the networks `service` joins: one per flow between services it
     is an end of (see the module docstring for a flow from a service to itself)."""
     ends = [
         f
-        for f in registry.flows(services or registry.services())
+        for f in catalog.flows(services or catalog.services())
         if f.between_services and service.name in (f.source, f.target)
     ]
     others = [flow_network(f) for f in ends if f.source != f.target]
@@ -97,7 +97,7 @@ def network_name(stack: str, key: str) -> str:
     return f"{stack}_{key}"
 
 
-def job_network(stack: str, job: registry.Service) -> str:
+def job_network(stack: str, job: catalog.Service) -> str:
     """The one network a job's container runs on: that of its flow to the service it calls
     (Docker 20.10's `docker run` joins one network, so a job calls one service locally)."""
     keys = networks_of(job)
@@ -109,42 +109,42 @@ def job_network(stack: str, job: registry.Service) -> str:
     return network_name(stack, keys[0])
 
 
-def service_name(stack: str, service: registry.Service) -> str:
+def service_name(stack: str, service: catalog.Service) -> str:
     return f"{stack}_{service.name}"
 
 
-def volume_name(service: registry.Service) -> str:
+def volume_name(service: catalog.Service) -> str:
     return f"{service.name}-data"
 
 
-def slot_volume(stack: str, service: registry.Service) -> str:
+def slot_volume(stack: str, service: catalog.Service) -> str:
     """The engine's name of each task's volume: one per slot, e.g. kvstack_backend-data-1."""
     return f"{stack}_{volume_name(service)}-{SLOT}"
 
 
-def callee_targets(service: registry.Service) -> dict[str, str]:
+def callee_targets(service: catalog.Service) -> dict[str, str]:
     """KVSTACK_<CALLEE>_TARGET for each service a job calls (`docker run --env`)."""
-    return {model.target_variable(callee): registry.get(callee).target for callee in service.calls}
+    return {model.target_variable(callee): catalog.get(callee).target for callee in service.calls}
 
 
 def service_spec(
-    service: registry.Service,
+    service: catalog.Service,
     tag: str,
     *,
     image: str | None = None,
     replicas: int | None = None,
     labels: dict[str, str] | None = None,
-    services: Mapping[str, registry.Service] | None = None,
+    services: Mapping[str, catalog.Service] | None = None,
 ) -> dict[str, Any]:
     """One service of the stack (kvstack.ops.model on Swarm); `image`, `replicas`, `labels`
-    override the registry's, `services` is the service list (default: the registry)."""
+    override the service list's, `services` is the service list (default: the service list)."""
     stateful = service.kind == "stateful"
     order = "stop-first" if stateful else "start-first"
     health = model.SWARM_HEALTH
     spec: dict[str, Any] = {
         "image": image or images.image_ref(service, tag),
         "environment": {
-            **model.environment(service, services or registry.services()),
+            **model.environment(service, services or catalog.services()),
             **(
                 {"KVSTACK_ORDINAL": SLOT, "KVSTACK_PRIMARY_ORDINAL": str(PRIMARY_SLOT)}
                 if stateful
@@ -194,8 +194,8 @@ def service_spec(
             "labels": {"dev.kvstack.service": service.name, **(labels or {})},
         },
     }
-    tmp = {"type": "tmpfs", "target": "/tmp", "tmpfs": {"size": registry.TMP_BYTES}}  # noqa: S108
-    data = [f"{volume_name(service)}:{registry.DATA_DIR}"] if stateful else []
+    tmp = {"type": "tmpfs", "target": "/tmp", "tmpfs": {"size": catalog.TMP_BYTES}}  # noqa: S108
+    data = [f"{volume_name(service)}:{defaults.DATA_DIR}"] if stateful else []
     spec["volumes"] = [tmp, *data]
     return spec
 
@@ -205,24 +205,23 @@ def stack_spec(
     services: dict[str, dict[str, Any]] | None = None,
     stack: str = DEFAULT_STACK,
     *,
-    listed: Mapping[str, registry.Service] | None = None,
+    listed: Mapping[str, catalog.Service] | None = None,
 ) -> dict[str, Any]:
     """The compose v3.8 stack of every long-running service (`services`: ready service entries
     by name, as the local target's deploy computes them; `listed`: the service list, default
-    the registry's)."""
-    catalog = listed or registry.services()
-    long_running = [s for s in catalog.values() if s.long_running]
+    the service list's)."""
+    every = listed or catalog.services()
+    long_running = [s for s in every.values() if s.long_running]
     given = services or {}
     return {
         "version": "3.8",
         "services": {
-            s.name: given.get(s.name) or service_spec(s, tag, services=catalog)
-            for s in long_running
+            s.name: given.get(s.name) or service_spec(s, tag, services=every) for s in long_running
         },
         # Attachable: the client (a job) and the tests' own containers join as `docker run`s.
         "networks": {
             key: {"driver": "overlay", "attachable": True}
-            for key in dict.fromkeys(k for s in catalog.values() for k in networks_of(s, catalog))
+            for key in dict.fromkeys(k for s in every.values() for k in networks_of(s, every))
         },
         "volumes": {
             volume_name(s): {"name": slot_volume(stack, s)}
@@ -243,7 +242,7 @@ def stack_spec(
 STACK_FILE = "deploy/local/stack.yaml"
 
 
-def committed_stack(listed: Mapping[str, registry.Service]) -> dict[str, Any]:
+def committed_stack(listed: Mapping[str, catalog.Service]) -> dict[str, Any]:
     """The stack file as committed: this tree's service list, tag and stack name left to
     `docker stack deploy`'s interpolation."""
     return stack_spec(
@@ -299,17 +298,17 @@ def local_address() -> str:
     return os.environ.get(ADDRESS_ENV) or f"127.0.0.1:{service.port if service else 0}"
 
 
-def published() -> registry.Service | None:
-    return next((s for s in registry.services().values() if s.publish and s.long_running), None)
+def published() -> catalog.Service | None:
+    return next((s for s in catalog.services().values() if s.publish and s.long_running), None)
 
 
-def gateway_name(stack: str, service: registry.Service) -> str:
+def gateway_name(stack: str, service: catalog.Service) -> str:
     return f"{stack}-{service.name}-gateway"
 
 
-def gateway_network(stack: str, service: registry.Service) -> str:
+def gateway_network(stack: str, service: catalog.Service) -> str:
     """The network of a flow from another service to `service`: the gateway stands for a caller."""
-    for flow in registry.flows(registry.services()):
+    for flow in catalog.flows(catalog.services()):
         if flow.between_services and flow.target == service.name and flow.source != flow.target:
             return network_name(stack, flow_network(flow))
     raise CommandError(f"{service.name} is published but nothing calls it: add it to a `calls`")
@@ -395,7 +394,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     runner = Runner(dry_run=args.dry_run)
     engine.ensure(runner)
     tag = args.tag or images.version()
-    images.build(runner, list(registry.services().values()), tag, only_if_changed=True)
+    images.build(runner, list(catalog.services().values()), tag, only_if_changed=True)
     request = DeployRequest(version=tag, registry=None, timeout=int(HEALTHY_TIMEOUT_S))
     Local(stack=args.stack).deploy(runner, request, smoke=not args.no_client)
     address = gateway_address(runner, args.stack)
@@ -598,13 +597,13 @@ class Local:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def service(self, svc: registry.Service) -> str:
+    def service(self, svc: catalog.Service) -> str:
         return service_name(self.stack, svc)
 
-    def live(self, runner: Runner, svc: registry.Service) -> Live | None:
+    def live(self, runner: Runner, svc: catalog.Service) -> Live | None:
         return inspect_service(runner, self.service(svc))
 
-    def require_live(self, runner: Runner, svc: registry.Service) -> Live:
+    def require_live(self, runner: Runner, svc: catalog.Service) -> Live:
         live = self.live(runner, svc)
         if live is None:
             raise CommandError(
@@ -613,7 +612,7 @@ class Local:
             )
         return live
 
-    def progress(self, runner: Runner, svc: registry.Service, image: str) -> Progress:
+    def progress(self, runner: Runner, svc: catalog.Service, image: str) -> Progress:
         live = self.require_live(runner, svc)
         ps = runner.query(
             docker(
@@ -637,7 +636,7 @@ class Local:
     def wait(
         self,
         runner: Runner,
-        svc: registry.Service,
+        svc: catalog.Service,
         image: str,
         timeout: float,
         *,
@@ -686,9 +685,9 @@ class Local:
             time.sleep(POLL_S)
 
     def smoke_test(self, runner: Runner, version: str, timeout: int) -> str | None:
-        """Run every job once on the stack's network with registry.SMOKE_ARGS (the client's
+        """Run every job once on the stack's network with catalog.SMOKE_ARGS (the client's
         batch, then its check that every backend holds a fresh write); the failure or None."""
-        for job in (s for s in registry.services().values() if s.kind == "job"):
+        for job in (s for s in catalog.services().values() if s.kind == "job"):
             ref = images.image_ref(job, version)
             network = job_network(self.stack, job)
             say(f"smoke test: {job.name} ({ref}) on network {network}")
@@ -696,7 +695,7 @@ class Local:
             env = [f"--env={k}={v}" for k, v in callee_targets(job).items()]
             argv = docker(
                 "run", "--rm", f"--name={container}", "--network", network,
-                *env, ref, *registry.SMOKE_ARGS,
+                *env, ref, *catalog.SMOKE_ARGS,
             )  # fmt: skip
             try:
                 code = runner.run(argv, check=False, timeout=timeout).returncode
@@ -710,10 +709,10 @@ class Local:
     def version_to_deploy(self, runner: Runner, request: DeployRequest) -> str:
         current = images.version()
         if request.version and request.version != current:
-            for svc in registry.services().values():
+            for svc in catalog.services().values():
                 images.require_local(runner, svc, request.version)
             return request.version
-        services = list(registry.services().values())
+        services = list(catalog.services().values())
         images.build(runner, services, current, only_if_changed=True)
         return current
 
@@ -724,7 +723,7 @@ class Local:
         engine.ensure_swarm(runner)
         version = self.version_to_deploy(runner, request)
         say(f"deploying {version} to stack {self.stack} on the local engine")
-        before = {svc.name: self.live(runner, svc) for svc in registry.rollout_order()}
+        before = {svc.name: self.live(runner, svc) for svc in catalog.rollout_order()}
         for tree in other_trees(before):
             say(
                 f"warning: stack {self.stack} runs a release made from another work tree "
@@ -733,8 +732,8 @@ class Local:
             )
         entries: dict[str, dict[str, Any]] = {}
         images_wanted: dict[str, str] = {}
-        changed: list[registry.Service] = []  # the services whose spec this deploy changes
-        for svc in registry.rollout_order():
+        changed: list[catalog.Service] = []  # the services whose spec this deploy changes
+        for svc in catalog.rollout_order():
             live = before[svc.name]
             image = images.image_ref(svc, version)
             if (
@@ -769,7 +768,7 @@ class Local:
                 deploy(runner, self.stack, version, entries)
             except CommandError as err:
                 failure = f"docker stack deploy failed ({err})"
-        for svc in registry.rollout_order() if failure is None else []:
+        for svc in catalog.rollout_order() if failure is None else []:
             live = before[svc.name]
             failure = self.wait(
                 runner, svc, images_wanted[svc.name], request.timeout,
@@ -807,7 +806,7 @@ class Local:
     def undo(
         self,
         runner: Runner,
-        changed: list[registry.Service],
+        changed: list[catalog.Service],
         before: dict[str, Live | None],
         timeout: int,
     ) -> str:
@@ -849,7 +848,7 @@ class Local:
             )
         return "; ".join(parts) or "nothing had changed, so nothing was rolled back"
 
-    def scale(self, runner: Runner, service: registry.Service, replicas: int, timeout: int) -> None:
+    def scale(self, runner: Runner, service: catalog.Service, replicas: int, timeout: int) -> None:
         live = self.require_live(runner, service)
         runner.run(
             docker("service", "scale", "--detach", f"{self.service(service)}={replicas}"),
@@ -866,7 +865,7 @@ class Local:
     def status(self, runner: Runner) -> None:
         engine.require(runner)
         rows = [("SERVICE", "VERSION", "RELEASE", "READY", "LAST UPDATE", "IMAGE")]
-        for svc in registry.rollout_order():
+        for svc in catalog.rollout_order():
             live = self.live(runner, svc)
             if live is None:
                 rows.append((svc.name, "-", "-", "-", "not deployed", "-"))
@@ -888,7 +887,7 @@ class Local:
 
     def history(self, runner: Runner) -> None:
         engine.require(runner)
-        for svc in registry.rollout_order():
+        for svc in catalog.rollout_order():
             live = self.live(runner, svc)
             print(f"{self.service(svc)}:")
             if live is None or not live.releases:
@@ -906,9 +905,9 @@ class Local:
                 )
 
     def rollback(
-        self, runner: Runner, service: registry.Service | None, version: str | None, timeout: int
+        self, runner: Runner, service: catalog.Service | None, version: str | None, timeout: int
     ) -> None:
-        targets = [service] if service else registry.rollout_order()
+        targets = [service] if service else catalog.rollout_order()
         done: list[str] = []
         without_history: list[str] = []
         for svc in targets:
@@ -972,13 +971,13 @@ class Local:
     def backup(self, runner: Runner, output: Path) -> None:
         from kvstack.ops import backups
 
-        image = self.require_live(runner, registry.get(backups.BACKEND)).image
+        image = self.require_live(runner, catalog.get(backups.BACKEND)).image
         backups.local_backup(runner, self.stack, image, output)
 
     def restore(self, runner: Runner, path: Path, force: bool) -> None:
         from kvstack.ops import backups
 
-        image = self.require_live(runner, registry.get(backups.BACKEND)).image
+        image = self.require_live(runner, catalog.get(backups.BACKEND)).image
         backups.local_restore(runner, self.stack, image, path, force)
 
 

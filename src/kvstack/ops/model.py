@@ -1,7 +1,7 @@
 """One model of how a service runs, from which both targets are rendered.
 
 kvstack.ops.manifests writes it as Kubernetes objects, kvstack.ops.local as the Swarm stack file.
-What differs from one service to another comes from the service list (kvstack.registry: port,
+What differs from one service to another comes from the service list (kvstack.ops.catalog: port,
 kind, replica count, calls, readiness name); what is the same for every service is defined here,
 once. A renderer only spells these facts the way its platform wants them.
 """
@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from kvstack import registry
+from kvstack import defaults
+from kvstack.ops import catalog
 
 # -- Stopping -----------------------------------------------------------------------------------
 # On SIGTERM a service turns NOT_SERVING, lets its calls in flight finish within its drain
-# (KVSTACK_SHUTDOWN_GRACE, default registry.DRAIN_SECONDS) and releases what it holds (the
+# (KVSTACK_SHUTDOWN_GRACE, default defaults.DRAIN_SECONDS) and releases what it holds (the
 # backend commits every queued write). On Kubernetes a preStop pause comes first, while
 # endpoints and callers' resolvers drop the pod (Swarm removes a stopping task from DNS itself).
 # The platform kills the process STOP_GRACE_SECONDS after the stop began
@@ -24,7 +25,7 @@ from kvstack import registry
 # service stops first, so a hung primary delays every write); 20 s is also what every Swarm
 # fault test and benchmark ran with.
 PRESTOP_SECONDS = 5
-DRAIN_SECONDS = registry.DRAIN_SECONDS
+DRAIN_SECONDS = defaults.DRAIN_SECONDS
 STOP_GRACE_SECONDS = 20
 if STOP_GRACE_SECONDS < PRESTOP_SECONDS + DRAIN_SECONDS + 5:
     raise AssertionError("the stop grace period must outlast preStop + drain, with time to exit")
@@ -40,7 +41,7 @@ if STOP_GRACE_SECONDS < PRESTOP_SECONDS + DRAIN_SECONDS + 5:
 #   least 6x that worst answer: a false timeout takes a healthy pod out of its Service
 #   (readiness) or restarts it (liveness, 3 in a row). Startup and liveness ask the process
 #   (""): a replica that only waits for its primary, or copies a large snapshot, is alive and
-#   must not be restarted. Readiness asks the service's readiness name (registry), so such a
+#   must not be restarted. Readiness asks the service's readiness name (the service list), so such a
 #   pod leaves its Service and an OrderedReady rollout waits for it. A pod joins its Service
 #   (and the headless DNS callers resolve) at its first passing readiness check, so the
 #   readiness period bounds how long a restarted primary is SERVING unseen while writes wait
@@ -76,9 +77,9 @@ if SWARM_HEALTH.timeout <= PROBE_DEADLINE_SECONDS:
 # -- Scale --------------------------------------------------------------------------------------
 
 
-def autoscaled(svc: registry.Service) -> bool:
+def autoscaled(svc: catalog.Service) -> bool:
     """Whether a HorizontalPodAutoscaler owns the service's replica count on Kubernetes (its
-    floor the registry's count): then the workload itself sets none (kvstack.ops.manifests)."""
+    floor the service list's count): then the workload itself sets none (kvstack.ops.manifests)."""
     return svc.kind == "stateless"
 
 
@@ -90,17 +91,17 @@ def target_variable(callee: str) -> str:
     return f"KVSTACK_{callee.upper().replace('-', '_')}_TARGET"
 
 
-def environment(svc: registry.Service, services: Mapping[str, registry.Service]) -> dict[str, str]:
+def environment(svc: catalog.Service, services: Mapping[str, catalog.Service]) -> dict[str, str]:
     """The variables a service's container gets on every target (each platform adds how a
     stateful task learns its ordinal): its ports, its drain, its data directory, and each
     callee's one DNS name, which resolves to every replica for client-side round robin."""
     env: dict[str, str] = {}
     if svc.long_running:
         env["KVSTACK_PORT"] = str(svc.port)
-        env["KVSTACK_METRICS_PORT"] = str(registry.METRICS_PORT)
+        env["KVSTACK_METRICS_PORT"] = str(defaults.METRICS_PORT)
         env["KVSTACK_SHUTDOWN_GRACE"] = str(DRAIN_SECONDS)
     if svc.kind == "stateful":
-        env["KVSTACK_DATA_DIR"] = registry.DATA_DIR
+        env["KVSTACK_DATA_DIR"] = defaults.DATA_DIR
     for callee in svc.calls:
         env[target_variable(callee)] = services[callee].target
     return env

@@ -28,8 +28,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from kvstack import registry
-from kvstack.ops import images, kube, manifests
+from kvstack.ops import catalog, images, kube, manifests
 from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner, say
 from kvstack.ops.targets import (
@@ -53,7 +52,7 @@ def git(*args: str, root: Path = ROOT) -> subprocess.CompletedProcess[str]:
     )
 
 
-def service_version(svc: registry.Service, root: Path = ROOT) -> str:
+def service_version(svc: catalog.Service, root: Path = ROOT) -> str:
     """Each service's version: its image's revision (images.revision), required here."""
     version = images.revision(svc, root)
     if version is None:
@@ -61,9 +60,9 @@ def service_version(svc: registry.Service, root: Path = ROOT) -> str:
     return version
 
 
-def changed_since(since: str | None, root: Path = ROOT) -> list[registry.Service]:
+def changed_since(since: str | None, root: Path = ROOT) -> list[catalog.Service]:
     """Services whose image inputs differ between `since` and HEAD (all when unknown)."""
-    services = list(registry.services().values())
+    services = list(catalog.services().values())
     if not since or NO_COMMIT.match(since):
         return services
     if git("cat-file", "-e", f"{since}^{{commit}}", root=root).returncode != 0:
@@ -77,7 +76,7 @@ def changed_since(since: str | None, root: Path = ROOT) -> list[registry.Service
     ]
 
 
-def tags_for(svc: registry.Service, version: str, repository: str, ref: str) -> list[str]:
+def tags_for(svc: catalog.Service, version: str, repository: str, ref: str) -> list[str]:
     """Immutable tags: the git SHA, plus the semver of a release tag (refs/tags/vX.Y.Z)."""
     tags = [f"{repository}/{svc.image}:{version}"]
     if match := SEMVER_TAG.match(ref):
@@ -95,7 +94,7 @@ def github_output(name: str, value: str) -> None:
 
 
 def _changed(args: argparse.Namespace) -> int:
-    chosen = list(registry.services().values()) if args.all else changed_since(args.since)
+    chosen = list(catalog.services().values()) if args.all else changed_since(args.since)
     rows = [
         {
             "service": s.name,
@@ -156,7 +155,7 @@ class PinnedGke(kube.Gke):
     def ship(self, runner: Runner, version: str, request: DeployRequest) -> list[dict[str, str]]:
         path = self.registry_path(request)
         entries = []
-        for svc in registry.services().values():
+        for svc in catalog.services().values():
             remote = f"{path}/{svc.image}:{self.versions[svc.name]}"
             digest = self.digest_of(runner, remote)
             want = self.expected.get(svc.image)
@@ -214,14 +213,14 @@ class PinnedGke(kube.Gke):
                     }
                 ),
             }
-            for svc in registry.services().values()
+            for svc in catalog.services().values()
         ]
         body["patches"] = per_service + body["patches"][1:]
         return body
 
 
 def _release(args: argparse.Namespace) -> int:
-    services = registry.services().values()
+    services = catalog.services().values()
     versions = {s.name: service_version(s) for s in services}
     expected: dict[str, str] = json.loads(args.digests) if args.digests else {}
     target = PinnedGke(versions, expected, args.verify_identity, args.namespace)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from kvstack import registry
+from kvstack.ops import catalog
 from kvstack.ops.errors import CommandError
 from kvstack.ops.shell import Runner
 
@@ -53,7 +53,7 @@ class Target(Protocol):
         """Ship the images, apply, wait for every rollout, run the smoke test; on any failure,
         roll back what this deploy changed and raise saying so. Idempotent per version."""
 
-    def scale(self, runner: Runner, service: registry.Service, replicas: int, timeout: int) -> None:
+    def scale(self, runner: Runner, service: catalog.Service, replicas: int, timeout: int) -> None:
         """Run `replicas` copies of a long-running service (and keep any autoscaler from
         undoing it); wait until they are ready."""
 
@@ -61,7 +61,7 @@ class Target(Protocol):
         """Print per service the running version, ready/desired replicas and recent rollouts."""
 
     def rollback(
-        self, runner: Runner, service: registry.Service | None, version: str | None, timeout: int
+        self, runner: Runner, service: catalog.Service | None, version: str | None, timeout: int
     ) -> None:
         """Return one service (None: every long-running one) to its previous release, or to
         the release running `version`; wait until it is ready."""
@@ -131,9 +131,9 @@ def target_for(args: argparse.Namespace) -> Target:
     return target
 
 
-def long_running_service(name: str) -> registry.Service:
+def long_running_service(name: str) -> catalog.Service:
     try:
-        service = registry.get(name)
+        service = catalog.get(name)
     except KeyError as err:
         raise CommandError(str(err.args[0])) from None
     if not service.long_running:
@@ -159,7 +159,7 @@ def _deploy(args: argparse.Namespace) -> int:
 
 def check_replicas(replicas: int, force: bool) -> None:
     """Refuse a count outside the supported range unless forced, saying why."""
-    low, high = registry.MIN_REPLICAS, registry.MAX_REPLICAS
+    low, high = catalog.MIN_REPLICAS, catalog.MAX_REPLICAS
     if force or low <= replicas <= high:
         return
     why = (
@@ -243,7 +243,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "replicas",
         type=positive,
         metavar="N",
-        help=f"{registry.MIN_REPLICAS} to {registry.MAX_REPLICAS} (others need --force)",
+        help=f"{catalog.MIN_REPLICAS} to {catalog.MAX_REPLICAS} (others need --force)",
     )
     p.add_argument("--force", action="store_true", help="allow a count outside the supported range")
     with_timeout(p)

@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from kvstack import registry, runtime, validation, wire
+from kvstack import defaults, runtime, validation, wire
 from kvstack.directory import Directory, Member
 from kvstack.runtime import setting
 from kvstack.v1 import frontend_pb2, frontend_pb2_grpc, kv_pb2, kv_pb2_grpc, replication_pb2
@@ -47,7 +47,7 @@ NAMED = "the backend named"  # in messages about a read for a named backend
 class ServerConfig:
     backend_target: str = setting(
         "KVSTACK_BACKEND_TARGET",
-        registry.get("backend").target,
+        defaults.target("backend"),
         "the backends: a name resolving to every backend (or host:port,host:port)",
     )
     backend_timeout: float = setting(

@@ -1,12 +1,17 @@
-"""The one list of services (services.toml beside this file), loaded into typed records.
+"""The service catalog: the list of services (services.toml beside this file) loaded into
+typed records, with each long-running one's port from kvstack.defaults.
 
-Everything that differs from one service to another (its port, kind, replica count, what it
-calls) is read from here: the service code for its default port, the local Swarm stack, the
-Kubernetes manifests and the CI matrix. Nothing else spells those facts out again.
+Everything that differs from one service to another (its kind, replica count, what it calls,
+its port) is read from here by the deploy: the images, the local Swarm stack, the Kubernetes
+manifests and the CI matrix. Nothing else spells those facts out again. The running services
+never read this list (they take their port and their callees' addresses from kvstack.defaults),
+so it is no image's input: editing a replica count rebuilds nothing.
 """
 
 from __future__ import annotations
 
+import ast
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,12 +19,17 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-REGISTRY_PATH = Path(__file__).with_name("services.toml")
+from kvstack import defaults
+
+SERVICES_FILE = Path(__file__).with_name("services.toml")
+# The two files in a source tree (the deploy renders a tree's; `kvstack new-service` edits both),
+# and the PORTS table in the second: its opening line, its entries, its closing brace.
+SERVICES_PATH = "src/kvstack/ops/services.toml"
+DEFAULTS_PATH = "src/kvstack/defaults.py"
+PORTS_TABLE = re.compile(r"^PORTS: dict\[str, int\] = \{\n((?:    .*\n)*?)\}$", re.M)
 Kind = Literal["stateful", "stateless", "job"]
 KINDS: tuple[Kind, ...] = ("stateful", "stateless", "job")
 
-# Shared by every long-running service; one place so probes, manifests and the stack agree.
-METRICS_PORT = 9464
 IMAGE_PREFIX = "kvstack-"
 # How many replicas of a long-running service: at least 2, so one can fail or roll without an
 # outage (the brief's resiliency floor), at most 5, what the project is sized and tested for
@@ -29,13 +39,6 @@ MAX_REPLICAS = 5
 # The only writable path besides a stateful service's data: /tmp, in memory, this size (the
 # pods' emptyDir sizeLimit, the Swarm tasks' tmpfs), since every root file system is read-only.
 TMP_BYTES = 64 * 2**20
-# Seconds a service lets its calls in flight finish after SIGTERM (KVSTACK_SHUTDOWN_GRACE's
-# default), here so that the deploy model (kvstack.ops.model) sizes the grace period around it
-# without importing the runtime.
-DRAIN_SECONDS = 10
-# Where a stateful service keeps its data: its volume's mount point and KVSTACK_DATA_DIR's
-# default (the Dockerfile creates it, owned by RUNTIME_UID, so a fresh volume mounted there is).
-DATA_DIR = "/data"
 # The non-root user every image runs as (set in the Dockerfile, required by the manifests).
 RUNTIME_UID = 65532
 # The arguments a job runs with as a deploy's smoke test, on every target (the local stack's
@@ -75,17 +78,33 @@ class Service:
         return f"kvstack.{self.name}"
 
 
-def parse(text: str, source: str = "services.toml") -> dict[str, Service]:
-    """Parse and check a services.toml document; raise ValueError saying what to fix."""
+def parse(
+    text: str, source: str = "services.toml", ports: Mapping[str, int] = defaults.PORTS
+) -> dict[str, Service]:
+    """Parse and check a services.toml document, with each long-running service's port from
+    `ports` (kvstack.defaults.PORTS); raise ValueError saying what to fix."""
     data = tomllib.loads(text)
     services: dict[str, Service] = {}
     for name, raw in data.get("services", {}).items():
         kind = raw.get("kind")
         if kind not in KINDS:
             raise ValueError(f"{source}: service {name!r} has kind {kind!r}; use one of {KINDS}")
-        port = raw.get("port")
-        if kind != "job" and not isinstance(port, int):
-            raise ValueError(f"{source}: service {name!r} is {kind} and needs an integer port")
+        if "port" in raw:
+            raise ValueError(
+                f"{source}: service {name!r} sets `port`; a service's port is the service's own "
+                "default: set it in kvstack.defaults.PORTS (src/kvstack/defaults.py) instead"
+            )
+        port = ports.get(name)
+        if kind != "job" and port is None:
+            raise ValueError(
+                f"{source}: service {name!r} is {kind} and has no port: add it to "
+                "kvstack.defaults.PORTS (src/kvstack/defaults.py)"
+            )
+        if kind == "job" and port is not None:
+            raise ValueError(
+                f"{source}: service {name!r} is a job, which serves no port, yet "
+                f"kvstack.defaults.PORTS gives it {port}: remove that line"
+            )
         replicas = int(raw.get("replicas", 1))
         if kind != "job" and not MIN_REPLICAS <= replicas <= MAX_REPLICAS:
             raise ValueError(
@@ -100,6 +119,12 @@ def parse(text: str, source: str = "services.toml") -> dict[str, Service]:
             calls=tuple(raw.get("calls", ())),
             publish=bool(raw.get("publish", False)),
             readiness=str(raw.get("readiness", "")),
+        )
+    unlisted = sorted(set(ports) - set(services))
+    if unlisted:
+        raise ValueError(
+            f"{source} lists no service {', '.join(map(repr, unlisted))}, which "
+            "kvstack.defaults.PORTS gives a port: list it here, or remove its port there"
         )
     if len([s for s in services.values() if s.publish]) > 1:
         raise ValueError(f"{source}: at most one service may `publish` (it gets the one address)")
@@ -117,7 +142,29 @@ def parse(text: str, source: str = "services.toml") -> dict[str, Service]:
 @cache
 def services() -> dict[str, Service]:
     """Every service, by name, in the order services.toml lists them."""
-    return parse(REGISTRY_PATH.read_text(), str(REGISTRY_PATH))
+    return parse(SERVICES_FILE.read_text(), str(SERVICES_FILE))
+
+
+def ports_in(defaults_text: str) -> dict[str, int]:
+    """The PORTS table of a kvstack/defaults.py's text (a tree's, not the imported module's)."""
+    table = PORTS_TABLE.search(defaults_text)
+    if table is None:
+        raise ValueError(f"{DEFAULTS_PATH} has no `PORTS: dict[str, int] = {{...}}` table")
+    ports = ast.literal_eval("{" + table.group(1) + "}")
+    assert isinstance(ports, dict)
+    return ports
+
+
+def of_tree(
+    root: Path, services_text: str | None = None, defaults_text: str | None = None
+) -> dict[str, Service]:
+    """The service list of the source tree at `root`, or the one these texts of its two files
+    would give it."""
+    if services_text is None:
+        services_text = (root / SERVICES_PATH).read_text(encoding="utf-8")
+    if defaults_text is None:
+        defaults_text = (root / DEFAULTS_PATH).read_text(encoding="utf-8")
+    return parse(services_text, SERVICES_PATH, ports_in(defaults_text))
 
 
 def callees_first(services: Mapping[str, Service]) -> list[Service]:
@@ -147,7 +194,7 @@ def rollout_order() -> list[Service]:
 #
 # Every network flow the running system needs: the calls between services (services.toml) and two
 # the platform brings, DNS (every pod resolves its callees' names) and metrics scraping (a
-# collector outside the namespace reads METRICS_PORT). The Kubernetes NetworkPolicies
+# collector outside the namespace reads defaults.METRICS_PORT). The Kubernetes NetworkPolicies
 # (kvstack.ops.manifests) and the local Swarm stack's networks (kvstack.ops.local) are both
 # rendered from flows() and allow nothing else; tests/manifests/test_network_analysis.py checks
 # the policies with a NetworkPolicy analyser against this graph AND against its own list of what
@@ -189,7 +236,9 @@ def flows(services: Mapping[str, Service]) -> list[Flow]:
             out.append(Flow(svc.name, DNS, DNS_PORT, ("UDP", "TCP"), "name lookups"))
     for svc in services.values():
         if svc.long_running:
-            out.append(Flow(METRICS_COLLECTOR, svc.name, METRICS_PORT, ("TCP",), "metrics"))
+            out.append(
+                Flow(METRICS_COLLECTOR, svc.name, defaults.METRICS_PORT, ("TCP",), "metrics")
+            )
     return out
 
 
