@@ -53,8 +53,10 @@ test: images ## Every test: unit, integration, containers (same set-up as `make 
 	$(PY) -m pytest
 
 .PHONY: test-fast
-test-fast: $(PY) ## The tests that need no Docker engine nor images (every level but containers)
-	$(PY) -m pytest -m "not containers"
+# Three workers on two cores: most of these tests wait (on real service processes, on timeouts),
+# so a third worker still gains (measured: 4 min 36 s in one process, 2 min 55 s in three).
+test-fast: $(PY) ## The tests that need no Docker engine nor images (every level but containers; under 3 min)
+	$(PY) -m pytest -n 3 -m "not containers"
 
 .PHONY: bench
 bench: $(PY) ## Measure throughput, latency, logging's cost, etcd beside us and writes through rollouts (about 12 min; installs Debian's etcd-server if missing); writes docs/benchmarks.md
