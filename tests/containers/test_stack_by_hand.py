@@ -22,6 +22,8 @@ def test_the_committed_stack_file_deploys_by_hand(tag: str) -> None:
     name = f"kvhand-{uuid.uuid4().hex[:6]}"
     env = {**os.environ, local.STACK_VARIABLE: name, local.TAG_VARIABLE: tag}
     stack_file = checkout.ROOT / local.STACK_FILE
+    # The file's header: an engine in a swarm (`docker swarm init` where it is not yet).
+    engine.ensure_swarm(RUNNER)
     try:
         deployed = subprocess.run(
             engine.docker("stack", "deploy", "-c", str(stack_file), name),

@@ -548,7 +548,8 @@ def render(services: Mapping[str, Service]) -> dict[str, str]:
 
 STACK_FILE_USE = (
     "The local target's Swarm stack, for a deploy by hand (`kvstack deploy local` deploys\n"
-    "the same rendering with its release's values). After `make images`:\n"
+    "the same rendering with its release's values). After `make images`, on an engine in a\n"
+    "swarm (`docker swarm init --advertise-addr 127.0.0.1` once, if it is not):\n"
     f"  {local.STACK_VARIABLE}=NAME docker stack deploy -c {local.STACK_FILE} NAME\n"
     f"{local.TAG_VARIABLE} picks the images' tag (default {images.STABLE_TAG}), "
     f"{local.STACK_VARIABLE} names the volumes."
