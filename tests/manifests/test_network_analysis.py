@@ -79,15 +79,15 @@ def graph_flows(model: Model) -> list[Query]:
 
     out = []
     for flow in catalog.flows(SERVICES):
-        for src in pods(flow.source):
+        for src in pods(flow.caller):
             for proto in flow.protocols:
-                if flow.target == catalog.DNS:
+                if flow.callee == catalog.DNS:
                     out.append(Query(src, flow.port, proto, target=model.pod("kube-dns-0")))
                     out.append(Query(src, flow.port, proto, target_ip=NODELOCAL_DNS_IP))
                     continue
                 out += [
                     Query(src, flow.port, proto, target=dst)
-                    for dst in pods(flow.target)
+                    for dst in pods(flow.callee)
                     if dst != src
                 ]
     return out

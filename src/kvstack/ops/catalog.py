@@ -208,18 +208,18 @@ DNS_PORT = 53
 
 @dataclass(frozen=True)
 class Flow:
-    """One allowed flow: `source` opens connections to `target` on `port`. Either end is a
+    """One allowed flow: `caller` opens connections to `callee` on `port`. Either end is a
     service's name or a platform peer (DNS, METRICS_COLLECTOR)."""
 
-    source: str
-    target: str
+    caller: str
+    callee: str
     port: int
     protocols: tuple[str, ...]
     why: str
 
     @property
     def between_services(self) -> bool:
-        return self.source not in PLATFORM_PEERS and self.target not in PLATFORM_PEERS
+        return self.caller not in PLATFORM_PEERS and self.callee not in PLATFORM_PEERS
 
 
 def flows(services: Mapping[str, Service]) -> list[Flow]:

@@ -75,7 +75,7 @@ PRIMARY_SLOT = 1
 
 def flow_network(flow: catalog.Flow) -> str:
     """The stack file's key of the network that carries one flow, e.g. `server-backend`."""
-    return f"{flow.source}-{flow.target}"
+    return f"{flow.caller}-{flow.callee}"
 
 
 def networks_of(
@@ -86,9 +86,9 @@ def networks_of(
     ends = [
         f
         for f in catalog.flows(services or catalog.services())
-        if f.between_services and service.name in (f.source, f.target)
+        if f.between_services and service.name in (f.caller, f.callee)
     ]
-    others = [flow_network(f) for f in ends if f.source != f.target]
+    others = [flow_network(f) for f in ends if f.caller != f.callee]
     return others or [flow_network(f) for f in ends]
 
 
@@ -309,7 +309,7 @@ def gateway_name(stack: str, service: catalog.Service) -> str:
 def gateway_network(stack: str, service: catalog.Service) -> str:
     """The network of a flow from another service to `service`: the gateway stands for a caller."""
     for flow in catalog.flows(catalog.services()):
-        if flow.between_services and flow.target == service.name and flow.source != flow.target:
+        if flow.between_services and flow.callee == service.name and flow.caller != flow.callee:
             return network_name(stack, flow_network(flow))
     raise CommandError(f"{service.name} is published but nothing calls it: add it to a `calls`")
 

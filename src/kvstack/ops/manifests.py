@@ -428,7 +428,7 @@ def peers(end: str, services: Mapping[str, Service]) -> list[dict[str, Any]]:
 
 def flow_rule(flow: catalog.Flow, ingress: bool, services: Mapping[str, Service]) -> dict[str, Any]:
     """The ingress rule (at its target) or egress rule (at its source) that allows `flow`."""
-    remote = peers(flow.source if ingress else flow.target, services)
+    remote = peers(flow.caller if ingress else flow.callee, services)
     return {
         "from" if ingress else "to": remote,
         "ports": [{"protocol": proto, "port": flow.port} for proto in flow.protocols],
@@ -449,8 +449,8 @@ def network_policies(services: Mapping[str, Service]) -> list[dict[str, Any]]:
         }
     ]
     for svc in services.values():
-        ingress = [flow_rule(f, True, services) for f in graph if f.target == svc.name]
-        egress = [flow_rule(f, False, services) for f in graph if f.source == svc.name]
+        ingress = [flow_rule(f, True, services) for f in graph if f.callee == svc.name]
+        egress = [flow_rule(f, False, services) for f in graph if f.caller == svc.name]
         spec: dict[str, Any] = {
             "podSelector": {"matchLabels": selector_labels(svc)},
             "policyTypes": ["Ingress", "Egress"],
