@@ -5,6 +5,7 @@ the primary; the replicas then hold exactly the backup, whatever they held befor
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import grpc
 import lmdb
 import pytest
 
-from kvstack import backup
+from kvstack import backup, validation
 from kvstack.dev.processes import ServiceProcess, free_port
 from kvstack.v1 import backup_pb2, backup_pb2_grpc, kv_pb2, kv_pb2_grpc
 from tests.conftest import Spawn
@@ -343,3 +344,42 @@ def test_one_restore_at_a_time(spawn: Spawn, tmp_path: Path) -> None:
     go.set()
     assert first.result().keys == 10
     channel.close()
+
+
+def test_backups_abandoned_mid_copy_leave_nothing_behind(spawn: Spawn, tmp_path: Path) -> None:
+    """A caller that leaves a backup after its first chunk (five times, while the copy still
+    streams) leaves no descriptor open and no error in the primary's log, and the next backup
+    is whole. (What it cannot show: the pipe closed under a thread still reading it, which
+    would then read whatever file took the number next; that window is a few milliseconds, and
+    the handler now closes the pipe only once its read has returned.)"""
+    pair = Pair(spawn, tmp_path).up()
+    kv = stub(pair.primary)
+    written = {}
+    for i in range(6):  # six values of 1 MiB: a copy of several chunks
+        key, value = f"big/{i}".encode(), bytes([65 + i]) * (validation.DEFAULT_MAX_VALUE_BYTES)
+        kv.Put(kv_pb2.PutRequest(key=key, value=value), timeout=10)
+        written[key] = value
+    pid = pair.procs[0].proc.pid if pair.procs[0].proc else 0
+
+    def descriptors() -> int:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+
+    backup.take(pair.primary, tmp_path / "first.mdb")  # whatever a backup opens once is open
+    before = descriptors()
+    for _ in range(5):
+        with grpc.insecure_channel(pair.primary) as channel:
+            call = backup_pb2_grpc.BackupStub(channel).Backup(
+                backup_pb2.BackupRequest(), timeout=30
+            )
+            assert next(call).data  # the first chunk, then the caller leaves
+            call.cancel()
+    deadline = time.monotonic() + 10
+    while descriptors() > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert descriptors() <= before, f"{descriptors() - before} descriptors left open"
+    out = tmp_path / "after.mdb"
+    backup.take(pair.primary, out)
+    assert file_contents(out) == written
+    log = pair.procs[0].logs()
+    for trouble in ("Bad file descriptor", "never retrieved", "Traceback"):
+        assert trouble not in log, log[-3000:]

@@ -91,15 +91,26 @@ class BackupServicer(backup_pb2_grpc.BackupServicer):
         copier = asyncio.ensure_future(asyncio.to_thread(copy))
         digest = hashlib.sha256()
         size = 0
+        reading: asyncio.Future[bytes] | None = None
         try:
-            while data := await asyncio.to_thread(
-                _read_chunk, read_fd, validation.BACKUP_CHUNK_BYTES
-            ):
+            while True:
+                reading = asyncio.ensure_future(
+                    asyncio.to_thread(_read_chunk, read_fd, validation.BACKUP_CHUNK_BYTES)
+                )
+                # Shielded: a caller that leaves cancels this wait, not the read in its thread.
+                data = await asyncio.shield(reading)
+                if not data:
+                    break
                 digest.update(data)
                 yield backup_pb2.BackupChunk(data=data, estimated_bytes=estimate if not size else 0)
                 size += len(data)
             await copier  # the copy's own error, if it failed
         finally:
+            # The pipe is closed only once no thread reads it: closed under a read, the read's
+            # next os.read would take whatever file reused the number. The read ends: the copy
+            # writes until its end, or closes its side when it fails.
+            if reading is not None:
+                await asyncio.gather(reading, return_exceptions=True)
             os.close(read_fd)  # a copy still writing (the caller went away) ends with EPIPE
             await asyncio.gather(copier, return_exceptions=True)
         manifest = backup.Manifest(
