@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from kvstack import package_version
+from kvstack.ops import catalog
 from kvstack.ops.errors import CommandError
 
 # Modules under kvstack.ops that add verbs; each has register(subparsers).
@@ -39,10 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # some verbs list the services in their help
         result: int = args.func(args)
-    except CommandError as err:
+    except (CommandError, catalog.ServiceListError) as err:
         print(f"kvstack: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from kvstack import cli
+from kvstack.ops import catalog
 
 
 @pytest.mark.parametrize("replicas", ["1", "6", "50"])
@@ -66,3 +68,26 @@ def test_a_configured_engine_that_does_not_answer_is_named(
     assert "DOCKER_HOST=unix:///nonexistent/kvstack-test.sock" in err, err
     assert "dockerd" not in err
     assert time.monotonic() - started < 30
+
+
+def test_a_wrong_service_list_is_an_error_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A services.toml edited wrong (a port set there, where kvstack.defaults holds it) makes
+    every verb exit 1 with the catalog's message, which names the file to fix."""
+    wrong = tmp_path / "services.toml"
+    wrong.write_text(
+        catalog.SERVICES_FILE.read_text().replace(
+            'kind = "stateless"\n', 'kind = "stateless"\nport = 1\n'
+        )
+    )
+    monkeypatch.setattr(catalog, "SERVICES_FILE", wrong)
+    catalog.services.cache_clear()
+    try:
+        assert cli.main(["pipeline", "changed", "--all"]) == 1
+    finally:
+        catalog.services.cache_clear()
+    err = capsys.readouterr().err
+    assert err.startswith("kvstack: error: ")
+    assert "set it in kvstack.defaults.PORTS (src/kvstack/defaults.py)" in err
+    assert "Traceback" not in err

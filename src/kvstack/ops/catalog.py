@@ -46,6 +46,11 @@ RUNTIME_UID = 65532
 SMOKE_ARGS = ("smoke",)
 
 
+class ServiceListError(ValueError):
+    """The service list (or the PORTS it takes from kvstack.defaults) is wrong; the message
+    says what, and which file to fix."""
+
+
 @dataclass(frozen=True)
 class Service:
     name: str
@@ -88,26 +93,28 @@ def parse(
     for name, raw in data.get("services", {}).items():
         kind = raw.get("kind")
         if kind not in KINDS:
-            raise ValueError(f"{source}: service {name!r} has kind {kind!r}; use one of {KINDS}")
+            raise ServiceListError(
+                f"{source}: service {name!r} has kind {kind!r}; use one of {KINDS}"
+            )
         if "port" in raw:
-            raise ValueError(
+            raise ServiceListError(
                 f"{source}: service {name!r} sets `port`; a service's port is the service's own "
                 "default: set it in kvstack.defaults.PORTS (src/kvstack/defaults.py) instead"
             )
         port = ports.get(name)
         if kind != "job" and port is None:
-            raise ValueError(
+            raise ServiceListError(
                 f"{source}: service {name!r} is {kind} and has no port: add it to "
                 "kvstack.defaults.PORTS (src/kvstack/defaults.py)"
             )
         if kind == "job" and port is not None:
-            raise ValueError(
+            raise ServiceListError(
                 f"{source}: service {name!r} is a job, which serves no port, yet "
                 f"kvstack.defaults.PORTS gives it {port}: remove that line"
             )
         replicas = int(raw.get("replicas", 1))
         if kind != "job" and not MIN_REPLICAS <= replicas <= MAX_REPLICAS:
-            raise ValueError(
+            raise ServiceListError(
                 f"{source}: service {name!r} has replicas = {replicas}; a long-running service "
                 f"runs {MIN_REPLICAS} to {MAX_REPLICAS}"
             )
@@ -122,18 +129,20 @@ def parse(
         )
     unlisted = sorted(set(ports) - set(services))
     if unlisted:
-        raise ValueError(
+        raise ServiceListError(
             f"{source} lists no service {', '.join(map(repr, unlisted))}, which "
             "kvstack.defaults.PORTS gives a port: list it here, or remove its port there"
         )
     if len([s for s in services.values() if s.publish]) > 1:
-        raise ValueError(f"{source}: at most one service may `publish` (it gets the one address)")
+        raise ServiceListError(
+            f"{source}: at most one service may `publish` (it gets the one address)"
+        )
     for svc in services.values():
         for callee in svc.calls:
             if callee not in services:
-                raise ValueError(f"{source}: {svc.name!r} calls unknown service {callee!r}")
+                raise ServiceListError(f"{source}: {svc.name!r} calls unknown service {callee!r}")
             if services[callee].kind == "job":
-                raise ValueError(
+                raise ServiceListError(
                     f"{source}: {svc.name!r} calls {callee!r}, a job: it serves no port"
                 )
     return services
@@ -149,7 +158,7 @@ def ports_in(defaults_text: str) -> dict[str, int]:
     """The PORTS table of a kvstack/defaults.py's text (a tree's, not the imported module's)."""
     table = PORTS_TABLE.search(defaults_text)
     if table is None:
-        raise ValueError(f"{DEFAULTS_PATH} has no `PORTS: dict[str, int] = {{...}}` table")
+        raise ServiceListError(f"{DEFAULTS_PATH} has no `PORTS: dict[str, int] = {{...}}` table")
     ports = ast.literal_eval("{" + table.group(1) + "}")
     assert isinstance(ports, dict)
     return ports
