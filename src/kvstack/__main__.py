@@ -39,11 +39,8 @@ def installed() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     name = os.environ.get("KVSTACK_SERVICE", "")
-    if not name:
-        if not args:
-            name = ""
-        else:
-            name, args = args[0], args[1:]
+    if not name and args:
+        name, args = args[0], args[1:]
     module = _service(name) if name else None
     if module is None:
         given = f"there is no service {name!r} here; " if name else ""

@@ -21,6 +21,8 @@ import struct
 import sys
 import time
 
+from kvstack import defaults
+
 PATH = b"/grpc.health.v1.Health/Check"
 SERVING_STATUS = ("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")
 # grpc.StatusCode names by number (https://grpc.github.io/grpc/core/md_doc_statuscodes.html).
@@ -57,8 +59,6 @@ class ProtocolError(Exception):
 def default_port() -> int:
     if os.environ.get("KVSTACK_PORT"):
         return int(os.environ["KVSTACK_PORT"])
-    from kvstack import defaults  # a module of constants: no cost to speak of
-
     return defaults.PORTS.get(os.environ.get("KVSTACK_SERVICE", "server"), 0)
 
 

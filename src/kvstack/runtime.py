@@ -118,7 +118,7 @@ class RuntimeConfig:
     (kvstack.defaults.PORTS)."""
 
     port: int = setting(
-        "KVSTACK_PORT", 0, "gRPC port (default: the service's port in services.toml)"
+        "KVSTACK_PORT", 0, "gRPC port (default: the service's own, in kvstack.defaults.PORTS)"
     )
     host: str = setting(
         "KVSTACK_HOST",

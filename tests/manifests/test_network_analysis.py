@@ -2,7 +2,7 @@
 
 network-config-analyzer (see tests/manifests/netpol.py for the model of the cluster and what it
 cannot show) answers, for each overlay, one query per connection:
-- permitted: every flow of the flow graph (kvstack.catalog.flows), AND every connection in
+- permitted: every flow of the flow graph (kvstack.ops.catalog.flows), AND every connection in
   CODE_OPENS below, written out here from what the code does rather than from the graph, so a
   flow the graph forgets (as replication was) fails here instead of on a cluster;
 - forbidden: the client to a backend, any pod of another namespace to a service (the metrics

@@ -9,7 +9,7 @@ instead: a plain container running `kvstack.forward`, published on 127.0.0.1:500
 (KVSTACK_LOCAL_ADDRESS), on the network of its callers' flow (see kvstack.forward). The client
 runs as a `docker run` container on the network of its flow to the server.
 
-The networks follow the flow graph (kvstack.catalog.flows), as the NetworkPolicies do on
+The networks follow the flow graph (kvstack.ops.catalog.flows), as the NetworkPolicies do on
 Kubernetes: each flow between two services is its own overlay network, joined by those two
 services only, so a container reaches another service only where the graph has a flow (the
 client has no network in common with the backend, and its name does not even resolve there).
@@ -137,7 +137,8 @@ def service_spec(
     services: Mapping[str, catalog.Service] | None = None,
 ) -> dict[str, Any]:
     """One service of the stack (kvstack.ops.model on Swarm); `image`, `replicas`, `labels`
-    override the service list's, `services` is the service list (default: the service list)."""
+    override the service list's values, `services` is the list to take the callees from (default:
+    the tree's, catalog.services())."""
     stateful = service.kind == "stateful"
     order = "stop-first" if stateful else "start-first"
     health = model.SWARM_HEALTH
@@ -209,7 +210,7 @@ def stack_spec(
 ) -> dict[str, Any]:
     """The compose v3.8 stack of every long-running service (`services`: ready service entries
     by name, as the local target's deploy computes them; `listed`: the service list, default
-    the service list's)."""
+    the tree's, catalog.services())."""
     every = listed or catalog.services()
     long_running = [s for s in every.values() if s.long_running]
     given = services or {}

@@ -437,7 +437,7 @@ def flow_rule(flow: catalog.Flow, ingress: bool, services: Mapping[str, Service]
 
 def network_policies(services: Mapping[str, Service]) -> list[dict[str, Any]]:
     """Default deny, then one policy per service allowing exactly its flows in the flow graph
-    (kvstack.catalog.flows): ingress from its callers and the metrics collectors, egress to
+    (kvstack.ops.catalog.flows): ingress from its callers and the metrics collectors, egress to
     its callees and DNS. Kubelet probes come from the node and need no rule."""
     graph = catalog.flows(services)
     policies: list[dict[str, Any]] = [

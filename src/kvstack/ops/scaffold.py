@@ -208,8 +208,10 @@ def new_service(
     from kvstack.ops import manifests
 
     check_name(name, root)
+    old_defaults = _text(root, DEFAULTS_FILE)
     # A port this command wrote before it was cut short is the service's: keep it.
-    port = catalog.ports_in(_text(root, DEFAULTS_FILE)).get(name) or pick_port(root, port)
+    written_before = catalog.ports_in(old_defaults).get(name)
+    port = written_before or pick_port(root, port)
     layout = Layout(name)
     values = {
         "name": name,
@@ -242,12 +244,7 @@ def new_service(
     if not old_list.endswith("\n"):
         old_list += "\n"
     new_list = old_list + render_template("services.toml.tmpl", **values)
-    old_defaults = _text(root, DEFAULTS_FILE)
-    new_defaults = (
-        old_defaults
-        if name in catalog.ports_in(old_defaults)
-        else with_port(old_defaults, name, port)
-    )
+    new_defaults = old_defaults if written_before else with_port(old_defaults, name, port)
     services = catalog.of_tree(root, new_list, new_defaults)  # the result must be a valid list
     deploy = manifests.render(services)
     listing = [DEFAULTS_FILE, SERVICES_FILE]
