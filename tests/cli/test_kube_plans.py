@@ -4,9 +4,13 @@ No Kubernetes cluster, minikube or Google Cloud account can exist on the machine
 run on. So every test here puts fake `kubectl`, `minikube`, `gcloud` and `docker` first on PATH
 (docker through KVSTACK_DOCKER): each records its argv and answers from rules the test sets
 (stdout, exit status, optionally only the first N times). The tests drive the real CLI through
-kvstack.cli.main and check which commands it runs, in which order, with which arguments,
-including the automatic rollback path. The release kustomization the CLI writes is rendered with
-the real `kubectl kustomize`.
+kvstack.cli.main and check what matters in what it runs: which objects it changes (and that it
+changes no others), with which arguments, and the order only where order matters (an image in the
+cluster before the release that names it, callees' rollouts before their callers', an undo before
+waiting on it), including the automatic rollback path. Services are taken from the service list,
+so a fourth service or a harmless reordering (images loaded in another order) breaks no test
+here; test_a_fourth_service_gets_the_same_plan adds one. The release kustomization the CLI
+writes is rendered with the real `kubectl kustomize`.
 
 The fake cluster is healthy by default: the smoke Job reports Complete (a fixture default,
 after every rule a test sets). Polling (kvstack.ops.kube.POLL_S) is made instant.
@@ -14,6 +18,7 @@ after every rule a test sets). Polling (kvstack.ops.kube.POLL_S) is made instant
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -37,6 +42,7 @@ from tests.conftest import Spawn
 REAL_KUBECTL = shutil.which("kubectl")
 REGISTRY = "europe-west1-docker.pkg.dev/kvstack-demo/kvstack"
 NS = ["kubectl", "--namespace", "kvstack"]
+READ_ONLY = {"get", "config", "inspect", "list", "describe", "version"}
 
 FAKE = r"""
 import json, os, sys
@@ -48,15 +54,14 @@ state = Path(os.environ["FAKE_STATE"])
 with (state / "calls.jsonl").open("a") as log:
     log.write(json.dumps([tool, *argv]) + "\n")
 rules = json.loads((state / "rules.json").read_text())
-used = json.loads((state / "used.json").read_text()) if (state / "used.json").exists() else {}
 line = " ".join(argv)
-for index, rule in enumerate(rules):
+for rule in rules:
     if rule["tool"] != tool or not all(part in line for part in rule["contains"]):
         continue
-    if rule["times"] is not None and used.get(str(index), 0) >= rule["times"]:
+    if rule["times"] is not None and rule["used"] >= rule["times"]:
         continue
-    used[str(index)] = used.get(str(index), 0) + 1
-    (state / "used.json").write_text(json.dumps(used))
+    rule["used"] += 1
+    (state / "rules.json").write_text(json.dumps(rules))
     sys.stdout.write(rule["stdout"])
     sys.stderr.write(rule["stderr"])
     sys.exit(rule["exit"])
@@ -97,7 +102,7 @@ class FakeTools:
         path = self.state / "rules.json"
         rules = json.loads(path.read_text())
         rule = {"tool": tool, "contains": list(contains), "stdout": stdout, "stderr": stderr,
-                "exit": exit, "times": times, "default": default}  # fmt: skip
+                "exit": exit, "times": times, "default": default, "used": 0}  # fmt: skip
         first_default = next((i for i, r in enumerate(rules) if r["default"]), len(rules))
         rules.insert(len(rules) if default else first_default, rule)
         path.write_text(json.dumps(rules))
@@ -111,8 +116,13 @@ class FakeTools:
 
     def mutating(self) -> list[list[str]]:
         """Calls that would change something (not get/config/inspect/list/describe)."""
-        readonly = {"get", "config", "inspect", "list", "describe", "version"}
-        return [c for c in self.calls() if not readonly & set(c[1:4])]
+        return [c for c in self.calls() if not READ_ONLY & set(c[1:4])]
+
+    def steps(self) -> list[list[str]]:
+        """The plan as it matters: every call that changes something, and every wait for a
+        rollout (`rollout status`, which orders the changes after it), in the order run."""
+        return [c for c in self.mutating() if c[3:5] != ["rollout", "history"]
+                and c[3:4] != ["logs"]]  # fmt: skip
 
 
 @pytest.fixture
@@ -181,6 +191,26 @@ def namespaced(fake: FakeTools) -> list[list[str]]:
     return [c[3:] for c in fake.calls("kubectl") if c[:3] == NS]
 
 
+def assert_in_order(calls: list[list[str]], *wanted: list[str]) -> None:
+    """Each of `wanted` was run, in this order (other calls may come between them)."""
+    missing = [w for w in wanted if w not in calls]
+    assert not missing, f"never run: {missing}"
+    at = [calls.index(w) for w in wanted]
+    assert at == sorted(at), f"run out of order: {[calls[i] for i in sorted(at)]}"
+
+
+def wait(svc: catalog.Service, timeout: int = 300) -> list[str]:
+    return [*NS, "rollout", "status", kube.resource(svc), f"--timeout={timeout}s"]
+
+
+def undo(svc: catalog.Service) -> list[str]:
+    return [*NS, "rollout", "undo", kube.resource(svc)]
+
+
+RESUME_SMOKE = [*NS, "patch", "job/client", "--type=merge", "--patch", '{"spec":{"suspend":false}}']
+DELETE_SMOKE = [*NS, "delete", "job/client", "--ignore-not-found", "--wait=true"]
+
+
 def release_from(calls: list[list[str]]) -> Path:
     (apply,) = [c for c in calls if c[:4] == [*NS, "apply"]]
     return Path(apply[-1])
@@ -198,35 +228,26 @@ def render(directory: Path) -> list[dict[str, Any]]:
 
 
 def test_minikube_deploy_plan(fake: FakeTools) -> None:
-    """Fake tools: `kvstack deploy minikube --version v1` checks the context and the images,
-    loads each image into minikube, recreates the suspended smoke Job, applies the release,
-    waits for the rollouts callees first, then resumes the smoke Job and reads its conditions
-    until it is Complete (here at once)."""
+    """Fake tools: `kvstack deploy minikube --version v1` checks each image before loading it
+    into minikube, recreates the suspended smoke Job before applying the release (a Job's pod
+    template is immutable), applies the release once every image is in the cluster, waits for
+    the rollouts callees first, then resumes the smoke Job and reads its conditions until it is
+    Complete (here at once). It changes nothing else."""
     minikube_context(fake)
     assert cli.main(["deploy", "minikube", "--version", "v1"]) == 0
-    calls = fake.calls()
-    release = release_from(calls)
-    expected = [
-        ["kubectl", "config", "current-context"],
-        *[
-            [cmd[0], *cmd[1:]]
-            for s in catalog.services().values()
-            for cmd in (
-                ["docker", "image", "inspect", "--format", "{{.Id}}", f"{s.image}:v1"],
-                ["minikube", "image", "load", f"{s.image}:v1"],
-            )
-        ],
-        [*NS, "get", "statefulset/backend", "--ignore-not-found", "--output", "json"],
-        [*NS, "get", "deployment/server", "--ignore-not-found", "--output", "json"],
-        [*NS, "get", "horizontalpodautoscaler/server", "--ignore-not-found", "--output", "json"],
-        [*NS, "delete", "job/client", "--ignore-not-found", "--wait=true"],
-        [*NS, "apply", "--kustomize", str(release)],
-        [*NS, "rollout", "status", "statefulset/backend", "--timeout=300s"],
-        [*NS, "rollout", "status", "deployment/server", "--timeout=300s"],
-        [*NS, "patch", "job/client", "--type=merge", "--patch", '{"spec":{"suspend":false}}'],
-        [*NS, "get", "job/client", "--ignore-not-found", "--output", "json"],
-    ]
-    assert calls == expected
+    services = list(catalog.services().values())
+    release = release_from(fake.calls())
+    apply = [*NS, "apply", "--kustomize", str(release)]
+    loads = [["minikube", "image", "load", f"{s.image}:v1"] for s in services]
+    waits = [wait(s) for s in catalog.rollout_order()]
+    plan = fake.steps()
+    assert sorted(plan) == sorted([*loads, DELETE_SMOKE, apply, *waits, RESUME_SMOKE])
+    for s, load in zip(services, loads, strict=True):
+        check = ["docker", "image", "inspect", "--format", "{{.Id}}", f"{s.image}:v1"]
+        assert_in_order(fake.calls(), check, load)
+        assert_in_order(plan, load, apply)
+    assert_in_order(plan, DELETE_SMOKE, apply, *waits, RESUME_SMOKE)
+    assert fake.calls()[-1] == [*NS, "get", "job/client", "--ignore-not-found", "--output", "json"]
     docs = render(release)
     images = {c["image"] for d in docs if "template" in d.get("spec", {})
               for c in d["spec"]["template"]["spec"]["containers"]}  # fmt: skip
@@ -246,13 +267,13 @@ def test_kind_deploy_loads_into_the_contexts_cluster(fake: FakeTools) -> None:
     minikube overlay (storage class `standard`, which kind has too), then runs the smoke Job."""
     fake.rule("kubectl", "config current-context", stdout="kind-kvstack-e2e\n")
     assert cli.main(["deploy", "kind", "--version", "v1"]) == 0
-    assert fake.calls("kind") == [
-        ["kind", "load", "docker-image", "--name", "kvstack-e2e", f"{s.image}:v1"]
-        for s in catalog.services().values()
-    ]
+    loads = [["kind", "load", "docker-image", "--name", "kvstack-e2e", f"{s.image}:v1"]
+             for s in catalog.services().values()]  # fmt: skip
+    assert sorted(fake.calls("kind")) == sorted(loads)
     assert not fake.calls("minikube")
-    assert [*NS, "patch", "job/client", "--type=merge",
-            "--patch", '{"spec":{"suspend":false}}'] in fake.calls()  # fmt: skip
+    apply = [*NS, "apply", "--kustomize", str(release_from(fake.calls()))]
+    for load in loads:
+        assert_in_order(fake.calls(), load, apply, RESUME_SMOKE)
     docs = render(release_from(fake.calls()))
     (statefulset,) = [d for d in docs if d["kind"] == "StatefulSet"]
     claims = statefulset["spec"]["volumeClaimTemplates"]
@@ -270,16 +291,14 @@ def test_gke_deploy_pushes_to_artifact_registry(fake: FakeTools) -> None:
     assert cli.main(["deploy", "gke", "--version", "v2", "--registry", REGISTRY]) == 0
     calls = fake.calls("gcloud", "docker")
     host = REGISTRY.split("/")[0]
-    assert calls[0] == ["gcloud", "auth", "list", "--filter=status:ACTIVE",
-                        "--format=value(account)"]  # fmt: skip
-    assert calls[1] == ["gcloud", "auth", "configure-docker", host, "--quiet"]
+    login = ["gcloud", "auth", "list", "--filter=status:ACTIVE", "--format=value(account)"]
+    configure = ["gcloud", "auth", "configure-docker", host, "--quiet"]
+    apply = [*NS, "apply", "--kustomize", str(release_from(fake.calls()))]
     for s in catalog.services().values():
         remote = f"{REGISTRY}/{s.image}:v2"
-        assert ["docker", "tag", f"{s.image}:v2", remote] in calls
-        assert ["docker", "push", remote] in calls
-        assert calls.index(["docker", "tag", f"{s.image}:v2", remote]) < calls.index(
-            ["docker", "push", remote]
-        )
+        tag, push = ["docker", "tag", f"{s.image}:v2", remote], ["docker", "push", remote]
+        assert_in_order(calls, login, configure, tag, push)
+        assert_in_order(fake.calls(), push, apply)
     docs = render(release_from(fake.calls()))
     images = {c["image"] for d in docs if "template" in d.get("spec", {})
               for c in d["spec"]["template"]["spec"]["containers"]}  # fmt: skip
@@ -317,15 +336,14 @@ def test_failed_rollout_is_rolled_back(fake: FakeTools, capsys: pytest.CaptureFi
     fake.rule("kubectl", "get deployment/server", stdout=live("Deployment", "server", "s:v2"))
     fake.rule("kubectl", "rollout status deployment/server", exit=1, times=1)
     assert cli.main(["deploy", "minikube", "--version", "v2", "--timeout", "60"]) == 1
-    kubectl = namespaced(fake)
-    after_apply = kubectl[[c[0] for c in kubectl].index("apply") :]
-    assert [c for c in after_apply if c[0] != "get"] == [
-        ["apply", "--kustomize", str(release_from(fake.calls()))],
-        ["rollout", "status", "statefulset/backend", "--timeout=60s"],
-        ["rollout", "status", "deployment/server", "--timeout=60s"],
-        ["rollout", "undo", "deployment/server"],
-        ["rollout", "status", "deployment/server", "--timeout=60s"],
-    ]
+    backend, server = catalog.services()["backend"], catalog.services()["server"]
+    plan = fake.steps()
+    apply = [*NS, "apply", "--kustomize", str(release_from(fake.calls()))]
+    after = plan[plan.index(apply) + 1 :]
+    assert sorted(after) == sorted([wait(backend, 60), wait(server, 60), undo(server),
+                                    wait(server, 60)])  # fmt: skip
+    assert_in_order(after, wait(backend, 60), wait(server, 60), undo(server))
+    assert after[-1] == wait(server, 60), "the undo's rollout is awaited after it"
     err = capsys.readouterr().err
     assert "rollout of deployment/server did not finish within 60 s" in err
     assert "rolled back deployment/server" in err
@@ -356,9 +374,9 @@ def test_failed_smoke_test_is_noticed_at_once_and_rolled_back(
     assert len(looks) == 3, "it must stop at the first look that shows the failure"
     after = [c for c in calls[looks[-1] + 1 :] if c[0] != "get"]
     assert after[0] == ["logs", "job/client", "--tail=50"]
-    undo = [c for c in after if c[:2] == ["rollout", "undo"]]
-    assert undo == [["rollout", "undo", "statefulset/backend"],
-                    ["rollout", "undo", "deployment/server"]]  # fmt: skip
+    undone = sorted(c for c in after if c[:2] == ["rollout", "undo"])
+    assert undone == [["rollout", "undo", "deployment/server"],
+                      ["rollout", "undo", "statefulset/backend"]]  # fmt: skip
     # Each rollback is awaited after its undo.
     for name in ("statefulset/backend", "deployment/server"):
         assert after.index(["rollout", "undo", name]) < after.index(
@@ -507,8 +525,63 @@ def test_deploy_builds_the_trees_images_when_no_version(
     builds = [c for c in fake.calls("docker") if c[1] == "build"]
     assert len(builds) == len(catalog.services())
     tag = builds[0][builds[0].index("--tag") + 1].split(":", 1)[1]
-    loads = [c[-1] for c in fake.calls("minikube")]
-    assert loads == [f"{s.image}:{tag}" for s in catalog.services().values()]
+    loads = sorted(c[-1] for c in fake.calls("minikube"))
+    assert loads == sorted(f"{s.image}:{tag}" for s in catalog.services().values())
+
+
+@pytest.fixture
+def four_services(monkeypatch: pytest.MonkeyPatch) -> dict[str, catalog.Service]:
+    """The service list with a fourth service, `cache` (stateless, calling the backend, called
+    by the server), listed last, after the server that calls it: a plan must follow the calls,
+    not the list's order. No manifests exist for it, so the release is not rendered here (the
+    scaffold tests render a new service's)."""
+    services = dict(catalog.services())
+    services["server"] = dataclasses.replace(services["server"], calls=("cache", "backend"))
+    services["cache"] = catalog.Service(
+        "cache", "stateless", port=50071, replicas=2, calls=("backend",)
+    )
+    monkeypatch.setattr(catalog, "services", lambda: services)
+    return services
+
+
+def test_a_fourth_service_gets_the_same_plan(
+    fake: FakeTools, four_services: dict[str, catalog.Service]
+) -> None:
+    """Fake tools: with a fourth service in the list, deploy loads its image too and awaits its
+    rollout after the backend it calls and before the server that calls it; a failed rollout of
+    it stops the deploy before the server's is awaited and undoes what changed; rollback,
+    scale and history reach it too."""
+    minikube_context(fake)
+    backend, server, cache = (four_services[n] for n in ("backend", "server", "cache"))
+    assert cli.main(["deploy", "minikube", "--version", "v1"]) == 0
+    plan = fake.steps()
+    assert ["minikube", "image", "load", "kvstack-cache:v1"] in plan
+    assert_in_order(plan, wait(backend), wait(cache), wait(server), RESUME_SMOKE)
+
+    fake.rule("kubectl", "get deployment/cache", stdout=live("Deployment", "cache", "c:v1"),
+              times=1)  # fmt: skip
+    fake.rule("kubectl", "get deployment/cache", stdout=live("Deployment", "cache", "c:v2"))
+    fake.rule("kubectl", "rollout status deployment/cache", exit=1, times=1)
+    before = len(fake.steps())
+    assert cli.main(["deploy", "minikube", "--version", "v2"]) == 1
+    plan = fake.steps()[before:]
+    assert wait(server) not in plan, "the server's rollout is not awaited after its callee's failed"
+    assert RESUME_SMOKE not in plan
+    assert [c for c in plan if c[3:5] == ["rollout", "undo"]] == [undo(cache)]
+    assert_in_order(plan, wait(cache), undo(cache))
+
+    before = len(fake.steps())
+    assert cli.main(["rollback", "minikube"]) == 0
+    assert sorted(c for c in fake.steps()[before:] if c[3:5] == ["rollout", "undo"]) == sorted(
+        undo(s) for s in (backend, server, cache)
+    )
+    before = len(fake.steps())
+    assert cli.main(["scale", "minikube", "cache", "5"]) == 0
+    assert_in_order(fake.steps()[before:], [*NS, "scale", "deployment/cache", "--replicas=5"],
+                    wait(cache))  # fmt: skip
+    before = len(fake.calls())
+    assert cli.main(["history", "minikube"]) == 0
+    assert [*NS, "rollout", "history", "deployment/cache"] in fake.calls()[before:]
 
 
 # -- errors that say what to do -----------------------------------------------------------------
@@ -605,17 +678,18 @@ def test_scale_moves_the_autoscaler_first(fake: FakeTools) -> None:
     gke_context(fake)
     assert cli.main(["scale", "gke", "server", "5"]) == 0
     assert cli.main(["scale", "gke", "server", "2"]) == 0
-    changes = [c for c in namespaced(fake) if c[0] in ("patch", "scale", "rollout")]
-    assert changes == [
-        ["patch", "horizontalpodautoscaler/server", "--type=merge", "--patch",
-         '{"spec":{"minReplicas":5,"maxReplicas":5}}'],
-        ["scale", "deployment/server", "--replicas=5"],
-        ["rollout", "status", "deployment/server", "--timeout=300s"],
-        ["patch", "horizontalpodautoscaler/server", "--type=merge", "--patch",
-         f'{{"spec":{{"minReplicas":2,"maxReplicas":{manifests.HPA_MAX_REPLICAS}}}}}'],
-        ["scale", "deployment/server", "--replicas=2"],
-        ["rollout", "status", "deployment/server", "--timeout=300s"],
-    ]  # fmt: skip
+    server = catalog.services()["server"]
+
+    def bounds(low: int, high: int) -> list[str]:
+        patch = f'{{"spec":{{"minReplicas":{low},"maxReplicas":{high}}}}}'
+        return [*NS, "patch", "horizontalpodautoscaler/server", "--type=merge", "--patch", patch]
+
+    def scale(n: int) -> list[str]:
+        return [*NS, "scale", "deployment/server", f"--replicas={n}"]
+
+    to_five = [bounds(5, 5), scale(5), wait(server)]
+    back = [bounds(2, manifests.HPA_MAX_REPLICAS), scale(2), wait(server)]
+    assert fake.steps() == [*to_five, *back]
 
 
 def test_scale_stateful_and_job(fake: FakeTools, capsys: pytest.CaptureFixture[str]) -> None:
@@ -638,12 +712,15 @@ def test_rollback_to_version(fake: FakeTools) -> None:
     assert cli.main(["rollback", "gke", "server", "--to", "v1"]) == 0
     query = next(c for c in fake.calls("kubectl") if "replicasets" in c)
     assert "app.kubernetes.io/name=server,app.kubernetes.io/version=v1" in query
-    undo = [c for c in namespaced(fake) if "undo" in c]
-    assert undo == [["rollout", "undo", "deployment/server", "--to-revision=5"]]
+    server = catalog.services()["server"]
+    assert fake.steps() == [[*undo(server), "--to-revision=5"], wait(server)]
+    before = len(fake.steps())
     assert cli.main(["rollback", "gke"]) == 0
-    undo = [c for c in namespaced(fake) if "undo" in c][1:]
-    assert undo == [["rollout", "undo", "statefulset/backend"],
-                    ["rollout", "undo", "deployment/server"]]  # fmt: skip
+    plan = fake.steps()[before:]
+    long_running = catalog.rollout_order()
+    assert sorted(plan) == sorted([*map(undo, long_running), *map(wait, long_running)])
+    for svc in long_running:
+        assert_in_order(plan, undo(svc), wait(svc))
 
 
 def test_rollback_to_unknown_version(fake: FakeTools, capsys: pytest.CaptureFixture[str]) -> None:
@@ -665,14 +742,12 @@ def test_status_and_history(fake: FakeTools) -> None:
                            "app.kubernetes.io/part-of=kvstack"]  # fmt: skip
     assert "VERSION:.spec.template.metadata.labels.app\\.kubernetes\\.io/version" in gets[0][4]
     assert gets[1][1] == "horizontalpodautoscalers,poddisruptionbudgets"
-    assert gets[2:] == [["rollout", "history", "statefulset/backend"],
-                        ["rollout", "history", "deployment/server"]]  # fmt: skip
+    histories = sorted(["rollout", "history", kube.resource(s)] for s in catalog.rollout_order())
+    assert sorted(gets[2:]) == histories
     before = len(namespaced(fake))
     assert cli.main(["history", "minikube"]) == 0
-    assert namespaced(fake)[before:] == [
-        ["rollout", "history", "statefulset/backend"],
-        ["rollout", "history", "deployment/server"],
-    ]
+    assert sorted(namespaced(fake)[before:]) == histories
+    assert fake.steps() == [], "status and history change nothing"
 
 
 # -- --namespace --------------------------------------------------------------------------------
