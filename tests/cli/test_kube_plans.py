@@ -232,7 +232,8 @@ def test_minikube_deploy_plan(fake: FakeTools) -> None:
     into minikube, recreates the suspended smoke Job before applying the release (a Job's pod
     template is immutable), applies the release once every image is in the cluster, waits for
     the rollouts callees first, then resumes the smoke Job and reads its conditions until it is
-    Complete (here at once). It changes nothing else."""
+    Complete (here at once). It changes nothing else. It checks the context first, and reads
+    every workload (and the autoscaler) before it changes them."""
     minikube_context(fake)
     assert cli.main(["deploy", "minikube", "--version", "v1"]) == 0
     services = list(catalog.services().values())
@@ -247,6 +248,12 @@ def test_minikube_deploy_plan(fake: FakeTools) -> None:
         assert_in_order(fake.calls(), check, load)
         assert_in_order(plan, load, apply)
     assert_in_order(plan, DELETE_SMOKE, apply, *waits, RESUME_SMOKE)
+    # The context is checked before anything, and what each workload looks like is read before
+    # the apply: the rollback compares against it.
+    assert fake.calls()[0] == ["kubectl", "config", "current-context"]
+    for what in [*map(kube.resource, catalog.rollout_order()), "horizontalpodautoscaler/server"]:
+        look = [*NS, "get", what, "--ignore-not-found", "--output", "json"]
+        assert_in_order(fake.calls(), look, apply)
     assert fake.calls()[-1] == [*NS, "get", "job/client", "--ignore-not-found", "--output", "json"]
     docs = render(release)
     images = {c["image"] for d in docs if "template" in d.get("spec", {})
