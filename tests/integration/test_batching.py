@@ -92,7 +92,7 @@ def test_a_burst_of_calls_through_the_server_is_answered_call_by_call(stack: Sta
     asyncio.run(main())
 
 
-def test_each_item_keeps_its_code_message_and_trailers(spawn: Spawn, tmp_path: Path) -> None:
+def test_each_item_keeps_its_code_and_message(spawn: Spawn, tmp_path: Path) -> None:
     """In one burst on one stream, each refusal is its own: NOT_FOUND, INVALID_ARGUMENT (the
     backend's own check), RESOURCE_EXHAUSTED (the map full) beside puts that succeed; and a
     write sent to a replica is FAILED_PRECONDITION saying where writes go."""
