@@ -257,9 +257,9 @@ def test_a_draining_backend_answers_its_writes_and_ends_the_stream(
     spawn: Spawn, tmp_path: Path
 ) -> None:
     """SIGTERM during a burst of writes on the stream: each write is answered (OK, or the
-    drain's UNAVAILABLE, or UNAVAILABLE for what had not reached it), every one answered OK is
-    stored, and the backend exits well within its 20 s grace period (the stream does not hold
-    it open)."""
+    drain's UNAVAILABLE, or UNAVAILABLE for what had not reached it); exactly the writes
+    answered OK are stored (none applied but answered as failed), and the backend exits well
+    within its 20 s grace period (the stream does not hold it open)."""
     data = tmp_path / "data"
     backend = spawn(
         "backend", {"KVSTACK_DATA_DIR": str(data), "KVSTACK_SHUTDOWN_GRACE": "20"}
@@ -288,9 +288,35 @@ def test_a_draining_backend_answers_its_writes_and_ends_the_stream(
     assert {r.code() for r in refused} <= {grpc.StatusCode.UNAVAILABLE}
     restarted = spawn("backend", {"KVSTACK_DATA_DIR": str(data)}).wait_serving()
     with grpc.insecure_channel(restarted.target) as channel:
-        kv = kv_pb2_grpc.KeyValueStub(channel)
-        for i in answered:
-            assert kv.Get(kv_pb2.GetRequest(key=b"d%d" % i), timeout=5).value == b"v"
+        listed = kv_pb2_grpc.KeyValueStub(channel).List(
+            kv_pb2.ListRequest(prefix=b"d", page_size=1000), timeout=5
+        )
+    assert sorted(e.key for e in listed.entries) == sorted(b"d%d" % i for i in answered)
+
+
+def test_a_draining_replica_ends_its_stream_at_once(spawn: Spawn, tmp_path: Path) -> None:
+    """A replica (here with no primary to follow) with the server's stream open to it stops
+    on SIGTERM well within its 20 s grace period: the stream ends instead of holding it."""
+    replica = spawn(
+        "backend",
+        {
+            "KVSTACK_DATA_DIR": str(tmp_path / "data"),
+            "KVSTACK_ORDINAL": "1",
+            "KVSTACK_BACKEND_TARGET": f"127.0.0.1:{free_port()}",
+            "KVSTACK_SHUTDOWN_GRACE": "20",
+        },
+    ).wait_serving()
+
+    async def body(batcher: Batcher) -> float:
+        await outcome(batcher.call("Get", kv_pb2.GetRequest(key=b"k"), 5))  # the stream is open
+        assert batcher._stream is not None
+        replica.signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert await asyncio.to_thread(replica.wait) == 0
+        return time.monotonic() - started
+
+    took = run_with_batcher(replica.target, body)
+    assert took < 5, f"the drain took {took:.1f} s"
 
 
 def metric(text: str, name: str, **labels: str) -> float:
