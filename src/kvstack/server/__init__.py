@@ -90,7 +90,9 @@ class ServerConfig:
 def channel_options(config: ServerConfig) -> list[tuple[str, Any]]:
     """Options of the channel to each backend address: gRPC's own retry on UNAVAILABLE, which
     applies to unary and server-streaming KeyValue calls (the server makes only Scan calls of
-    those now); the batch stream's items are retried by the server's own loops instead."""
+    those now); the batch stream's items are retried by the server's own loops instead: gRPC
+    commits a stream once the response headers arrive ("Once the response header is received,
+    the RPC is committed. No further retries will be attempted", grpc.io/docs/guides/retry)."""
     service_config = {
         "methodConfig": [
             {
