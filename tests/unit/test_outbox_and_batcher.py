@@ -51,7 +51,10 @@ def test_a_lone_item_goes_at_once_and_items_queued_meanwhile_go_together() -> No
 class Scripted(batch_pb2_grpc.BatchServicer):
     """Answers a Get with the key as its value; the key b"refuse" with UNAVAILABLE and a
     pushback trailer; the key b"hold" never; the key b"break" by ending the stream with an
-    error."""
+    error. `seen` holds every key received."""
+
+    def __init__(self) -> None:
+        self.seen: list[bytes] = []
 
     async def Stream(
         self, request_iterator: AsyncIterator[batch_pb2.BatchRequest], context: Any
@@ -60,6 +63,7 @@ class Scripted(batch_pb2_grpc.BatchServicer):
             answers = []
             for item in message.items:
                 key = item.get.key
+                self.seen.append(key)
                 if key == b"hold":
                     continue
                 if key == b"break":
@@ -75,9 +79,9 @@ class Scripted(batch_pb2_grpc.BatchServicer):
             yield batch_pb2.BatchResponse(answers=answers[::-1])  # out of order on purpose
 
 
-async def with_server(body: Any) -> Any:
+async def with_server(body: Any, servicer: Scripted | None = None) -> Any:
     server = aio.server()
-    batch_pb2_grpc.add_BatchServicer_to_server(Scripted(), server)
+    batch_pb2_grpc.add_BatchServicer_to_server(servicer or Scripted(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = aio.insecure_channel(f"127.0.0.1:{port}")
@@ -138,6 +142,38 @@ def test_a_broken_stream_fails_its_calls_unavailable_and_the_next_call_opens_ano
         assert failed.code() == grpc.StatusCode.UNAVAILABLE
         assert "broken on purpose" in failed.details()
     assert after.value == b"after"
+
+
+def test_a_call_given_up_before_its_message_was_written_is_never_sent() -> None:
+    """While a write to the stream is held (as when the backend's flow-control window is
+    full), a call that times out in the queue is dropped from the next message: the backend
+    never sees it, and the call queued beside it is still sent and answered."""
+    servicer = Scripted()
+
+    async def body(batcher: Batcher) -> tuple[Any, Any, Any]:
+        await get(batcher, b"open")
+        stream = batcher._stream
+        assert stream is not None
+        release = asyncio.Event()
+        write = stream.call.write
+
+        async def held(message: Any) -> None:
+            await release.wait()
+            await write(message)
+
+        stream.call.write = held  # type: ignore[method-assign,assignment]
+        first = asyncio.create_task(get(batcher, b"first"))
+        await asyncio.sleep(0.05)  # its message is being written (held)
+        late = await get(batcher, b"late", timeout=0.2)
+        kept = asyncio.create_task(get(batcher, b"kept"))
+        await asyncio.sleep(0.05)
+        release.set()
+        return await first, late, await kept
+
+    first, late, kept = asyncio.run(with_server(body, servicer))
+    assert (first.value, kept.value) == (b"first", b"kept")
+    assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert servicer.seen == [b"open", b"first", b"kept"]
 
 
 def test_the_message_budget_holds_the_largest_put() -> None:
