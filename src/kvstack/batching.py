@@ -126,7 +126,11 @@ class _Stream:
         self.reader = asyncio.create_task(self._read(), name=f"batch-read {address}")
 
     async def _send(self, items: list[batch_pb2.BatchRequest.Item]) -> None:
-        await self.call.write(batch_pb2.BatchRequest(items=items))
+        # An item whose caller gave up while it queued (a backend frozen, its stream's window
+        # full) is not sent: nobody waits for its answer, and a write should not land late.
+        items = [item for item in items if item.id in self.pending]
+        if items:
+            await self.call.write(batch_pb2.BatchRequest(items=items))
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:

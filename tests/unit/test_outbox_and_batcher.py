@@ -154,16 +154,17 @@ def test_a_call_given_up_before_its_message_was_written_is_never_sent() -> None:
         await get(batcher, b"open")
         stream = batcher._stream
         assert stream is not None
-        release = asyncio.Event()
+        writing, release = asyncio.Event(), asyncio.Event()
         write = stream.call.write
 
         async def held(message: Any) -> None:
+            writing.set()
             await release.wait()
             await write(message)
 
         stream.call.write = held  # type: ignore[method-assign,assignment]
         first = asyncio.create_task(get(batcher, b"first"))
-        await asyncio.sleep(0.05)  # its message is being written (held)
+        await writing.wait()  # its message is being written (held)
         late = await get(batcher, b"late", timeout=0.2)
         kept = asyncio.create_task(get(batcher, b"kept"))
         await asyncio.sleep(0.05)
