@@ -22,6 +22,7 @@ from typing import Any
 
 from grpc import aio
 
+from kvstack.batching import Batcher
 from kvstack.runtime import CHANNEL_OPTIONS, fields
 from kvstack.v1 import kv_pb2_grpc, replication_pb2, replication_pb2_grpc
 
@@ -61,10 +62,18 @@ class Member:
     answered_at: float = 0.0  # when (monotonic) its last Role answer arrived
     kv: kv_pb2_grpc.KeyValueAsyncStub = field(init=False)
     replication: replication_pb2_grpc.ReplicationAsyncStub = field(init=False)
+    # The server's Put, Get, Delete and List: one stream, opened by the first call (a replica's
+    # Directory never opens one).
+    batch: Batcher = field(init=False)
 
     def __post_init__(self) -> None:
         self.kv = kv_pb2_grpc.KeyValueStub(self.channel)
         self.replication = replication_pb2_grpc.ReplicationStub(self.channel)
+        self.batch = Batcher(self.channel, self.address)
+
+    async def close(self) -> None:
+        await self.batch.close()
+        await self.channel.close()
 
 
 class Directory:
@@ -141,7 +150,7 @@ class Directory:
             # callers bound their own reads, so the channel is dropped either way.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CLOSE_S):
-                    await self.members.pop(address).channel.close()
+                    await self.members.pop(address).close()
         after = {(a, m.role, m.readable) for a, m in self.members.items()}
         if after != before:
             log.info("backends", extra=fields(target=self.target, backends=self.describe()))
@@ -213,5 +222,5 @@ class Directory:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         for member in self.members.values():
-            await member.channel.close()
+            await member.close()
         self.members.clear()

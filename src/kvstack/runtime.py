@@ -349,13 +349,18 @@ class ObservingInterceptor(aio.ServerInterceptor):
         started: float,
         error: BaseException | None,
     ) -> None:
-        service, _, name = method.lstrip("/").rpartition("/")
         code = context.code()
         if code is None:
             code = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
         if isinstance(code, int):  # aio contexts may report the raw integer
             code = next(c for c in grpc.StatusCode if c.value[0] == code)
-        elapsed = time.perf_counter() - started
+        self.record(method, code, time.perf_counter() - started)
+
+    def record(self, method: str, code: grpc.StatusCode, elapsed: float) -> None:
+        """Count, time and log one call (`/package.Service/Method`): what the interceptor does
+        for each call gRPC runs, for a call a service ran itself (an item of the backend's
+        batch stream, which is itself left uncounted: it would be one call that never ends)."""
+        service, _, name = method.lstrip("/").rpartition("/")
         HANDLED.labels(service, name, code.name).inc()
         LATENCY.labels(service, name).observe(elapsed)
         if not self.access_log:
@@ -444,6 +449,9 @@ class ServiceImpl(Protocol):
     # Optional: `def bind_health(self, set_serving: Callable[[str, bool], None]) -> None`,
     # called once before start(); the service may then mark one of its gRPC service names
     # NOT_SERVING (and back) while the process as a whole ("") stays SERVING.
+    # Optional: `def bind_observer(self, record: Callable[[str, grpc.StatusCode, float], None])
+    # -> None`, called once before start(): `record` counts, times and logs a call the service
+    # ran itself, not gRPC (ObservingInterceptor.record).
 
 
 # Every channel between our processes (client -> server -> backend, replica -> primary):
@@ -505,8 +513,9 @@ class Lifecycle:
         self.service = service
         self.config = config
         self.health = health_aio.HealthServicer()
+        self.observer = ObservingInterceptor(access_log, config.slow_call)
         self.server = aio.server(
-            interceptors=[ObservingInterceptor(access_log, config.slow_call)],
+            interceptors=[self.observer],
             options=server_options(config, getattr(service, "recycle_connections", True)),
         )
         self.names = service.register(self.server)
@@ -534,6 +543,9 @@ class Lifecycle:
         bind = getattr(service, "bind_health", None)
         if bind is not None:
             bind(self.set_serving)
+        bind = getattr(service, "bind_observer", None)
+        if bind is not None:
+            bind(self.observer.record)
 
     def set_serving(self, name: str, serving: bool) -> None:
         """Mark one of the service's gRPC services (un)able to serve, from start-up on."""

@@ -7,7 +7,7 @@ import asyncio
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,15 +19,17 @@ from kvstack import defaults, runtime, validation, wire
 from kvstack.backend.backup import INCOMING, BackupServicer
 from kvstack.backend.replication import Follower, PrimaryState, ReplicationServicer
 from kvstack.backend.store import Applied, GroupCommitter, Store, StoreFull, Write
+from kvstack.batching import ITEMS, METHODS, Outbox
 from kvstack.directory import Directory
 from kvstack.runtime import setting
-from kvstack.v1 import backup_pb2, kv_pb2, kv_pb2_grpc, replication_pb2
+from kvstack.v1 import backup_pb2, batch_pb2, batch_pb2_grpc, kv_pb2, kv_pb2_grpc, replication_pb2
 
 NAME = "backend"
 Context = aio.ServicerContext[Any, Any]
 KEYVALUE = kv_pb2.DESCRIPTOR.services_by_name["KeyValue"].full_name
 REPLICATION = replication_pb2.DESCRIPTOR.services_by_name["Replication"].full_name
 BACKUP = backup_pb2.DESCRIPTOR.services_by_name["Backup"].full_name
+BATCH = batch_pb2.DESCRIPTOR.services_by_name["Batch"].full_name
 
 
 @dataclass(frozen=True)
@@ -119,35 +121,52 @@ class _Draining(Exception):
     """A write that reached a primary which is stopping."""
 
 
-async def _refuse(context: Context, err: Exception) -> None:
+class Refused(Exception):
+    """A call the backend answers with a status other than OK: what the unary servicer aborts
+    with and the batch servicer puts in the item's answer."""
+
+    def __init__(
+        self, code: grpc.StatusCode, details: str, trailers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        super().__init__(details)
+        self.code, self.details, self.trailers = code, details, trailers
+
+
+def _refusal(err: Exception) -> Refused:
     if isinstance(err, _Starting):
-        await context.abort(
+        return Refused(
             grpc.StatusCode.UNAVAILABLE,
             "the backend is starting and its database is not open yet; retry",
         )
     if isinstance(err, _Stale):
-        await context.abort(grpc.StatusCode.UNAVAILABLE, str(err), trailing_metadata=NO_RETRY)
+        return Refused(grpc.StatusCode.UNAVAILABLE, str(err), NO_RETRY)
     if isinstance(err, _Replica):
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        return Refused(grpc.StatusCode.FAILED_PRECONDITION, str(err))
     if isinstance(err, _Draining):
         # With the pushback trailer: gRPC's own retry would only send it back here.
-        await context.abort(
+        return Refused(
             grpc.StatusCode.UNAVAILABLE,
             "the primary is stopping (a restart or a move) and takes no more writes; retry "
             "through the server, which holds the write until the next primary answers",
-            trailing_metadata=NO_RETRY,
+            NO_RETRY,
         )
     if isinstance(err, _Restoring):
-        await context.abort(
+        return Refused(
             grpc.StatusCode.UNAVAILABLE,
             "a restore from a backup is replacing the primary's data; writes are refused until "
             "it ends (tens of seconds for 100k keys): retry",
         )
     if isinstance(err, validation.Invalid):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        return Refused(grpc.StatusCode.INVALID_ARGUMENT, str(err))
     if isinstance(err, StoreFull):
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        return Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
     raise err
+
+
+async def _refuse(context: Context, err: Exception) -> None:
+    """A refusal as the unary call's status."""
+    refused = err if isinstance(err, Refused) else _refusal(err)
+    await context.abort(refused.code, refused.details, trailing_metadata=refused.trailers)
 
 
 class _Stale(Exception):
@@ -207,7 +226,10 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
             backend.writes_in_flight -= 1
         return applied
 
-    async def Put(self, request: kv_pb2.PutRequest, context: Context) -> kv_pb2.PutResponse:
+    # The calls without a gRPC context, shared by the unary methods below and BatchServicer:
+    # each returns its reply or raises Refused.
+
+    async def put(self, request: kv_pb2.PutRequest) -> kv_pb2.PutResponse:
         try:
             validation.check_key(request.key)
             validation.check_value(request.value, self.config.max_value_bytes)
@@ -215,50 +237,66 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
                 Write("put", request.key, request.value, request_id(request.request_id))
             )
         except (validation.Invalid, StoreFull, _Starting, _Replica, _Restoring, _Draining) as err:
-            await _refuse(context, err)
+            raise _refusal(err) from None
         return kv_pb2.PutResponse(created=applied.changed)
 
-    async def Get(self, request: kv_pb2.GetRequest, context: Context) -> kv_pb2.GetResponse:
+    async def get(self, request: kv_pb2.GetRequest) -> kv_pb2.GetResponse:
         try:
             validation.check_key(request.key)
             value = self.reader.get(request.key)
         except (validation.Invalid, _Starting, _Stale) as err:
-            await _refuse(context, err)
+            raise _refusal(err) from None
         if value is None:
-            await context.abort(
+            raise Refused(
                 grpc.StatusCode.NOT_FOUND, f"no value for key {runtime.printable(request.key)!r}"
             )
         return kv_pb2.GetResponse(value=value)
 
-    async def Delete(
-        self, request: kv_pb2.DeleteRequest, context: Context
-    ) -> kv_pb2.DeleteResponse:
+    async def delete(self, request: kv_pb2.DeleteRequest) -> kv_pb2.DeleteResponse:
         try:
             validation.check_key(request.key)
             applied = await self._write(
                 Write("delete", request.key, request_id=request_id(request.request_id))
             )
         except (validation.Invalid, StoreFull, _Starting, _Replica, _Restoring, _Draining) as err:
-            await _refuse(context, err)
+            raise _refusal(err) from None
         if not applied.changed:
-            await context.abort(
+            raise Refused(
                 grpc.StatusCode.NOT_FOUND,
                 f"no value for key {runtime.printable(request.key)!r}; nothing was deleted",
             )
         return kv_pb2.DeleteResponse()
 
-    async def List(self, request: kv_pb2.ListRequest, context: Context) -> kv_pb2.ListResponse:
+    async def list(self, request: kv_pb2.ListRequest) -> kv_pb2.ListResponse:
         try:
             limit = validation.page_size(request.page_size)
             after = validation.resume_after(request.prefix, request.page_token)
             # A page ends short of `limit` when the next entry would not fit one message.
             entries, more = self.reader.list_page(request.prefix, limit, after)
         except (validation.Invalid, _Starting, _Stale) as err:
-            await _refuse(context, err)
+            raise _refusal(err) from None
         return kv_pb2.ListResponse(
             entries=[kv_pb2.Entry(key=k, value=v) for k, v in entries],
             next_page_token=validation.page_token(request.prefix, entries[-1][0]) if more else b"",
         )
+
+    async def Put(self, request: kv_pb2.PutRequest, context: Context) -> kv_pb2.PutResponse:
+        reply: kv_pb2.PutResponse = await _unary(context, self.put(request))
+        return reply
+
+    async def Get(self, request: kv_pb2.GetRequest, context: Context) -> kv_pb2.GetResponse:
+        reply: kv_pb2.GetResponse = await _unary(context, self.get(request))
+        return reply
+
+    async def Delete(
+        self, request: kv_pb2.DeleteRequest, context: Context
+    ) -> kv_pb2.DeleteResponse:
+        reply: kv_pb2.DeleteResponse = await _unary(context, self.delete(request))
+        return reply
+
+    async def List(self, request: kv_pb2.ListRequest, context: Context) -> kv_pb2.ListResponse:
+        reply: kv_pb2.ListResponse = await _unary(context, self.list(request))
+        return reply
 
     async def Scan(
         self, request: kv_pb2.ScanRequest, context: Context
@@ -271,6 +309,115 @@ class KeyValueServicer(kv_pb2_grpc.KeyValueServicer):
             for key, value in chunk:
                 yield kv_pb2.Entry(key=key, value=value)
             await asyncio.sleep(0)  # let other calls in between chunks
+
+
+async def _unary(context: Context, call: Awaitable[Any]) -> Any:
+    try:
+        return await call
+    except Refused as refused:
+        await _refuse(context, refused)
+
+
+# Recording one batched item as the call it stands for (runtime.ObservingInterceptor.record).
+Record = Callable[[str, grpc.StatusCode, float], None]
+STOPPING = Refused(
+    grpc.StatusCode.UNAVAILABLE,
+    "the backend is stopping (a restart or a move) and takes no more calls on this stream; "
+    "retry through the server, which sends the call to a backend that answers",
+    NO_RETRY,
+)
+
+
+class BatchServicer(batch_pb2_grpc.BatchServicer):
+    """kvstack.v1.Batch: the server's Put, Get, Delete and List as items of one stream
+    (kvstack.batching). Each item runs as its own task, so the writes of one message reach the
+    GroupCommitter together and commit in one transaction, and a read never waits behind a
+    write; each answer goes out as soon as it is ready. Each item is counted and logged as the
+    KeyValue call it stands for."""
+
+    def __init__(self, kv: KeyValueServicer, record: Callable[[], Record]) -> None:
+        self.kv = kv
+        self._record = record
+        self.stopping = asyncio.Event()
+        self.streams = 0
+
+    # A coroutine that writes with context.write (gRPC's reader/writer API), not the generated
+    # base's async iterator: answers go out from the Outbox's task as items complete.
+    async def Stream(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[batch_pb2.BatchRequest], context: Context
+    ) -> None:
+        outbox = Outbox(lambda answers: self._send(context, answers), "batch-answers")
+        running: set[asyncio.Task[None]] = set()
+
+        async def take() -> None:
+            async for message in request_iterator:
+                ITEMS.labels("requests").observe(len(message.items))
+                for item in message.items:
+                    task = asyncio.create_task(self._run(item, outbox))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+
+        self.streams += 1
+        taking = asyncio.create_task(take())
+        stopping = asyncio.create_task(self.stopping.wait())
+        try:
+            await asyncio.wait({taking, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            # The server closed its end, or this backend drains: answer what runs, then end
+            # the stream (a drain would otherwise wait its whole grace period for it).
+            taking.cancel()
+            if running:
+                await asyncio.wait(running)
+            await outbox.flush()
+        finally:
+            self.streams -= 1
+            taking.cancel()
+            stopping.cancel()
+            outbox.close()
+
+    async def _send(self, context: Context, answers: list[batch_pb2.BatchResponse.Answer]) -> None:
+        ITEMS.labels("answers").observe(len(answers))
+        await context.write(batch_pb2.BatchResponse(answers=answers))
+
+    async def _run(self, item: batch_pb2.BatchRequest.Item, outbox: Outbox) -> None:
+        started = time.perf_counter()
+        field = item.WhichOneof("request")
+        answer = batch_pb2.BatchResponse.Answer(id=item.id)
+        code = grpc.StatusCode.OK
+        try:
+            reply = await self._reply(item, field)
+            getattr(answer, field).CopyFrom(reply)
+            getattr(answer, field).SetInParent()  # an empty reply (Delete's) is still one
+        except Refused as refused:
+            code = refused.code
+            answer.code, answer.message = code.value[0], refused.details
+            answer.trailers.extend(
+                batch_pb2.BatchResponse.Trailer(key=k, value=v) for k, v in refused.trailers
+            )
+        except Exception:  # noqa: BLE001 - as gRPC answers a handler's error: UNKNOWN, logged
+            runtime.log.exception("a batched call failed", extra=runtime.fields(item=field))
+            code = grpc.StatusCode.UNKNOWN
+            answer.code, answer.message = code.value[0], "Unexpected error in the backend"
+        method = METHODS.get(field or "", "Unknown")
+        self._record()(f"/{KEYVALUE}/{method}", code, time.perf_counter() - started)
+        outbox.put(answer)
+
+    async def _reply(self, item: batch_pb2.BatchRequest.Item, field: str | None) -> Any:
+        if field is None:
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the batch item holds no request: set put, get, delete or list",
+            )
+        if self.stopping.is_set():
+            raise STOPPING
+        return await getattr(self.kv, field)(getattr(item, field))
+
+    async def drain(self, timeout: float) -> None:
+        """Take no more items, and wait (at most `timeout`) for every stream to answer the
+        items it runs and end."""
+        self.stopping.set()
+        deadline = time.monotonic() + timeout
+        while self.streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
 
 def request_id(text: str) -> bytes:
@@ -306,6 +453,12 @@ class Backend:
         self.restoring = False  # a restore is arriving or loading (one at a time)
         self.writes_stopped = False  # a restore is loading: writes are refused
         self.draining = False  # the primary is stopping: writes are refused
+        self._record: Record = lambda method, code, seconds: None
+        self.kv = KeyValueServicer(self)
+        self.batch = BatchServicer(self.kv, lambda: self._record)
+
+    def bind_observer(self, record: Record) -> None:
+        self._record = record
 
     def bind_health(self, set_serving: Callable[[str, bool], None]) -> None:
         self._set_serving = set_serving
@@ -313,12 +466,15 @@ class Backend:
     async def drain(self, grace: float) -> None:
         """On a primary: once the writes in flight are done (they still get their replica
         acknowledgement), end the replication streams, which would otherwise hold the drain
-        open for its whole grace period."""
+        open for its whole grace period. On every backend: the batch streams take no more
+        items, answer the ones they run, and end, for the same reason."""
         if self.primary is None or self.store is None or self.writer is None:
+            await self.batch.drain(grace / 2)
             return
         # From here a write is refused (UNAVAILABLE: the server sends it again to the primary
         # once one answers), even one the gRPC server had accepted before it began to stop.
         self.draining = True
+        ending = asyncio.create_task(self.batch.drain(grace / 2))
         deadline = time.monotonic() + grace / 2
 
         def busy() -> bool:
@@ -331,13 +487,13 @@ class Backend:
         # is final, and the replicas are told so.
         final = not busy() and not self.restoring
         self.primary.drain(self.store.seq() if final else None)
+        await ending
 
     def register(self, server: aio.Server) -> list[str]:
         # wire.add_servicer, not the generated add_*_to_server: a request that is not a valid
         # message gets INVALID_ARGUMENT with a sentence, not UNKNOWN.
-        wire.add_servicer(
-            KeyValueServicer(self), kv_pb2.DESCRIPTOR.services_by_name["KeyValue"], server
-        )
+        wire.add_servicer(self.kv, kv_pb2.DESCRIPTOR.services_by_name["KeyValue"], server)
+        wire.add_servicer(self.batch, batch_pb2.DESCRIPTOR.services_by_name["Batch"], server)
         wire.add_servicer(
             ReplicationServicer(self),
             replication_pb2.DESCRIPTOR.services_by_name["Replication"],
@@ -346,7 +502,7 @@ class Backend:
         wire.add_servicer(
             BackupServicer(self), backup_pb2.DESCRIPTOR.services_by_name["Backup"], server
         )
-        return [KEYVALUE, REPLICATION, BACKUP]
+        return [KEYVALUE, BATCH, REPLICATION, BACKUP]
 
     async def start(self) -> None:
         store = Store(

@@ -58,7 +58,9 @@ class ServerConfig:
     backend_attempts: int = setting(
         "KVSTACK_BACKEND_ATTEMPTS",
         5,
-        "tries per call when the backend is UNAVAILABLE (gRPC retry policy, 2 to 5)",
+        "tries per Scan when the backend is UNAVAILABLE (gRPC retry policy, 2 to 5). Put, "
+        "Get, Delete and List travel on one stream per backend, which gRPC does not retry: "
+        "the server's own loops send them again (KVSTACK_PRIMARY_WAIT)",
     )
     max_value_bytes: int = setting(
         "KVSTACK_MAX_VALUE_BYTES", validation.DEFAULT_MAX_VALUE_BYTES, "largest value accepted"
@@ -86,7 +88,11 @@ class ServerConfig:
 
 
 def channel_options(config: ServerConfig) -> list[tuple[str, Any]]:
-    """Options of the channel to each backend address: gRPC's own retry on UNAVAILABLE."""
+    """Options of the channel to each backend address: gRPC's own retry on UNAVAILABLE, which
+    applies to unary and server-streaming KeyValue calls (the server makes only Scan calls of
+    those now); the batch stream's items are retried by the server's own loops instead: gRPC
+    commits a stream once the response headers arrive ("Once the response header is received,
+    the RPC is committed. No further retries will be attempted", grpc.io/docs/guides/retry)."""
     service_config = {
         "methodConfig": [
             {
@@ -121,8 +127,10 @@ RETRY_ELSEWHERE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCEL
 
 
 async def _forward(member: Member, method: str, request: Any, timeout: float) -> Any:
+    """Put, Get, Delete or List on one backend, as an item of its batch stream
+    (kvstack.batching), which fails like the unary call would have (an aio.AioRpcError)."""
     try:
-        return await getattr(member.kv, method)(request, timeout=timeout)
+        return await member.batch.call(method, request, timeout)
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if task is not None and task.cancelling():

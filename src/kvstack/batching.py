@@ -1,0 +1,229 @@
+"""The server's calls to one backend over one long-lived stream (kvstack.v1.Batch, batch.proto),
+as TiKV's batch commands carry TiDB's: Put, Get, Delete and List travel as items of a few large
+messages instead of one unary call each, and the backend answers each item as it completes.
+
+Why: each unary call costs its own HTTP/2 stream (headers, trailers, a round of the event loop
+on both sides); under load most of a forwarded call's time went there, not into the store. On
+one stream, whatever queued while the previous message was being written goes together in the
+next one. There is no timer: a lone call is written at once, so batching costs an idle system
+nothing and grows with the load.
+
+Each call keeps what a unary call had: its own deadline (DEADLINE_EXCEEDED when it passes, the
+stream itself having none), its cancellation (the answer of a caller who left is dropped), and
+its status code, message and trailing metadata, raised as a grpc.aio.AioRpcError so the
+server's retry logic reads it as before. A stream that breaks fails every call waiting on it
+with UNAVAILABLE (the server sends them again, to this backend or another), and the next call
+opens a new one. The backend's side is kvstack.backend.BatchServicer; both use `Outbox`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, cast
+
+import grpc
+from grpc import aio
+from prometheus_client import Histogram
+
+from kvstack import validation
+from kvstack.v1 import batch_pb2, batch_pb2_grpc
+
+log = logging.getLogger("kvstack.batching")
+# A message's items, at most (always at least one): the same 2 MiB budget as every message
+# kvstack builds, so a 1 MiB value with a 511-byte key, or the largest List page, goes alone.
+MESSAGE_BYTES = validation.MESSAGE_BUDGET_BYTES
+# The KeyValue method of each item's oneof field, and back.
+FIELDS = {"Put": "put", "Get": "get", "Delete": "delete", "List": "list"}
+METHODS = {field: method for method, field in FIELDS.items()}
+CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+# How much batching happens: items per message the backend received (requests) and sent
+# (answers). 1 everywhere means no call ever waited for another's write.
+ITEMS = Histogram(
+    "kvstack_backend_batch_items",
+    "Items per message on the batch stream, by direction (requests received, answers sent)",
+    ["direction"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+
+
+def rpc_error(
+    code: grpc.StatusCode, details: str, trailers: Sequence[tuple[str, str]] = ()
+) -> aio.AioRpcError:
+    """What a unary call that ended with `code` would have raised."""
+    return aio.AioRpcError(code, aio.Metadata(), aio.Metadata(*trailers), details)
+
+
+class Outbox:
+    """The messages one side writes on a stream. An item is written at once when no write is in
+    progress; items that arrive during a write go together in the next message (at most
+    MESSAGE_BYTES of them, at least one). One task writes: gRPC's asyncio API wants a stream's
+    reads, and its writes, serialized ("Read operations must be serialized when called from
+    multiple coroutines", grpc.aio StreamStreamCall.read)."""
+
+    def __init__(self, write: Callable[[list[Any]], Awaitable[None]], name: str) -> None:
+        self._write = write
+        self._queue: collections.deque[Any] = collections.deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.closed = False
+        self.task = asyncio.create_task(self._run(), name=name)
+
+    def put(self, item: Any) -> None:
+        if self.closed:
+            return  # the stream ended: nobody reads this answer any more
+        self._queue.append(item)
+        self._idle.clear()
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                items: list[Any] = []
+                size = 0
+                while self._queue:
+                    cost = self._queue[0].ByteSize()
+                    if items and size + cost > MESSAGE_BYTES:
+                        break
+                    items.append(self._queue.popleft())
+                    size += cost
+                await self._write(items)
+            self._idle.set()
+
+    async def flush(self) -> None:
+        """Wait until every item put so far is written (or the writer failed)."""
+        idle = asyncio.create_task(self._idle.wait())
+        await asyncio.wait({idle, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        idle.cancel()
+
+    def close(self) -> None:
+        self.closed = True
+        self._queue.clear()
+        self.task.cancel()
+
+
+class _Stream:
+    """One Batch.Stream call and the calls waiting for their answers on it."""
+
+    def __init__(
+        self, stub: batch_pb2_grpc.BatchAsyncStub, address: str, ended: Callable[[], None]
+    ) -> None:
+        self.address = address
+        self._ended = ended
+        # No timeout: the stream outlives every call on it, each of which keeps its own.
+        self.call = stub.Stream()
+        self.pending: dict[int, tuple[asyncio.Future[Any], str]] = {}
+        self.broken = False
+        self.outbox = Outbox(self._send, f"batch-write {address}")
+        self.outbox.task.add_done_callback(self._writer_done)
+        self.reader = asyncio.create_task(self._read(), name=f"batch-read {address}")
+
+    async def _send(self, items: list[batch_pb2.BatchRequest.Item]) -> None:
+        # An item whose caller gave up while it queued (a backend frozen, its stream's window
+        # full) is not sent: nobody waits for its answer, and a write should not land late.
+        items = [item for item in items if item.id in self.pending]
+        if items:
+            await self.call.write(batch_pb2.BatchRequest(items=items))
+
+    def _writer_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.fail(f"writing to it failed: {task.exception()!r}")
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                message = await self.call.read()
+                if message is aio.EOF:
+                    break
+                for answer in cast(batch_pb2.BatchResponse, message).answers:
+                    self._answer(answer)
+            why = f"the backend ended it ({(await self.call.code()).name}: it is stopping)"
+        except aio.AioRpcError as err:
+            why = f"{err.code().name}: {err.details()}"
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # fail() or close() ended this stream
+            why = "its channel closed (the backend left)"  # grpc.aio cancels the call
+        except Exception as err:  # noqa: BLE001 - whatever broke the stream fails its calls
+            why = repr(err)
+        self.fail(why)
+
+    def _answer(self, answer: batch_pb2.BatchResponse.Answer) -> None:
+        waiting = self.pending.pop(answer.id, None)
+        if waiting is None or waiting[0].done():
+            return  # its caller gave up (deadline, cancellation)
+        future, field = waiting
+        if answer.code == grpc.StatusCode.OK.value[0]:
+            future.set_result(getattr(answer, field))
+            return
+        code = CODES.get(answer.code, grpc.StatusCode.UNKNOWN)
+        trailers = [(t.key, t.value) for t in answer.trailers]
+        future.set_exception(rpc_error(code, answer.message, trailers))
+
+    def fail(self, why: str) -> None:
+        """End this stream: every call still waiting on it fails with UNAVAILABLE."""
+        if self.broken:
+            return
+        self.broken = True
+        self._ended()
+        error = f"the batch stream to the backend at {self.address} broke: {why}"
+        for future, _ in self.pending.values():
+            if not future.done():
+                future.set_exception(rpc_error(grpc.StatusCode.UNAVAILABLE, error))
+        self.pending.clear()
+        self.outbox.close()
+        self.call.cancel()
+        if self.reader is not asyncio.current_task():
+            self.reader.cancel()
+        log.info("batch stream ended", extra={"fields": {"backend": self.address, "why": why}})
+
+
+class Batcher:
+    """The server's one stream to one backend (directory.Member.batch), opened by the first call
+    and again by the first call after it broke."""
+
+    def __init__(self, channel: aio.Channel, address: str) -> None:
+        self._stub = batch_pb2_grpc.BatchStub(channel)
+        self.address = address
+        self._ids = itertools.count(1)
+        self._stream: _Stream | None = None
+        self._closed = False
+
+    def _ended(self) -> None:
+        self._stream = None
+
+    async def call(self, method: str, request: Any, timeout: float) -> Any:
+        """`method` ("Put", "Get", "Delete" or "List") of kvstack.v1.KeyValue on this backend:
+        its reply, or the aio.AioRpcError the unary call would have raised."""
+        if self._closed:
+            raise rpc_error(
+                grpc.StatusCode.UNAVAILABLE, f"the channel to the backend at {self.address} closed"
+            )
+        if self._stream is None:
+            self._stream = _Stream(self._stub, self.address, self._ended)
+        stream, field, ident = self._stream, FIELDS[method], next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        stream.pending[ident] = (future, field)
+        stream.outbox.put(batch_pb2.BatchRequest.Item(id=ident, **{field: request}))
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+        finally:
+            stream.pending.pop(ident, None)  # a late answer is then dropped
+
+    async def close(self) -> None:
+        self._closed = True
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.fail("its channel closed")
+            await asyncio.gather(stream.reader, stream.outbox.task, return_exceptions=True)
