@@ -75,6 +75,7 @@ def top(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvstack.dev.profile", description=__doc__)
+    parser.add_argument("--op", choices=("put", "get"), default="put", help="the call driven")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds sampled")
     parser.add_argument("--level", default="INFO", help="the services' KVSTACK_LOG_LEVEL")
@@ -95,18 +96,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="kvstack-profile-") as tmp:
         work = Path(tmp)
-        run = bench.Run(duration=args.duration + 2, warmup=1.0, data_dir=work)
-        cell = bench.Cell(f"put-{args.concurrency}", "stack", "put", args.concurrency)
+        # A Get cell first writes the keys it reads (about 2 s here): sampling starts after.
+        seeding = 3.0 if args.op == "get" else 0.0
+        run = bench.Run(duration=args.duration + 2 + seeding, warmup=1.0, data_dir=work)
+        cell = bench.Cell(f"{args.op}-{args.concurrency}", "stack", args.op, args.concurrency)
         extra = {"PYTHONPATH": args.services_path} if args.services_path else {}
         with bench._stack(run, work, "profile", args.level, **extra) as (server, watch, _, _):
             results: list[bench.Result] = []
             load = threading.Thread(
                 target=lambda: results.append(
-                    bench._loadgen(cell, server.target, run, work / "loadgen.log", watch)
+                    bench._loadgen(
+                        cell,
+                        server.target,
+                        run,
+                        work / "loadgen.log",
+                        watch,
+                        seed=args.op == "get",
+                    )
                 )
             )
             load.start()
-            time.sleep(run.warmup + 1)
+            time.sleep(run.warmup + 1 + seeding)
             spies = {
                 name: subprocess.Popen(
                     [
@@ -135,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         (result,) = results
         requests = int(result.qps * int(args.duration))
         print(
-            f"Put at {args.concurrency} in flight, services at {args.level}"
+            f"{args.op.capitalize()} at {args.concurrency} in flight, services at {args.level}"
             + (f" from {args.services_path}" if args.services_path else "")
             + f": {result.qps:,.0f} req/s, p99 {result.p99_ms:.1f} ms; machine's other "
             f"processes {bench.other_cpu(result):.0f}% of a core"
