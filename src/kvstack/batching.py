@@ -22,6 +22,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
@@ -30,7 +31,7 @@ from grpc import aio
 from prometheus_client import Histogram
 
 from kvstack import validation
-from kvstack.v1 import batch_pb2, batch_pb2_grpc
+from kvstack.v1 import batch_pb2, batch_pb2_grpc, kv_pb2_grpc
 
 log = logging.getLogger("kvstack.batching")
 # A message's items, at most (always at least one): the same 2 MiB budget as every message
@@ -40,6 +41,10 @@ MESSAGE_BYTES = validation.MESSAGE_BUDGET_BYTES
 FIELDS = {"Put": "put", "Get": "get", "Delete": "delete", "List": "list"}
 METHODS = {field: method for method, field in FIELDS.items()}
 CODES = {code.value[0]: code for code in grpc.StatusCode}
+# A backend of a release before the batch stream answers it UNIMPLEMENTED (a rollback, or a
+# rollout half-way): its calls then go one unary KeyValue call each, and the stream is tried
+# again after this long, in case the backend was replaced by one that has it.
+UNARY_FOR_S = 10.0
 
 # How much batching happens: items per message the backend received (requests) and sent
 # (answers). 1 everywhere means no call ever waited for another's write.
@@ -109,6 +114,16 @@ class Outbox:
         self.task.cancel()
 
 
+class _Broken(Exception):
+    """The stream a call was on ended before the call's answer came (`message` says why);
+    `unimplemented` when the backend has no Batch service at all."""
+
+    def __init__(self, message: str, unimplemented: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.unimplemented = unimplemented
+
+
 class _Stream:
     """One Batch.Stream call and the calls waiting for their answers on it."""
 
@@ -137,6 +152,7 @@ class _Stream:
             self.fail(f"writing to it failed: {task.exception()!r}")
 
     async def _read(self) -> None:
+        unimplemented = False
         try:
             while True:
                 message = await self.call.read()
@@ -144,8 +160,14 @@ class _Stream:
                     break
                 for answer in cast(batch_pb2.BatchResponse, message).answers:
                     self._answer(answer)
-            why = f"the backend ended it ({(await self.call.code()).name}: it is stopping)"
+            code = await self.call.code()
+            why = (
+                "the backend ended it (it is stopping)"
+                if code == grpc.StatusCode.OK
+                else f"the backend ended it ({code.name}: {await self.call.details()})"
+            )
         except aio.AioRpcError as err:
+            unimplemented = err.code() == grpc.StatusCode.UNIMPLEMENTED
             why = f"{err.code().name}: {err.details()}"
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -154,7 +176,7 @@ class _Stream:
             why = "its channel closed (the backend left)"  # grpc.aio cancels the call
         except Exception as err:  # noqa: BLE001 - whatever broke the stream fails its calls
             why = repr(err)
-        self.fail(why)
+        self.fail(why, unimplemented)
 
     def _answer(self, answer: batch_pb2.BatchResponse.Answer) -> None:
         waiting = self.pending.pop(answer.id, None)
@@ -168,8 +190,8 @@ class _Stream:
         trailers = [(t.key, t.value) for t in answer.trailers]
         future.set_exception(rpc_error(code, answer.message, trailers))
 
-    def fail(self, why: str) -> None:
-        """End this stream: every call still waiting on it fails with UNAVAILABLE."""
+    def fail(self, why: str, unimplemented: bool = False) -> None:
+        """End this stream: every call still waiting on it fails (with _Broken)."""
         if self.broken:
             return
         self.broken = True
@@ -177,7 +199,7 @@ class _Stream:
         error = f"the batch stream to the backend at {self.address} broke: {why}"
         for future, _ in self.pending.values():
             if not future.done():
-                future.set_exception(rpc_error(grpc.StatusCode.UNAVAILABLE, error))
+                future.set_exception(_Broken(error, unimplemented))
         self.pending.clear()
         self.outbox.close()
         self.call.cancel()
@@ -192,21 +214,47 @@ class Batcher:
 
     def __init__(self, channel: aio.Channel, address: str) -> None:
         self._stub = batch_pb2_grpc.BatchStub(channel)
+        self._kv = kv_pb2_grpc.KeyValueStub(channel)
         self.address = address
         self._ids = itertools.count(1)
         self._stream: _Stream | None = None
         self._closed = False
+        self._unary_until = 0.0  # time.monotonic() before which calls go unary
 
     def _ended(self) -> None:
         self._stream = None
 
     async def call(self, method: str, request: Any, timeout: float) -> Any:
         """`method` ("Put", "Get", "Delete" or "List") of kvstack.v1.KeyValue on this backend:
-        its reply, or the aio.AioRpcError the unary call would have raised."""
+        its reply, or the aio.AioRpcError the unary call would have raised. A call whose stream
+        broke before it was answered is sent once more, on a new stream, as gRPC's retry policy
+        sent a unary call again (server.channel_options); every call may be: reads change
+        nothing and a write's request_id is applied once."""
         if self._closed:
             raise rpc_error(
                 grpc.StatusCode.UNAVAILABLE, f"the channel to the backend at {self.address} closed"
             )
+        deadline = time.monotonic() + timeout
+        for attempt in (1, 2):
+            left = deadline - time.monotonic()
+            if time.monotonic() < self._unary_until:
+                return await self._unary(method, request, left)
+            try:
+                return await self._on_stream(method, request, left)
+            except _Broken as broken:
+                if broken.unimplemented:
+                    self._unary_until = time.monotonic() + UNARY_FOR_S
+                    log.warning(
+                        "backend has no batch stream (a release before it): calls go one "
+                        f"unary call each, and the stream is tried again in {UNARY_FOR_S:.0f} s",
+                        extra={"fields": {"backend": self.address}},
+                    )
+                    return await self._unary(method, request, deadline - time.monotonic())
+                if attempt == 2 or self._closed:
+                    raise rpc_error(grpc.StatusCode.UNAVAILABLE, broken.message) from None
+        raise AssertionError(method)  # unreachable: the second attempt returns or raises
+
+    async def _on_stream(self, method: str, request: Any, timeout: float) -> Any:
         if self._stream is None:
             self._stream = _Stream(self._stub, self.address, self._ended)
         stream, field, ident = self._stream, FIELDS[method], next(self._ids)
@@ -220,6 +268,20 @@ class Batcher:
             raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         finally:
             stream.pending.pop(ident, None)  # a late answer is then dropped
+
+    async def _unary(self, method: str, request: Any, timeout: float) -> Any:
+        try:
+            return await getattr(self._kv, method)(request, timeout=max(timeout, 0.0))
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the caller itself was cancelled (its client left, or shutdown)
+            # grpc.aio cancels a call whose channel closes (the backend left); the server would
+            # pass CANCELLED on, which clients do not retry.
+            raise rpc_error(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the channel to the backend at {self.address} closed during the call",
+            ) from None
 
     async def close(self) -> None:
         self._closed = True

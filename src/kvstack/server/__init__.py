@@ -89,10 +89,11 @@ class ServerConfig:
 
 def channel_options(config: ServerConfig) -> list[tuple[str, Any]]:
     """Options of the channel to each backend address: gRPC's own retry on UNAVAILABLE, which
-    applies to unary and server-streaming KeyValue calls (the server makes only Scan calls of
-    those now); the batch stream's items are retried by the server's own loops instead: gRPC
-    commits a stream once the response headers arrive ("Once the response header is received,
-    the RPC is committed. No further retries will be attempted", grpc.io/docs/guides/retry)."""
+    applies to unary and server-streaming KeyValue calls (Scan, and every call to a backend of
+    a release before the batch stream); the batch stream's items are sent again by the Batcher
+    instead (once, on a new stream) and by the server's own loops: gRPC commits a stream once
+    the response headers arrive ("Once the response header is received, the RPC is committed.
+    No further retries will be attempted", grpc.io/docs/guides/retry)."""
     service_config = {
         "methodConfig": [
             {
@@ -114,30 +115,11 @@ def channel_options(config: ServerConfig) -> list[tuple[str, Any]]:
     ]
 
 
-class ChannelClosed(Exception):
-    """A backend call was cancelled on this side: the Directory closed the channel of a backend
-    that left (restarted, or scaled away). The backend was unavailable, not the caller gone."""
-
-
 # What a backend answers when it could not take the call but another attempt may: unavailable,
 # or CANCELLED, which gRPC gives a call still pending when the backend shuts down (the server
 # never cancels a forwarded call itself; grpc/grpc#41785). Every call may be sent again:
 # reads change nothing and a write's request_id is applied once.
 RETRY_ELSEWHERE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
-
-
-async def _forward(member: Member, method: str, request: Any, timeout: float) -> Any:
-    """Put, Get, Delete or List on one backend, as an item of its batch stream
-    (kvstack.batching), which fails like the unary call would have (an aio.AioRpcError)."""
-    try:
-        return await member.batch.call(method, request, timeout)
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise  # this handler itself was cancelled: the client left, or shutdown
-        # grpc.aio raises CancelledError for a call cancelled locally; passed on, the client
-        # would see CANCELLED, which it does not retry.
-        raise ChannelClosed(member.address) from None
 
 
 class FrontEnd(kv_pb2_grpc.KeyValueServicer):
@@ -200,18 +182,11 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
         """Forward to one backend, no other: its reply, or its failure as this call's (the
         backend's own message; a read for a named backend also says which one answered)."""
         try:
-            reply = await _forward(member, method, request, self._timeout(context))
+            reply = await member.batch.call(method, request, self._timeout(context))
         except aio.AioRpcError as err:
             named = who == NAMED
             detail = f"{who} {member.address}: {_explain(err)}" if named else _explain(err)
             await context.abort(err.code(), detail)
-            raise  # unreachable: abort raises
-        except ChannelClosed:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                f"the connection to {who} ({member.address}) closed during the call (it "
-                "restarted or left); retry",
-            )
             raise  # unreachable: abort raises
         answered_by(context, member)
         return reply
@@ -249,7 +224,7 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
             if primary is not None and left > 0:
                 attempt = min(left, self.config.backend_timeout)
                 try:
-                    reply = await _forward(primary, method, request, attempt)
+                    reply = await primary.batch.call(method, request, attempt)
                 except aio.AioRpcError as err:
                     # An attempt that ran out of KVSTACK_BACKEND_TIMEOUT while the caller has
                     # time left is tried again, like an unavailable primary (a draining or
@@ -262,8 +237,6 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
                         if slow
                         else f"the primary at {primary.address} was unavailable ({err.details()})"
                     )
-                except ChannelClosed:
-                    why = f"the connection to the primary at {primary.address} closed"
                 else:
                     answered_by(context, primary)
                     return reply
@@ -328,7 +301,7 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
             hurry = bool(others) or remaining >= 3 * self.config.read_attempt_timeout
             attempt = min(remaining, self.config.read_attempt_timeout) if hurry else remaining
             try:
-                reply = await _forward(member, method, request, attempt)
+                reply = await member.batch.call(method, request, attempt)
             except aio.AioRpcError as err:
                 slow = err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and hurry
                 if err.code() not in RETRY_ELSEWHERE and not slow:
@@ -339,8 +312,6 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
                         + ("another" if others else "again"),
                         extra=runtime.fields(backend=member.address, waited_s=attempt),
                     )
-            except ChannelClosed:
-                pass  # the next reader, or another round
             else:
                 answered_by(context, member)
                 return reply
