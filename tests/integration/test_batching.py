@@ -24,7 +24,7 @@ from grpc import aio
 from kvstack.batching import Batcher
 from kvstack.dev.processes import ServiceProcess, free_port
 from kvstack.runtime import CHANNEL_OPTIONS
-from kvstack.v1 import kv_pb2, kv_pb2_grpc
+from kvstack.v1 import batch_pb2, batch_pb2_grpc, kv_pb2, kv_pb2_grpc
 from tests.conftest import Spawn, Stack, start_stack
 
 T = TypeVar("T")
@@ -281,7 +281,8 @@ def test_a_draining_backend_answers_its_writes_and_ends_the_stream(
             )
             for i in range(200)
         ]
-        await asyncio.sleep(0.01)
+        # SIGTERM as soon as the first write is answered, the others still in flight
+        await asyncio.wait(writes, return_when=asyncio.FIRST_COMPLETED)
         backend.signal(signal.SIGTERM)
         started = time.monotonic()
         results = await asyncio.gather(*writes)
@@ -342,8 +343,9 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 def test_metrics_count_each_batched_item_as_its_call(spawn: Spawn, tmp_path: Path) -> None:
     """The backend's /metrics after a burst through the server: each item is a KeyValue call
-    with its code (Put OK, Get NOT_FOUND), the stream itself is not counted, and
-    kvstack_backend_batch_items shows messages that carried more than one item."""
+    with its code (Put OK, Get NOT_FOUND), and kvstack_backend_batch_items shows messages that
+    carried more than one item. A Batch stream that ended (one opened here, given one Get and
+    closed) is not itself counted as a call: only its item is."""
     port = free_port()
     stack = start_stack(spawn, tmp_path / "data", KVSTACK_METRICS_PORT=str(port))
 
@@ -362,6 +364,16 @@ def test_metrics_count_each_batched_item_as_its_call(spawn: Spawn, tmp_path: Pat
                     for i in range(30)
                 )
             )
+        async with aio.insecure_channel(stack.backend.target) as channel:
+            call = batch_pb2_grpc.BatchStub(channel).Stream()
+            item = batch_pb2.BatchRequest.Item(id=1, get=kv_pb2.GetRequest(key=b"m0"))
+            await call.write(batch_pb2.BatchRequest(items=[item]))
+            async with asyncio.timeout(10):
+                reply = await call.read()
+            assert isinstance(reply, batch_pb2.BatchResponse), reply
+            assert [answer.get.value for answer in reply.answers] == [b"v"]
+            await call.done_writing()
+            assert await call.code() == grpc.StatusCode.OK
 
     asyncio.run(main())
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
@@ -373,9 +385,10 @@ def test_metrics_count_each_batched_item_as_its_call(spawn: Spawn, tmp_path: Pat
         metric(text, handled, grpc_service=kv_service, grpc_method="Get", grpc_code="NOT_FOUND")
         == 30
     )
+    assert metric(text, handled, grpc_service=kv_service, grpc_method="Get", grpc_code="OK") == 1
     assert metric(text, handled, grpc_service="kvstack.v1.Batch") == 0
     assert metric(text, "grpc_server_handling_seconds_count", grpc_method="Put") == 200
     items = metric(text, "kvstack_backend_batch_items_sum", direction="requests")
     messages = metric(text, "kvstack_backend_batch_items_count", direction="requests")
-    assert items == 230
+    assert items == 231
     assert messages < items, "no message carried more than one item"
