@@ -257,3 +257,44 @@ def test_a_log_level_target_is_met_only_when_every_round_meets_it(tmp_path: Path
         "met in some passes only",
     ]
     assert target_row(run, "Get at INFO / at WARNING") == ["1.00 / 0.90", "0.95", "0.90", "met"]
+
+
+def test_a_target_with_a_measurement_missing_is_incomplete(tmp_path: Path) -> None:
+    """A pass not run (put-32@2: skipped, or a dev run's --cells), a cell whose every call
+    failed (echo-32@2) and etcd not measured at all: each target that needs one of them reads
+    incomplete and names what is missing, even where the passes measured meet the floor."""
+    run = made_up_run(
+        tmp_path,
+        {"echo-32": 1000, "put-32": 700, "get-32": 700, "get-32@2": 700,
+         "semisync-put-32": 650, "semisync-put-32@2": 650,
+         "put-32-warning-1": 1000, "put-32-info-1": 950},
+        failed=["echo-32@2"],
+    )  # fmt: skip
+    run.etcd_skipped = "etcd is not installed"
+    assert target_row(run, "Put through") == [
+        "0.70 / -",
+        "-",
+        "0.60",
+        "incomplete: not measured: put-32@2; no successful call: echo-32@2",
+    ]
+    assert target_row(run, "Get through") == [
+        "0.70 / -",
+        "-",
+        "0.60",
+        "incomplete: no successful call: echo-32@2",
+    ]
+    assert target_row(run, "Put in semi-sync / Put")[-1] == "incomplete: not measured: put-32@2"
+    assert target_row(run, "Put in semi-sync / three-node etcd") == [
+        "- / -",
+        "-",
+        "0.40",
+        "incomplete: not measured: etcd-3node-32, etcd-3node-32@2",
+    ]
+    assert target_row(run, "Put at INFO / at WARNING") == [
+        "0.95 / -",
+        "-",
+        "0.90",
+        "incomplete: not measured: put-32-info-2, put-32-warning-2",
+    ]
+    # A target none of whose cells ran (Get at INFO here) has no row.
+    assert not [ln for ln in bench.targets_table(run) if ln.startswith("| Get at")]

@@ -975,14 +975,26 @@ def targets_table(run: Run) -> list[str]:
     pass), against its floor: met only when every pass meets it."""
     rows = []
     for what, pairs, floor in target_pairs():
-        found = [(run.get(top), run.get(bottom)) for top, bottom in pairs]
-        ratios = [a.qps / b.qps for a, b in found if a and b and b.qps]
-        if ratios:
-            each = " / ".join(f"{r:.2f}" for r in ratios)
-            rows.append(
-                f"| {what} | {each} | {sum(ratios) / len(ratios):.2f} | {floor:.2f} | "
-                f"{_verdict(ratios, floor)} |"
-            )
+        results = {name: run.get(name) for pair in pairs for name in pair}
+        if all(r is None for r in results.values()):
+            continue  # none of its cells was chosen (--cells)
+        # A measurement is missing where its cell did not run (skipped, etcd not available) or
+        # no call of its window succeeded: the target is then incomplete, whatever the rest say.
+        absent = [name for name, r in results.items() if r is None]
+        failed = [name for name, r in results.items() if r is not None and not r.ok]
+        ratios: list[float | None] = []
+        for top, bottom in pairs:
+            a, b = results[top], results[bottom]
+            ratios.append(a.qps / b.qps if a and b and a.ok and b.ok else None)
+        each = " / ".join("-" if r is None else f"{r:.2f}" for r in ratios)
+        gaps = [f"not measured: {', '.join(absent)}"] if absent else []
+        gaps += [f"no successful call: {', '.join(failed)}"] if failed else []
+        measured = [r for r in ratios if r is not None]
+        if gaps:
+            mean, verdict = "-", "incomplete: " + "; ".join(gaps)
+        else:
+            mean, verdict = f"{sum(measured) / len(measured):.2f}", _verdict(measured, floor)
+        rows.append(f"| {what} | {each} | {mean} | {floor:.2f} | {verdict} |")
     if not rows:
         return []
     return [
@@ -992,7 +1004,8 @@ def targets_table(run: Run) -> list[str]:
         "the same sequence, A B A B), each ratio taken within a pass; a target is met when it "
         f"holds in every pass. For the log levels a pass is one of the {LEVEL_ROUNDS} rounds "
         f"({LOG_LEVEL}, then {DEFAULT_LOG_LEVEL}, each on fresh processes): the ratio of the "
-        "round's two runs.",
+        "round's two runs. A target missing a measurement (a cell not run, or one without a "
+        "successful call) is incomplete, and says which.",
         "",
         "| ratio | each pass | mean | at least | |",
         "| --- | --- | ---: | ---: | --- |",
