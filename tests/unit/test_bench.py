@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -214,3 +216,85 @@ def test_a_target_is_met_only_when_every_pass_meets_it(tmp_path: Path) -> None:
     (get,) = [ln for ln in bench.targets_table(run) if ln.startswith("| Get through")]
     assert get.endswith("| 0.70 / 0.70 | 0.70 | 0.60 | met |")
     assert bench._verdict([0.5, 0.59], 0.6) == "missed"
+
+
+def made_up_run(tmp_path: Path, qps: dict[str, float], failed: Sequence[str] = ()) -> bench.Run:
+    """A run holding made-up results (no process runs): cell name -> req/s; a `failed` cell has
+    every call of its window failing (no successful call, so 0 req/s)."""
+    cells = {c.name: c for c in bench.all_cells()}
+    run = bench.Run(duration=1.0, warmup=0.0, data_dir=tmp_path)
+    run.results = [
+        bench.Result(cells[name], int(q), {}, 1.0, q, 1.0, 2.0, {}) for name, q in qps.items()
+    ]
+    run.results += [
+        bench.Result(cells[name], 0, {"UNAVAILABLE": 40}, 1.0, 0.0, math.nan, math.nan, {})
+        for name in failed
+    ]
+    return run
+
+
+def target_row(run: bench.Run, starts: str) -> list[str]:
+    """The cells of the targets table's row that starts with `starts`, after its label."""
+    (row,) = [ln for ln in bench.targets_table(run) if ln.startswith(f"| {starts}")]
+    return [c.strip() for c in row.strip("|").split("|")][1:]
+
+
+def test_a_log_level_target_is_met_only_when_every_round_meets_it(tmp_path: Path) -> None:
+    """The default level against WARNING is judged as the other targets are: INFO / WARNING
+    within each round (WARNING then INFO, on fresh stacks), met only when every round holds
+    0.9. Put's rounds give 0.80 and 1.10: their mean (0.95) is over the floor, a round is not."""
+    run = made_up_run(
+        tmp_path,
+        {"put-32-warning-1": 1000, "put-32-info-1": 800,
+         "put-32-warning-2": 1000, "put-32-info-2": 1100,
+         "get-32-warning-1": 1000, "get-32-info-1": 1000,
+         "get-32-warning-2": 2000, "get-32-info-2": 1800},
+    )  # fmt: skip
+    assert target_row(run, "Put at INFO / at WARNING") == [
+        "0.80 / 1.10",
+        "0.95",
+        "0.90",
+        "met in some passes only",
+    ]
+    assert target_row(run, "Get at INFO / at WARNING") == ["1.00 / 0.90", "0.95", "0.90", "met"]
+
+
+def test_a_target_with_a_measurement_missing_is_incomplete(tmp_path: Path) -> None:
+    """A pass not run (put-32@2: skipped, or a dev run's --cells), a cell whose every call
+    failed (echo-32@2) and etcd not measured at all: each target that needs one of them reads
+    incomplete and names what is missing, even where the passes measured meet the floor."""
+    run = made_up_run(
+        tmp_path,
+        {"echo-32": 1000, "put-32": 700, "get-32": 700, "get-32@2": 700,
+         "semisync-put-32": 650, "semisync-put-32@2": 650,
+         "put-32-warning-1": 1000, "put-32-info-1": 950},
+        failed=["echo-32@2"],
+    )  # fmt: skip
+    run.etcd_skipped = "etcd is not installed"
+    assert target_row(run, "Put through") == [
+        "0.70 / -",
+        "-",
+        "0.60",
+        "incomplete: not measured: put-32@2; no successful call: echo-32@2",
+    ]
+    assert target_row(run, "Get through") == [
+        "0.70 / -",
+        "-",
+        "0.60",
+        "incomplete: no successful call: echo-32@2",
+    ]
+    assert target_row(run, "Put in semi-sync / Put")[-1] == "incomplete: not measured: put-32@2"
+    assert target_row(run, "Put in semi-sync / three-node etcd") == [
+        "- / -",
+        "-",
+        "0.40",
+        "incomplete: not measured: etcd-3node-32, etcd-3node-32@2",
+    ]
+    assert target_row(run, "Put at INFO / at WARNING") == [
+        "0.95 / -",
+        "-",
+        "0.90",
+        "incomplete: not measured: put-32-info-2, put-32-warning-2",
+    ]
+    # A target none of whose cells ran (Get at INFO here) has no row.
+    assert not [ln for ln in bench.targets_table(run) if ln.startswith("| Get at")]
