@@ -37,7 +37,9 @@ def test_a_lone_item_goes_at_once_and_items_queued_meanwhile_go_together() -> No
         assert sent == [[1]]
         for ident in range(2, 6):
             outbox.put(Item(id=ident))
-        big = b"x" * (1 << 20)  # two of these and a key fit 2 MiB, three do not
+        # One of these with its key (1,049,100 bytes) fits beside the small items; two
+        # (2,098,200 bytes) are over 2 MiB (2,097,152), so each further one goes alone.
+        big = b"x" * (1 << 20)
         for ident in range(6, 9):
             outbox.put(Item(id=ident, put=kv_pb2.PutRequest(key=b"k" * 511, value=big)))
         release.set()
@@ -178,12 +180,50 @@ def test_a_call_given_up_before_its_message_was_written_is_never_sent() -> None:
 
 
 def test_the_message_budget_holds_the_largest_put() -> None:
-    """A 511-byte key and the largest value KVSTACK_MAX_VALUE_BYTES may allow fit one message's
-    budget, so a put never waits for a message that cannot hold it."""
+    """A message holding one put of a 511-byte key, the largest value KVSTACK_MAX_VALUE_BYTES
+    may allow, the longest request id and the largest item id fits the budget, framing
+    included, and so gRPC's default limit: a put never needs a message larger than any other.
+    framed_size counts exactly what the message adds around an item, at each varint length."""
     item = Item(
-        id=2**63,
+        id=2**64 - 1,
         put=kv_pb2.PutRequest(
             key=b"k" * 511, value=b"v" * validation.MAX_VALUE_LIMIT_BYTES, request_id="r" * 64
         ),
     )
-    assert item.ByteSize() < batching.MESSAGE_BYTES
+    message = batch_pb2.BatchRequest(items=[item])
+    assert message.ByteSize() <= batching.MESSAGE_BYTES
+    assert message.ByteSize() < validation.GRPC_MESSAGE_LIMIT_BYTES
+    for size in (0, 1, 127, 128, 16383, 16384, 2_097_151, 2_097_152):
+        sized = Item(get=kv_pb2.GetRequest(key=b"k" * size))
+        framed = batch_pb2.BatchRequest(items=[sized]).ByteSize()
+        assert framed == batching.framed_size(sized.ByteSize()), size
+
+
+def test_every_message_of_many_tiny_items_fits_the_budget_framing_included() -> None:
+    """200,000 Get items of about 38 bytes each put at once: every message written holds more
+    than one item and, as the BatchRequest it becomes, at most MESSAGE_BYTES, counting the 2
+    bytes of protobuf framing per item (a tag and a length) that the items' own ByteSize()
+    leaves out (5% here: summing only the items' sizes overfills each message). Each message
+    but the last is also full to within one item, so the budget is not met by sending less."""
+
+    async def main() -> list[list[Any]]:
+        sent: list[list[Any]] = []
+
+        async def write(items: list[Any]) -> None:
+            sent.append(items)
+            await asyncio.sleep(0)
+
+        outbox = Outbox(write, "test")
+        for ident in range(200_000):
+            outbox.put(Item(id=ident, get=kv_pb2.GetRequest(key=b"key/%026d" % ident)))
+        await outbox.flush()
+        outbox.close()
+        return sent
+
+    sent = asyncio.run(main())
+    sizes = [batch_pb2.BatchRequest(items=items).ByteSize() for items in sent]
+    assert sum(len(items) for items in sent) == 200_000
+    assert len(sent) > 2
+    assert all(len(items) > 1 for items in sent)
+    assert max(sizes) <= batching.MESSAGE_BYTES, sizes
+    assert min(sizes[1:-1]) > batching.MESSAGE_BYTES - 40, sizes
