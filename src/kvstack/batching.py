@@ -27,7 +27,6 @@ from typing import Any, cast
 
 import grpc
 from grpc import aio
-from prometheus_client import Histogram
 
 from kvstack import validation
 from kvstack.v1 import batch_pb2, batch_pb2_grpc
@@ -42,15 +41,6 @@ MESSAGE_BYTES = validation.MESSAGE_BUDGET_BYTES
 FIELDS = {"Put": "put", "Get": "get", "Delete": "delete", "List": "list"}
 METHODS = {field: method for method, field in FIELDS.items()}
 CODES = {code.value[0]: code for code in grpc.StatusCode}
-
-# How much batching happens: items per message the backend received (requests) and sent
-# (answers). 1 everywhere means no call ever waited for another's write.
-ITEMS = Histogram(
-    "kvstack_backend_batch_items",
-    "Items per message on the batch stream, by direction (requests received, answers sent)",
-    ["direction"],
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-)
 
 
 def rpc_error(

@@ -371,3 +371,28 @@ def test_metrics_count_each_batched_item_as_its_call(spawn: Spawn, tmp_path: Pat
     messages = metric(text, "kvstack_backend_batch_items_count", direction="requests")
     assert items == 230
     assert messages < items, "no message carried more than one item"
+
+
+def test_the_server_does_not_export_the_backends_batch_histogram(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """kvstack_backend_batch_items is the backend's (it counts what the backend received and
+    sent): the server's /metrics, after calls that went over its batch stream, has no such
+    family, while the server's own gRPC metrics are there (the page was read)."""
+    port = free_port()
+    backend = spawn("backend", {"KVSTACK_DATA_DIR": str(tmp_path / "data")}).wait_serving()
+    server = spawn(
+        "server",
+        {"KVSTACK_BACKEND_TARGET": f"dns:///{backend.target}", "KVSTACK_METRICS_PORT": str(port)},
+    ).wait_serving()
+
+    async def main() -> None:
+        async with aio.insecure_channel(server.target) as channel:
+            kv = kv_pb2_grpc.KeyValueStub(channel)
+            await kv.Put(kv_pb2.PutRequest(key=b"s", value=b"v"), timeout=10)
+
+    asyncio.run(main())
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    assert metric(text, "grpc_server_handled_total", grpc_method="Put") == 1
+    assert "kvstack_backend_batch_items" not in text

@@ -14,12 +14,13 @@ from typing import Any
 
 import grpc
 from grpc import aio
+from prometheus_client import Histogram
 
 from kvstack import defaults, runtime, validation, wire
 from kvstack.backend.backup import INCOMING, BackupServicer
 from kvstack.backend.replication import Follower, PrimaryState, ReplicationServicer
 from kvstack.backend.store import Applied, GroupCommitter, Store, StoreFull, Write
-from kvstack.batching import ITEMS, METHODS, Outbox
+from kvstack.batching import METHODS, Outbox
 from kvstack.directory import Directory
 from kvstack.runtime import setting
 from kvstack.v1 import backup_pb2, batch_pb2, batch_pb2_grpc, kv_pb2, kv_pb2_grpc, replication_pb2
@@ -325,6 +326,16 @@ STOPPING = Refused(
     "the backend is stopping (a restart or a move) and takes no more calls on this stream; "
     "retry through the server, which sends the call to a backend that answers",
     NO_RETRY,
+)
+
+# How much batching happens: items per message this backend received (requests) and sent
+# (answers) on its batch streams. 1 everywhere means no call ever waited for another's write.
+# Here, not in kvstack.batching, which the server imports too: only a backend registers it.
+ITEMS = Histogram(
+    "kvstack_backend_batch_items",
+    "Items per message on the batch stream, by direction (requests received, answers sent)",
+    ["direction"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 
 
