@@ -444,9 +444,16 @@ class Backend:
     # replica's Stream every 30 s (the primary acknowledged writes alone until it reconnected).
     recycle_connections = False
 
-    def __init__(self, config: BackendConfig) -> None:
+    def __init__(
+        self,
+        config: BackendConfig,
+        max_receive_bytes: int = validation.GRPC_MESSAGE_LIMIT_BYTES,
+    ) -> None:
+        """`max_receive_bytes`: the process's KVSTACK_MAX_RECEIVE_BYTES (runtime.RuntimeConfig),
+        which gRPC applies to the messages this backend receives and sends."""
         try:
             validation.check_value_limit(config.max_value_bytes)
+            validation.check_backend_receive_limit(max_receive_bytes)
         except ValueError as err:
             raise runtime.ConfigError(str(err)) from None
         self.config = config
@@ -564,4 +571,8 @@ class Backend:
 
 
 def main(argv: list[str]) -> int:
-    return runtime.run(NAME, argv, lambda: Backend(runtime.load(BackendConfig)), BackendConfig)
+    def build() -> Backend:
+        receive = runtime.load(runtime.RuntimeConfig).max_receive_bytes
+        return Backend(runtime.load(BackendConfig), receive)
+
+    return runtime.run(NAME, argv, build, BackendConfig)
