@@ -4,13 +4,18 @@ grpc.aio server whose Batch servicer answers as the test says."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from grpc import aio
 
-from kvstack import batching, validation
+from kvstack import batching, runtime, validation
+from kvstack.backend import Backend, BackendConfig
 from kvstack.batching import Batcher, Outbox
 from kvstack.v1 import batch_pb2, batch_pb2_grpc, kv_pb2
 
@@ -227,3 +232,71 @@ def test_every_message_of_many_tiny_items_fits_the_budget_framing_included() -> 
     assert all(len(items) > 1 for items in sent)
     assert max(sizes) <= batching.MESSAGE_BYTES, sizes
     assert min(sizes[1:-1]) > batching.MESSAGE_BYTES - 40, sizes
+
+
+# The backend's side (kvstack.backend.BatchServicer): a real Backend (a primary on LMDB in a
+# temporary directory) served in-process over loopback, its streams opened directly.
+
+
+@contextlib.asynccontextmanager
+async def serving_backend(data_dir: Path) -> AsyncIterator[tuple[Backend, aio.Channel]]:
+    """A started primary Backend on a loopback port, and a channel to it."""
+    config = runtime.load(
+        BackendConfig, {"KVSTACK_DATA_DIR": str(data_dir), "KVSTACK_ORDINAL": "0"}
+    )
+    backend = Backend(config)
+    await backend.start()
+    server = aio.server()
+    backend.register(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield backend, channel
+    finally:
+        await channel.close()
+        await server.stop(None)
+        await backend.stop()
+
+
+async def read_all(call: Any) -> list[batch_pb2.BatchResponse.Answer]:
+    """Every answer on `call` until it ends, whatever its status (at most 5 s)."""
+    answers: list[batch_pb2.BatchResponse.Answer] = []
+    async with asyncio.timeout(5):
+        with contextlib.suppress(aio.AioRpcError):
+            while (message := await call.read()) is not aio.EOF:
+                answers.extend(message.answers)
+    return answers
+
+
+def test_a_batch_stream_that_cannot_be_read_ends_with_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A put, then bytes that are not a BatchRequest: the put is still answered (and stored),
+    then the call ends INVALID_ARGUMENT saying the message was not valid, and the backend logs
+    a WARNING. Ending OK would tell the server its stream ended normally, when calls sent on it
+    may never have been read."""
+
+    async def main() -> tuple[list[Any], grpc.StatusCode, str, bytes | None]:
+        async with serving_backend(tmp_path) as (backend, channel):
+            # Raw bytes out, so that one message can be one that is not a BatchRequest.
+            call: Any = channel.stream_stream(
+                f"/{batch_pb2.DESCRIPTOR.services_by_name['Batch'].full_name}/Stream",
+                request_serializer=None,
+                response_deserializer=batch_pb2.BatchResponse.FromString,
+            )()
+            put = Item(id=1, put=kv_pb2.PutRequest(key=b"k", value=b"v"))
+            await call.write(batch_pb2.BatchRequest(items=[put]).SerializeToString())
+            await call.write(b"\xff\xff\xff")
+            answers = await read_all(call)
+            assert backend.store is not None
+            return answers, await call.code(), await call.details(), backend.store.get(b"k")
+
+    caplog.set_level(logging.WARNING)
+    answers, code, details, stored = asyncio.run(main())
+    assert [(a.id, a.code, a.put.created) for a in answers] == [(1, 0, True)]
+    assert stored == b"v"
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+    assert "not a valid kvstack.v1.BatchRequest" in details
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("batch stream" in r.getMessage() for r in warnings), caplog.records

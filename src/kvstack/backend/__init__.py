@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 from prometheus_client import Histogram
 
@@ -373,17 +374,44 @@ class BatchServicer(batch_pb2_grpc.BatchServicer):
         stopping = asyncio.create_task(self.stopping.wait())
         try:
             await asyncio.wait({taking, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            # The server closed its end, or this backend drains: answer what runs, then end
-            # the stream (a drain would otherwise wait its whole grace period for it).
+            unread = taking.exception() if taking.done() and not taking.cancelled() else None
+            # The server closed its end, or this backend drains, or its messages could not be
+            # read: answer what runs, then end the stream (a drain would otherwise wait its
+            # whole grace period for it).
             taking.cancel()
             if running:
                 await asyncio.wait(running)
             await outbox.flush()
+            if unread is not None:
+                await self._unreadable(context, unread)
         finally:
             self.streams -= 1
             taking.cancel()
             stopping.cancel()
             outbox.close()
+
+    async def _unreadable(self, context: Context, error: BaseException) -> None:
+        """End, with an error status, a stream whose next message could not be read. Ending OK
+        would say that the server closed its end: the server would fail the calls it sent after
+        that message as if this backend were stopping, and nobody would learn that a message
+        was lost."""
+        if isinstance(error, DecodeError):
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            name = batch_pb2.BatchRequest.DESCRIPTOR.full_name
+            why = str(error).removeprefix(f"Error parsing message with type '{name}': ")
+            what = f"a message on it is not a valid {name} ({why})"
+        else:
+            code = grpc.StatusCode.UNKNOWN
+            what = f"reading its next message failed ({error!r})"
+        runtime.log.warning(
+            "batch stream ended: a message could not be read",
+            extra=runtime.fields(error=repr(error), code=code.name),
+        )
+        await context.abort(
+            code,
+            f"the backend ended this batch stream because {what}; the items before it were "
+            "answered, no later one was read: send those again on a new stream",
+        )
 
     async def _send(self, context: Context, answers: list[batch_pb2.BatchResponse.Answer]) -> None:
         ITEMS.labels("answers").observe(len(answers))
