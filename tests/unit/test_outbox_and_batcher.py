@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from grpc import aio
 
 from kvstack import batching, runtime, validation
 from kvstack.backend import Backend, BackendConfig
+from kvstack.backend.store import Applied, Write
 from kvstack.batching import Batcher, Outbox
 from kvstack.v1 import batch_pb2, batch_pb2_grpc, kv_pb2
 
@@ -239,8 +241,10 @@ def test_every_message_of_many_tiny_items_fits_the_budget_framing_included() -> 
 
 
 @contextlib.asynccontextmanager
-async def serving_backend(data_dir: Path) -> AsyncIterator[tuple[Backend, aio.Channel]]:
-    """A started primary Backend on a loopback port, and a channel to it."""
+async def serving_backend(
+    data_dir: Path,
+) -> AsyncIterator[tuple[Backend, aio.Channel, aio.Server]]:
+    """A started primary Backend on a loopback port, a channel to it, and its gRPC server."""
     config = runtime.load(
         BackendConfig, {"KVSTACK_DATA_DIR": str(data_dir), "KVSTACK_ORDINAL": "0"}
     )
@@ -252,7 +256,7 @@ async def serving_backend(data_dir: Path) -> AsyncIterator[tuple[Backend, aio.Ch
     await server.start()
     channel = aio.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield backend, channel
+        yield backend, channel, server
     finally:
         await channel.close()
         await server.stop(None)
@@ -278,7 +282,7 @@ def test_a_batch_stream_that_cannot_be_read_ends_with_an_error(
     may never have been read."""
 
     async def main() -> tuple[list[Any], grpc.StatusCode, str, bytes | None]:
-        async with serving_backend(tmp_path) as (backend, channel):
+        async with serving_backend(tmp_path) as (backend, channel, _):
             # Raw bytes out, so that one message can be one that is not a BatchRequest.
             call: Any = channel.stream_stream(
                 f"/{batch_pb2.DESCRIPTOR.services_by_name['Batch'].full_name}/Stream",
@@ -300,3 +304,75 @@ def test_a_batch_stream_that_cannot_be_read_ends_with_an_error(
     assert "not a valid kvstack.v1.BatchRequest" in details
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert any("batch stream" in r.getMessage() for r in warnings), caplog.records
+
+
+async def until(condition: Any, what: str) -> None:
+    """Wait (at most 5 s) until `condition()` holds."""
+    try:
+        async with asyncio.timeout(5):
+            while not condition():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"waited 5 s in vain for this: {what}") from None
+
+
+def item_tasks() -> list[asyncio.Task[Any]]:
+    """The BatchServicer's per-item tasks now on the loop."""
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if getattr(t.get_coro(), "__qualname__", "") == "BatchServicer._run"
+    ]
+
+
+@pytest.mark.parametrize("ending", ["the client cancels", "the server stops"])
+def test_a_cancelled_batch_stream_leaves_no_item_running_and_counts_its_write_once(
+    tmp_path: Path, ending: str
+) -> None:
+    """A put handed to the writer thread (held inside its commit), then the stream's handler is
+    cancelled: by the time it has ended no item task of it still runs, and the write is no
+    longer counted in flight (it is still counted, once, as pending in the GroupCommitter).
+    Released, the write commits as it would have anyway, and neither count goes below 0.
+    An item left running would answer into a stream that is gone, or touch the store after
+    the backend closed it."""
+    release = threading.Event()
+
+    async def main() -> tuple[list[bool], int, int, int, int, bytes | None]:
+        async with serving_backend(tmp_path) as (backend, channel, server):
+            assert backend.writer is not None
+            assert backend.store is not None
+            writer, store = backend.writer, backend.store
+            apply = store.apply
+
+            def held(writes: list[Write], now: float | None = None) -> list[Applied | Exception]:
+                release.wait(10)
+                return apply(writes, now)
+
+            store.apply = held  # type: ignore[method-assign]
+            try:
+                call = batch_pb2_grpc.BatchStub(channel).Stream()
+                put = Item(id=1, put=kv_pb2.PutRequest(key=b"held", value=b"v"))
+                await call.write(batch_pb2.BatchRequest(items=[put]))
+                await until(lambda: writer.pending == 1, "the put reaches the writer")
+                assert backend.writes_in_flight == 1
+                items = item_tasks()
+                assert len(items) == 1
+                if ending == "the client cancels":
+                    call.cancel()
+                else:
+                    await server.stop(None)
+                await until(lambda: backend.batch.streams == 0, "the handler ends")
+                done = [t.done() for t in items]
+                in_flight, pending = backend.writes_in_flight, writer.pending
+            finally:
+                release.set()
+            await until(lambda: writer.pending == 0, "the write commits")
+            await asyncio.sleep(0.05)  # room for a late, second count down
+            after = backend.writes_in_flight, writer.pending
+            return done, in_flight, pending, *after, store.get(b"held")
+
+    done, in_flight, pending, in_flight_after, pending_after, stored = asyncio.run(main())
+    assert done == [True]
+    assert (in_flight, pending) == (0, 1)
+    assert (in_flight_after, pending_after) == (0, 0)
+    assert stored == b"v"

@@ -385,10 +385,21 @@ class BatchServicer(batch_pb2_grpc.BatchServicer):
             if unread is not None:
                 await self._unreadable(context, unread)
         finally:
-            self.streams -= 1
             taking.cancel()
             stopping.cancel()
             outbox.close()
+            # Cancelled (the server went away, or this backend stops past its grace): no item
+            # may outlive its stream, answering nobody or reading a store that then closes. A
+            # write already with the GroupCommitter still commits, counted in its `pending`;
+            # KeyValueServicer._write counts it out of writes_in_flight on the way out, once.
+            items = list(running)
+            for task in items:
+                task.cancel()
+            try:
+                if items:
+                    await asyncio.wait(items)
+            finally:
+                self.streams -= 1
 
     async def _unreadable(self, context: Context, error: BaseException) -> None:
         """End, with an error status, a stream whose next message could not be read. Ending OK
