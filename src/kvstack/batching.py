@@ -76,8 +76,10 @@ class Outbox:
         self.task = asyncio.create_task(self._run(), name=name)
 
     def put(self, item: Any) -> None:
-        if self.closed:
-            return  # the stream ended: nobody reads this answer any more
+        if self.closed or self.task.done():
+            # The stream ended, or its writer failed (its owner ends the stream): nobody
+            # writes or reads this item any more.
+            return
         self._queue.append(item)
         self._idle.clear()
         self._wake.set()

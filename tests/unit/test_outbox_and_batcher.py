@@ -376,3 +376,31 @@ def test_a_cancelled_batch_stream_leaves_no_item_running_and_counts_its_write_on
     assert (in_flight, pending) == (0, 1)
     assert (in_flight_after, pending_after) == (0, 0)
     assert stored == b"v"
+
+
+def test_an_outbox_whose_writer_failed_drops_what_is_put_after() -> None:
+    """The write raised, so the writer task ended: an item put after that is dropped, not
+    queued for a writer that will never take it (a stream's queue growing with every answer)
+    and not raised into the task that puts it; flush() returns at once."""
+
+    async def main() -> tuple[list[int], int]:
+        written: list[int] = []
+
+        async def write(items: list[Any]) -> None:
+            written.extend(item.id for item in items)
+            raise ConnectionError("the peer went away")
+
+        outbox = Outbox(write, "test")
+        outbox.put(Item(id=1))
+        with contextlib.suppress(ConnectionError):
+            await outbox.task
+        for ident in range(2, 100):
+            outbox.put(Item(id=ident))
+        async with asyncio.timeout(1):
+            await outbox.flush()
+        queued = len(outbox._queue)
+        outbox.close()
+        return written, queued
+
+    assert asyncio.run(main()) == ([1], 0)
+
