@@ -404,3 +404,35 @@ def test_an_outbox_whose_writer_failed_drops_what_is_put_after() -> None:
 
     assert asyncio.run(main()) == ([1], 0)
 
+
+def test_a_batch_stream_whose_answers_cannot_be_written_ends(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Writing an answer to the server raises (injected in BatchServicer._send): the backend
+    ends the stream at once with an error status saying so, and logs a WARNING, while the
+    server keeps its end open. Otherwise it would wait for the server's next message with
+    nobody to write its answers, and the calls on the stream would wait until their
+    deadlines."""
+
+    async def main() -> tuple[grpc.StatusCode, str, int]:
+        async with serving_backend(tmp_path) as (backend, channel, _):
+
+            async def broken(context: Any, answers: Any) -> None:
+                raise ConnectionError("the write failed on purpose")
+
+            backend.batch._send = broken  # type: ignore[method-assign]
+            call = batch_pb2_grpc.BatchStub(channel).Stream()
+            get = Item(id=1, get=kv_pb2.GetRequest(key=b"missing"))
+            await call.write(batch_pb2.BatchRequest(items=[get]))
+            await read_all(call)  # never done_writing: the server's end stays open
+            await until(lambda: backend.batch.streams == 0, "the handler ends")
+            return await call.code(), await call.details(), len(item_tasks())
+
+    caplog.set_level(logging.WARNING)
+    code, details, left = asyncio.run(main())
+    assert code == grpc.StatusCode.UNKNOWN, (code, details)
+    assert "writing an answer" in details
+    assert "the write failed on purpose" in details
+    assert left == 0
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("could not be written" in r.getMessage() for r in warnings), caplog.records

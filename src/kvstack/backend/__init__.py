@@ -373,15 +373,17 @@ class BatchServicer(batch_pb2_grpc.BatchServicer):
         taking = asyncio.create_task(take())
         stopping = asyncio.create_task(self.stopping.wait())
         try:
-            await asyncio.wait({taking, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({taking, stopping, outbox.task}, return_when=asyncio.FIRST_COMPLETED)
             unread = taking.exception() if taking.done() and not taking.cancelled() else None
             # The server closed its end, or this backend drains, or its messages could not be
             # read: answer what runs, then end the stream (a drain would otherwise wait its
-            # whole grace period for it).
+            # whole grace period for it). Or an answer could not be written: end it at once.
             taking.cancel()
-            if running:
+            if running and not outbox.task.done():
                 await asyncio.wait(running)
             await outbox.flush()
+            if outbox.task.done():
+                await self._unwritable(context, outbox.task)
             if unread is not None:
                 await self._unreadable(context, unread)
         finally:
@@ -422,6 +424,22 @@ class BatchServicer(batch_pb2_grpc.BatchServicer):
             code,
             f"the backend ended this batch stream because {what}; the items before it were "
             "answered, no later one was read: send those again on a new stream",
+        )
+
+    async def _unwritable(self, context: Context, writer: asyncio.Task[None]) -> None:
+        """End, with an error status, a stream whose answers can no longer be written (the
+        Outbox's writer task failed): its calls would otherwise wait until their deadlines."""
+        error = None if writer.cancelled() else writer.exception()
+        runtime.log.warning(
+            "batch stream ended: an answer could not be written",
+            extra=runtime.fields(error=repr(error)),
+        )
+        await context.abort(
+            grpc.StatusCode.UNKNOWN,
+            f"the backend ended this batch stream because writing an answer on it failed "
+            f"({error!r}); the items not answered yet never will be on it: send them again on "
+            "a new stream (a put or delete among them may have been applied: send it with the "
+            "same request_id)",
         )
 
     async def _send(self, context: Context, answers: list[batch_pb2.BatchResponse.Answer]) -> None:
