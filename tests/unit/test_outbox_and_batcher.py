@@ -436,3 +436,29 @@ def test_a_batch_stream_whose_answers_cannot_be_written_ends(
     assert left == 0
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert any("could not be written" in r.getMessage() for r in warnings), caplog.records
+
+
+def test_a_server_stream_whose_write_fails_fails_its_calls_and_the_next_opens_another() -> None:
+    """The server's side (batching._Stream): writing a message to the backend raises, so its
+    Outbox's writer task ends. The call in that message fails UNAVAILABLE at once saying the
+    write failed (not DEADLINE_EXCEEDED at its deadline), and the next call is answered on a
+    new stream."""
+
+    async def body(batcher: Batcher) -> tuple[Any, Any, bool]:
+        await get(batcher, b"open")
+        stream = batcher._stream
+        assert stream is not None
+
+        async def broken(message: Any) -> None:
+            raise ConnectionError("the write failed on purpose")
+
+        stream.call.write = broken  # type: ignore[method-assign,assignment]
+        lost = await get(batcher, b"lost", timeout=5)
+        after = await get(batcher, b"after")
+        return lost, after, batcher._stream is not stream
+
+    lost, after, reopened = asyncio.run(with_server(body))
+    assert lost.code() == grpc.StatusCode.UNAVAILABLE, lost
+    assert "writing to it failed" in lost.details()
+    assert "the write failed on purpose" in lost.details()
+    assert (after.value, reopened) == (b"after", True)
