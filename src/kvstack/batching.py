@@ -28,14 +28,15 @@ from typing import Any, cast
 
 import grpc
 from grpc import aio
-from prometheus_client import Histogram
 
 from kvstack import validation
 from kvstack.v1 import batch_pb2, batch_pb2_grpc, kv_pb2_grpc
 
 log = logging.getLogger("kvstack.batching")
-# A message's items, at most (always at least one): the same 2 MiB budget as every message
-# kvstack builds, so a 1 MiB value with a 511-byte key, or the largest List page, goes alone.
+# A message of more than one item is at most this (its ByteSize, protobuf's framing of each
+# item included); one item always goes, alone if need be. The same 2 MiB budget as every
+# message kvstack builds, so a 1 MiB value with a 511-byte key, or the largest List page, goes
+# alone.
 MESSAGE_BYTES = validation.MESSAGE_BUDGET_BYTES
 # The KeyValue method of each item's oneof field, and back.
 FIELDS = {"Put": "put", "Get": "get", "Delete": "delete", "List": "list"}
@@ -46,15 +47,6 @@ CODES = {code.value[0]: code for code in grpc.StatusCode}
 # again after this long, in case the backend was replaced by one that has it.
 UNARY_FOR_S = 10.0
 
-# How much batching happens: items per message the backend received (requests) and sent
-# (answers). 1 everywhere means no call ever waited for another's write.
-ITEMS = Histogram(
-    "kvstack_backend_batch_items",
-    "Items per message on the batch stream, by direction (requests received, answers sent)",
-    ["direction"],
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-)
-
 
 def rpc_error(
     code: grpc.StatusCode, details: str, trailers: Sequence[tuple[str, str]] = ()
@@ -63,12 +55,21 @@ def rpc_error(
     return aio.AioRpcError(code, aio.Metadata(), aio.Metadata(*trailers), details)
 
 
+def framed_size(item_bytes: int) -> int:
+    """What an item of `item_bytes` adds to its message: protobuf frames each element of a
+    repeated message field (`items`, `answers`: field 1 of BatchRequest and BatchResponse) with
+    a one-byte tag and its length as a varint. So a message's ByteSize() is the sum of its
+    items' framed sizes."""
+    return 1 + max(1, (item_bytes.bit_length() + 6) // 7) + item_bytes
+
+
 class Outbox:
     """The messages one side writes on a stream. An item is written at once when no write is in
-    progress; items that arrive during a write go together in the next message (at most
-    MESSAGE_BYTES of them, at least one). One task writes: gRPC's asyncio API wants a stream's
-    reads, and its writes, serialized ("Read operations must be serialized when called from
-    multiple coroutines", grpc.aio StreamStreamCall.read)."""
+    progress; items that arrive during a write go together in the next message (at least one,
+    and more only while the whole message, framing included, stays within MESSAGE_BYTES). One
+    task writes: gRPC's asyncio API wants a stream's reads, and its writes, serialized ("Read
+    operations must be serialized when called from multiple coroutines", grpc.aio
+    StreamStreamCall.read)."""
 
     def __init__(self, write: Callable[[list[Any]], Awaitable[None]], name: str) -> None:
         self._write = write
@@ -80,8 +81,10 @@ class Outbox:
         self.task = asyncio.create_task(self._run(), name=name)
 
     def put(self, item: Any) -> None:
-        if self.closed:
-            return  # the stream ended: nobody reads this answer any more
+        if self.closed or self.task.done():
+            # The stream ended, or its writer failed (its owner ends the stream): nobody
+            # writes or reads this item any more.
+            return
         self._queue.append(item)
         self._idle.clear()
         self._wake.set()
@@ -94,7 +97,7 @@ class Outbox:
                 items: list[Any] = []
                 size = 0
                 while self._queue:
-                    cost = self._queue[0].ByteSize()
+                    cost = framed_size(self._queue[0].ByteSize())
                     if items and size + cost > MESSAGE_BYTES:
                         break
                     items.append(self._queue.popleft())

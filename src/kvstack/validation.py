@@ -35,6 +35,12 @@ BACKUP_CHUNK_BYTES = MESSAGE_BUDGET_BYTES // 2
 # The largest KVSTACK_MAX_VALUE_BYTES a service accepts: one entry of a maximum key and value
 # fills ENTRIES_BUDGET_BYTES at most.
 MAX_VALUE_LIMIT_BYTES = ENTRIES_BUDGET_BYTES - MAX_KEY_BYTES - ENTRY_OVERHEAD_BYTES
+# The smallest KVSTACK_MAX_RECEIVE_BYTES a backend accepts (gRPC applies it to what it sends
+# too): the server sends it calls over kvstack.v1.Batch in messages of up to
+# MESSAGE_BUDGET_BYTES, protobuf's framing included (one item goes alone, and the largest legal
+# item fits that budget), and the backend answers in messages as large. Below it one large
+# batch would be refused whole and break the stream for every call on it.
+MIN_BACKEND_RECEIVE_BYTES = MESSAGE_BUDGET_BYTES
 
 
 def entry_bytes(key: bytes, value: bytes) -> int:
@@ -49,6 +55,19 @@ def check_value_limit(max_value_bytes: int) -> None:
             f"KVSTACK_MAX_VALUE_BYTES={max_value_bytes} is invalid: give 1 to "
             f"{MAX_VALUE_LIMIT_BYTES} bytes, so that one entry of the largest value always fits "
             f"in one gRPC message of at most {MESSAGE_BUDGET_BYTES} bytes"
+        )
+
+
+def check_backend_receive_limit(max_receive_bytes: int) -> None:
+    """Refuse (ValueError) a backend's KVSTACK_MAX_RECEIVE_BYTES below the server's batches."""
+    if max_receive_bytes < MIN_BACKEND_RECEIVE_BYTES:
+        raise ValueError(
+            f"KVSTACK_MAX_RECEIVE_BYTES={max_receive_bytes} is too small for a backend: give at "
+            f"least {MIN_BACKEND_RECEIVE_BYTES} bytes (2MiB), or leave it unset (4MiB), because "
+            f"the server sends a backend its calls in batch messages of up to "
+            f"{MIN_BACKEND_RECEIVE_BYTES} bytes (kvstack.v1.Batch) and the backend answers in "
+            "messages as large; with a smaller limit one such message would be refused and every "
+            "call on its stream would fail"
         )
 
 

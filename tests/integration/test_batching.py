@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc import aio
 
+from kvstack import batching, validation
 from kvstack.batching import Batcher
 from kvstack.dev.processes import ServiceProcess, free_port
 from kvstack.runtime import CHANNEL_OPTIONS
@@ -392,3 +393,99 @@ def test_metrics_count_each_batched_item_as_its_call(spawn: Spawn, tmp_path: Pat
     messages = metric(text, "kvstack_backend_batch_items_count", direction="requests")
     assert items == 231
     assert messages < items, "no message carried more than one item"
+
+
+def test_the_server_does_not_export_the_backends_batch_histogram(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """kvstack_backend_batch_items is the backend's (it counts what the backend received and
+    sent): the server's /metrics, after calls that went over its batch stream, has no such
+    family, while the server's own gRPC metrics are there (the page was read)."""
+    port = free_port()
+    backend = spawn("backend", {"KVSTACK_DATA_DIR": str(tmp_path / "data")}).wait_serving()
+    server = spawn(
+        "server",
+        {"KVSTACK_BACKEND_TARGET": f"dns:///{backend.target}", "KVSTACK_METRICS_PORT": str(port)},
+    ).wait_serving()
+
+    async def main() -> None:
+        async with aio.insecure_channel(server.target) as channel:
+            kv = kv_pb2_grpc.KeyValueStub(channel)
+            await kv.Put(kv_pb2.PutRequest(key=b"s", value=b"v"), timeout=10)
+
+    asyncio.run(main())
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    assert metric(text, "grpc_server_handled_total", grpc_method="Put") == 1
+    assert "kvstack_backend_batch_items" not in text
+
+
+def test_a_backend_refuses_a_receive_limit_below_the_servers_batches(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """KVSTACK_MAX_RECEIVE_BYTES one byte below validation.MIN_BACKEND_RECEIVE_BYTES: the
+    backend does not start (exit code 2) and its log says the minimum, why and what to set. At
+    exactly the minimum it starts and takes a batch message of exactly MESSAGE_BYTES (five
+    puts), then answers gets of those values (answer messages up to MESSAGE_BYTES too). What
+    this cannot show: a server whose own limits differ; only the backend's setting is varied."""
+    minimum = validation.MIN_BACKEND_RECEIVE_BYTES
+    small = spawn(
+        "backend",
+        {
+            "KVSTACK_DATA_DIR": str(tmp_path / "small"),
+            "KVSTACK_MAX_RECEIVE_BYTES": str(minimum - 1),
+        },
+    )
+    assert small.wait() == 2
+    logs = small.logs()
+    assert f"KVSTACK_MAX_RECEIVE_BYTES={minimum - 1} is too small for a backend" in logs
+    assert f"give at least {minimum} bytes" in logs
+    assert "batch messages" in logs
+
+    backend = spawn(
+        "backend",
+        {"KVSTACK_DATA_DIR": str(tmp_path / "data"), "KVSTACK_MAX_RECEIVE_BYTES": str(minimum)},
+    ).wait_serving()
+    Put = batch_pb2.BatchRequest.Item
+    items = [
+        Put(id=i, put=kv_pb2.PutRequest(key=b"min/%d" % i, value=b"v" * 500_000)) for i in range(4)
+    ]
+    last = Put(id=4, put=kv_pb2.PutRequest(key=b"min/4"))
+    size = batching.MESSAGE_BYTES - batch_pb2.BatchRequest(items=[*items, last]).ByteSize()
+    while True:  # the fifth value's length that makes the message exactly MESSAGE_BYTES
+        last.put.value = b"v" * size
+        over = batch_pb2.BatchRequest(items=[*items, last]).ByteSize() - batching.MESSAGE_BYTES
+        if over <= 0:
+            break
+        size -= over
+    message = batch_pb2.BatchRequest(items=[*items, last])
+    assert message.ByteSize() == batching.MESSAGE_BYTES == minimum
+
+    async def answers(call: Any, count: int) -> dict[int, Any]:
+        got: dict[int, Any] = {}
+        while len(got) < count:
+            async with asyncio.timeout(10):
+                reply = await call.read()
+            assert reply is not aio.EOF, await call.details()
+            got.update((answer.id, answer) for answer in reply.answers)
+        return got
+
+    async def main() -> tuple[dict[int, Any], dict[int, Any]]:
+        async with aio.insecure_channel(backend.target) as channel:
+            call = batch_pb2_grpc.BatchStub(channel).Stream()
+            await call.write(message)
+            puts = await answers(call, 5)
+            gets = [
+                Put(id=10 + i, get=kv_pb2.GetRequest(key=item.put.key))
+                for i, item in enumerate(message.items)
+            ]
+            await call.write(batch_pb2.BatchRequest(items=gets))
+            values = await answers(call, 5)
+            await call.done_writing()
+            return puts, values
+
+    puts, values = asyncio.run(main())
+    assert [(a.code, a.put.created) for a in puts.values()] == [(0, True)] * 5
+    assert [len(values[10 + i].get.value) for i in range(5)] == [
+        len(item.put.value) for item in message.items
+    ]

@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import logging
+import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from grpc import aio
 
-from kvstack import batching, validation
+from kvstack import batching, runtime, validation
+from kvstack.backend import Backend, BackendConfig
+from kvstack.backend.store import Applied, Write
 from kvstack.batching import Batcher, Outbox
 from kvstack.v1 import batch_pb2, batch_pb2_grpc, kv_pb2
 
@@ -38,7 +45,9 @@ def test_a_lone_item_goes_at_once_and_items_queued_meanwhile_go_together() -> No
         assert sent == [[1]]
         for ident in range(2, 6):
             outbox.put(Item(id=ident))
-        big = b"x" * (1 << 20)  # two of these and a key fit 2 MiB, three do not
+        # One of these with its key (1,049,100 bytes) fits beside the small items; two
+        # (2,098,200 bytes) are over 2 MiB (2,097,152), so each further one goes alone.
+        big = b"x" * (1 << 20)
         for ident in range(6, 9):
             outbox.put(Item(id=ident, put=kv_pb2.PutRequest(key=b"k" * 511, value=big)))
         release.set()
@@ -256,12 +265,278 @@ def test_a_call_given_up_before_its_message_was_written_is_never_sent() -> None:
 
 
 def test_the_message_budget_holds_the_largest_put() -> None:
-    """A 511-byte key and the largest value KVSTACK_MAX_VALUE_BYTES may allow fit one message's
-    budget, so a put never waits for a message that cannot hold it."""
+    """A message holding one put of a 511-byte key, the largest value KVSTACK_MAX_VALUE_BYTES
+    may allow, the longest request id and the largest item id fits the budget, framing
+    included, and so gRPC's default limit: a put never needs a message larger than any other.
+    framed_size counts exactly what the message adds around an item, at each varint length."""
     item = Item(
-        id=2**63,
+        id=2**64 - 1,
         put=kv_pb2.PutRequest(
             key=b"k" * 511, value=b"v" * validation.MAX_VALUE_LIMIT_BYTES, request_id="r" * 64
         ),
     )
-    assert item.ByteSize() < batching.MESSAGE_BYTES
+    message = batch_pb2.BatchRequest(items=[item])
+    assert message.ByteSize() <= batching.MESSAGE_BYTES
+    assert message.ByteSize() < validation.GRPC_MESSAGE_LIMIT_BYTES
+    for size in (0, 1, 127, 128, 16383, 16384, 2_097_151, 2_097_152):
+        sized = Item(get=kv_pb2.GetRequest(key=b"k" * size))
+        framed = batch_pb2.BatchRequest(items=[sized]).ByteSize()
+        assert framed == batching.framed_size(sized.ByteSize()), size
+
+
+def test_every_message_of_many_tiny_items_fits_the_budget_framing_included() -> None:
+    """200,000 Get items of about 38 bytes each put at once: every message written holds more
+    than one item and, as the BatchRequest it becomes, at most MESSAGE_BYTES, counting the 2
+    bytes of protobuf framing per item (a tag and a length) that the items' own ByteSize()
+    leaves out (5% here: summing only the items' sizes overfills each message). Each message
+    but the last is also full to within one item, so the budget is not met by sending less."""
+
+    async def main() -> list[list[Any]]:
+        sent: list[list[Any]] = []
+
+        async def write(items: list[Any]) -> None:
+            sent.append(items)
+            await asyncio.sleep(0)
+
+        outbox = Outbox(write, "test")
+        for ident in range(200_000):
+            outbox.put(Item(id=ident, get=kv_pb2.GetRequest(key=b"key/%026d" % ident)))
+        await outbox.flush()
+        outbox.close()
+        return sent
+
+    sent = asyncio.run(main())
+    sizes = [batch_pb2.BatchRequest(items=items).ByteSize() for items in sent]
+    assert sum(len(items) for items in sent) == 200_000
+    assert len(sent) > 2
+    assert all(len(items) > 1 for items in sent)
+    assert max(sizes) <= batching.MESSAGE_BYTES, sizes
+    assert min(sizes[1:-1]) > batching.MESSAGE_BYTES - 40, sizes
+
+
+# The backend's side (kvstack.backend.BatchServicer): a real Backend (a primary on LMDB in a
+# temporary directory) served in-process over loopback, its streams opened directly.
+
+
+@contextlib.asynccontextmanager
+async def serving_backend(
+    data_dir: Path,
+) -> AsyncIterator[tuple[Backend, aio.Channel, aio.Server]]:
+    """A started primary Backend on a loopback port, a channel to it, and its gRPC server."""
+    config = runtime.load(
+        BackendConfig, {"KVSTACK_DATA_DIR": str(data_dir), "KVSTACK_ORDINAL": "0"}
+    )
+    backend = Backend(config)
+    await backend.start()
+    server = aio.server()
+    backend.register(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield backend, channel, server
+    finally:
+        await channel.close()
+        await server.stop(None)
+        await backend.stop()
+
+
+async def read_all(call: Any) -> list[batch_pb2.BatchResponse.Answer]:
+    """Every answer on `call` until it ends, whatever its status (at most 5 s)."""
+    answers: list[batch_pb2.BatchResponse.Answer] = []
+    async with asyncio.timeout(5):
+        with contextlib.suppress(aio.AioRpcError):
+            while (message := await call.read()) is not aio.EOF:
+                answers.extend(message.answers)
+    return answers
+
+
+def test_a_batch_stream_that_cannot_be_read_ends_with_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A put, then bytes that are not a BatchRequest: the put is still answered (and stored),
+    then the call ends INVALID_ARGUMENT saying the message was not valid, and the backend logs
+    a WARNING. Ending OK would tell the server its stream ended normally, when calls sent on it
+    may never have been read."""
+
+    async def main() -> tuple[list[Any], grpc.StatusCode, str, bytes | None]:
+        async with serving_backend(tmp_path) as (backend, channel, _):
+            # Raw bytes out, so that one message can be one that is not a BatchRequest.
+            call: Any = channel.stream_stream(
+                f"/{batch_pb2.DESCRIPTOR.services_by_name['Batch'].full_name}/Stream",
+                request_serializer=None,
+                response_deserializer=batch_pb2.BatchResponse.FromString,
+            )()
+            put = Item(id=1, put=kv_pb2.PutRequest(key=b"k", value=b"v"))
+            await call.write(batch_pb2.BatchRequest(items=[put]).SerializeToString())
+            await call.write(b"\xff\xff\xff")
+            answers = await read_all(call)
+            assert backend.store is not None
+            return answers, await call.code(), await call.details(), backend.store.get(b"k")
+
+    caplog.set_level(logging.WARNING)
+    answers, code, details, stored = asyncio.run(main())
+    assert [(a.id, a.code, a.put.created) for a in answers] == [(1, 0, True)]
+    assert stored == b"v"
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+    assert "not a valid kvstack.v1.BatchRequest" in details
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("batch stream" in r.getMessage() for r in warnings), caplog.records
+
+
+async def until(condition: Any, what: str) -> None:
+    """Wait (at most 5 s) until `condition()` holds."""
+    try:
+        async with asyncio.timeout(5):
+            while not condition():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"waited 5 s in vain for this: {what}") from None
+
+
+def item_tasks() -> list[asyncio.Task[Any]]:
+    """The BatchServicer's per-item tasks now on the loop."""
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if getattr(t.get_coro(), "__qualname__", "") == "BatchServicer._run"
+    ]
+
+
+@pytest.mark.parametrize("ending", ["the client cancels", "the server stops"])
+def test_a_cancelled_batch_stream_leaves_no_item_running_and_counts_its_write_once(
+    tmp_path: Path, ending: str
+) -> None:
+    """A put handed to the writer thread (held inside its commit), then the stream's handler is
+    cancelled: by the time it has ended no item task of it still runs, and the write is no
+    longer counted in flight (it is still counted, once, as pending in the GroupCommitter).
+    Released, the write commits as it would have anyway, and neither count goes below 0.
+    An item left running would answer into a stream that is gone, or touch the store after
+    the backend closed it."""
+    release = threading.Event()
+
+    async def main() -> tuple[list[bool], int, int, int, int, bytes | None]:
+        async with serving_backend(tmp_path) as (backend, channel, server):
+            assert backend.writer is not None
+            assert backend.store is not None
+            writer, store = backend.writer, backend.store
+            apply = store.apply
+
+            def held(writes: list[Write], now: float | None = None) -> list[Applied | Exception]:
+                release.wait(10)
+                return apply(writes, now)
+
+            store.apply = held  # type: ignore[method-assign]
+            try:
+                call = batch_pb2_grpc.BatchStub(channel).Stream()
+                put = Item(id=1, put=kv_pb2.PutRequest(key=b"held", value=b"v"))
+                await call.write(batch_pb2.BatchRequest(items=[put]))
+                await until(lambda: writer.pending == 1, "the put reaches the writer")
+                assert backend.writes_in_flight == 1
+                items = item_tasks()
+                assert len(items) == 1
+                if ending == "the client cancels":
+                    call.cancel()
+                else:
+                    await server.stop(None)
+                await until(lambda: backend.batch.streams == 0, "the handler ends")
+                done = [t.done() for t in items]
+                in_flight, pending = backend.writes_in_flight, writer.pending
+            finally:
+                release.set()
+            await until(lambda: writer.pending == 0, "the write commits")
+            await asyncio.sleep(0.05)  # room for a late, second count down
+            after = backend.writes_in_flight, writer.pending
+            return done, in_flight, pending, *after, store.get(b"held")
+
+    done, in_flight, pending, in_flight_after, pending_after, stored = asyncio.run(main())
+    assert done == [True]
+    assert (in_flight, pending) == (0, 1)
+    assert (in_flight_after, pending_after) == (0, 0)
+    assert stored == b"v"
+
+
+def test_an_outbox_whose_writer_failed_drops_what_is_put_after() -> None:
+    """The write raised, so the writer task ended: an item put after that is dropped, not
+    queued for a writer that will never take it (a stream's queue growing with every answer)
+    and not raised into the task that puts it; flush() returns at once."""
+
+    async def main() -> tuple[list[int], int]:
+        written: list[int] = []
+
+        async def write(items: list[Any]) -> None:
+            written.extend(item.id for item in items)
+            raise ConnectionError("the peer went away")
+
+        outbox = Outbox(write, "test")
+        outbox.put(Item(id=1))
+        with contextlib.suppress(ConnectionError):
+            await outbox.task
+        for ident in range(2, 100):
+            outbox.put(Item(id=ident))
+        async with asyncio.timeout(1):
+            await outbox.flush()
+        queued = len(outbox._queue)
+        outbox.close()
+        return written, queued
+
+    assert asyncio.run(main()) == ([1], 0)
+
+
+def test_a_batch_stream_whose_answers_cannot_be_written_ends(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Writing an answer to the server raises (injected in BatchServicer._send): the backend
+    ends the stream at once with an error status saying so, and logs a WARNING, while the
+    server keeps its end open. Otherwise it would wait for the server's next message with
+    nobody to write its answers, and the calls on the stream would wait until their
+    deadlines."""
+
+    async def main() -> tuple[grpc.StatusCode, str, int]:
+        async with serving_backend(tmp_path) as (backend, channel, _):
+
+            async def broken(context: Any, answers: Any) -> None:
+                raise ConnectionError("the write failed on purpose")
+
+            backend.batch._send = broken  # type: ignore[method-assign]
+            call = batch_pb2_grpc.BatchStub(channel).Stream()
+            get = Item(id=1, get=kv_pb2.GetRequest(key=b"missing"))
+            await call.write(batch_pb2.BatchRequest(items=[get]))
+            await read_all(call)  # never done_writing: the server's end stays open
+            await until(lambda: backend.batch.streams == 0, "the handler ends")
+            return await call.code(), await call.details(), len(item_tasks())
+
+    caplog.set_level(logging.WARNING)
+    code, details, left = asyncio.run(main())
+    assert code == grpc.StatusCode.UNKNOWN, (code, details)
+    assert "writing an answer" in details
+    assert "the write failed on purpose" in details
+    assert left == 0
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("could not be written" in r.getMessage() for r in warnings), caplog.records
+
+
+def test_a_server_stream_whose_write_fails_fails_its_calls_and_the_next_opens_another() -> None:
+    """The server's side (batching._Stream): writing a message to the backend raises, so its
+    Outbox's writer task ends. The call in that message fails UNAVAILABLE at once saying the
+    write failed (not DEADLINE_EXCEEDED at its deadline), and the next call is answered on a
+    new stream."""
+
+    async def body(batcher: Batcher) -> tuple[Any, Any, bool]:
+        await get(batcher, b"open")
+        stream = batcher._stream
+        assert stream is not None
+
+        async def broken(message: Any) -> None:
+            raise ConnectionError("the write failed on purpose")
+
+        stream.call.write = broken  # type: ignore[method-assign,assignment]
+        lost = await get(batcher, b"lost", timeout=5)
+        after = await get(batcher, b"after")
+        return lost, after, batcher._stream is not stream
+
+    lost, after, reopened = asyncio.run(with_server(body))
+    assert lost.code() == grpc.StatusCode.UNAVAILABLE, lost
+    assert "writing to it failed" in lost.details()
+    assert "the write failed on purpose" in lost.details()
+    assert (after.value, reopened) == (b"after", True)

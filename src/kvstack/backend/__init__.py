@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
+from prometheus_client import Histogram
 
 from kvstack import defaults, runtime, validation, wire
 from kvstack.backend.backup import INCOMING, BackupServicer
 from kvstack.backend.replication import Follower, PrimaryState, ReplicationServicer
 from kvstack.backend.store import Applied, GroupCommitter, Store, StoreFull, Write
-from kvstack.batching import ITEMS, METHODS, Outbox
+from kvstack.batching import METHODS, Outbox
 from kvstack.directory import Directory
 from kvstack.runtime import setting
 from kvstack.v1 import backup_pb2, batch_pb2, batch_pb2_grpc, kv_pb2, kv_pb2_grpc, replication_pb2
@@ -327,6 +329,16 @@ STOPPING = Refused(
     NO_RETRY,
 )
 
+# How much batching happens: items per message this backend received (requests) and sent
+# (answers) on its batch streams. 1 everywhere means no call ever waited for another's write.
+# Here, not in kvstack.batching, which the server imports too: only a backend registers it.
+ITEMS = Histogram(
+    "kvstack_backend_batch_items",
+    "Items per message on the batch stream, by direction (requests received, answers sent)",
+    ["direction"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+
 
 class BatchServicer(batch_pb2_grpc.BatchServicer):
     """kvstack.v1.Batch: the server's Put, Get, Delete and List as items of one stream
@@ -361,18 +373,74 @@ class BatchServicer(batch_pb2_grpc.BatchServicer):
         taking = asyncio.create_task(take())
         stopping = asyncio.create_task(self.stopping.wait())
         try:
-            await asyncio.wait({taking, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            # The server closed its end, or this backend drains: answer what runs, then end
-            # the stream (a drain would otherwise wait its whole grace period for it).
+            await asyncio.wait({taking, stopping, outbox.task}, return_when=asyncio.FIRST_COMPLETED)
+            unread = taking.exception() if taking.done() and not taking.cancelled() else None
+            # The server closed its end, or this backend drains, or its messages could not be
+            # read: answer what runs, then end the stream (a drain would otherwise wait its
+            # whole grace period for it). Or an answer could not be written: end it at once.
             taking.cancel()
-            if running:
+            if running and not outbox.task.done():
                 await asyncio.wait(running)
             await outbox.flush()
+            if outbox.task.done():
+                await self._unwritable(context, outbox.task)
+            if unread is not None:
+                await self._unreadable(context, unread)
         finally:
-            self.streams -= 1
             taking.cancel()
             stopping.cancel()
             outbox.close()
+            # Cancelled (the server went away, or this backend stops past its grace): no item
+            # may outlive its stream, answering nobody or reading a store that then closes. A
+            # write already with the GroupCommitter still commits, counted in its `pending`;
+            # KeyValueServicer._write counts it out of writes_in_flight on the way out, once.
+            items = list(running)
+            for task in items:
+                task.cancel()
+            try:
+                if items:
+                    await asyncio.wait(items)
+            finally:
+                self.streams -= 1
+
+    async def _unreadable(self, context: Context, error: BaseException) -> None:
+        """End, with an error status, a stream whose next message could not be read. Ending OK
+        would say that the server closed its end: the server would fail the calls it sent after
+        that message as if this backend were stopping, and nobody would learn that a message
+        was lost."""
+        if isinstance(error, DecodeError):
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            name = batch_pb2.BatchRequest.DESCRIPTOR.full_name
+            why = str(error).removeprefix(f"Error parsing message with type '{name}': ")
+            what = f"a message on it is not a valid {name} ({why})"
+        else:
+            code = grpc.StatusCode.UNKNOWN
+            what = f"reading its next message failed ({error!r})"
+        runtime.log.warning(
+            "batch stream ended: a message could not be read",
+            extra=runtime.fields(error=repr(error), code=code.name),
+        )
+        await context.abort(
+            code,
+            f"the backend ended this batch stream because {what}; the items before it were "
+            "answered, no later one was read: send those again on a new stream",
+        )
+
+    async def _unwritable(self, context: Context, writer: asyncio.Task[None]) -> None:
+        """End, with an error status, a stream whose answers can no longer be written (the
+        Outbox's writer task failed): its calls would otherwise wait until their deadlines."""
+        error = None if writer.cancelled() else writer.exception()
+        runtime.log.warning(
+            "batch stream ended: an answer could not be written",
+            extra=runtime.fields(error=repr(error)),
+        )
+        await context.abort(
+            grpc.StatusCode.UNKNOWN,
+            f"the backend ended this batch stream because writing an answer on it failed "
+            f"({error!r}); the items not answered yet never will be on it: send them again on "
+            "a new stream (a put or delete among them may have been applied: send it with the "
+            "same request_id)",
+        )
 
     async def _send(self, context: Context, answers: list[batch_pb2.BatchResponse.Answer]) -> None:
         ITEMS.labels("answers").observe(len(answers))
@@ -433,9 +501,16 @@ class Backend:
     # replica's Stream every 30 s (the primary acknowledged writes alone until it reconnected).
     recycle_connections = False
 
-    def __init__(self, config: BackendConfig) -> None:
+    def __init__(
+        self,
+        config: BackendConfig,
+        max_receive_bytes: int = validation.GRPC_MESSAGE_LIMIT_BYTES,
+    ) -> None:
+        """`max_receive_bytes`: the process's KVSTACK_MAX_RECEIVE_BYTES (runtime.RuntimeConfig),
+        which gRPC applies to the messages this backend receives and sends."""
         try:
             validation.check_value_limit(config.max_value_bytes)
+            validation.check_backend_receive_limit(max_receive_bytes)
         except ValueError as err:
             raise runtime.ConfigError(str(err)) from None
         self.config = config
@@ -553,4 +628,8 @@ class Backend:
 
 
 def main(argv: list[str]) -> int:
-    return runtime.run(NAME, argv, lambda: Backend(runtime.load(BackendConfig)), BackendConfig)
+    def build() -> Backend:
+        receive = runtime.load(runtime.RuntimeConfig).max_receive_bytes
+        return Backend(runtime.load(BackendConfig), receive)
+
+    return runtime.run(NAME, argv, build, BackendConfig)
