@@ -518,9 +518,11 @@ def test_a_batch_stream_whose_answers_cannot_be_written_ends(
 
 def test_a_server_stream_whose_write_fails_fails_its_calls_and_the_next_opens_another() -> None:
     """The server's side (batching._Stream): writing a message to the backend raises, so its
-    Outbox's writer task ends. The call in that message fails UNAVAILABLE at once saying the
-    write failed (not DEADLINE_EXCEEDED at its deadline), and the next call is answered on a
-    new stream."""
+    Outbox's writer task ends. The call in that message is sent once more on a new stream and,
+    when that write fails too, fails UNAVAILABLE at once saying the write failed (not
+    DEADLINE_EXCEEDED at its deadline); once writes work again the next call is answered on
+    a new stream."""
+    servicer = Scripted()
 
     async def body(batcher: Batcher) -> tuple[Any, Any, bool]:
         await get(batcher, b"open")
@@ -530,13 +532,23 @@ def test_a_server_stream_whose_write_fails_fails_its_calls_and_the_next_opens_an
         async def broken(message: Any) -> None:
             raise ConnectionError("the write failed on purpose")
 
+        opened = batcher._stub.Stream
+
+        def opened_broken(*args: Any, **kwargs: Any) -> Any:
+            call = opened(*args, **kwargs)
+            call.write = broken  # type: ignore[method-assign,assignment]
+            return call
+
         stream.call.write = broken  # type: ignore[method-assign,assignment]
+        batcher._stub.Stream = opened_broken  # type: ignore[assignment]
         lost = await get(batcher, b"lost", timeout=5)
+        batcher._stub.Stream = opened
         after = await get(batcher, b"after")
         return lost, after, batcher._stream is not stream
 
-    lost, after, reopened = asyncio.run(with_server(body))
+    lost, after, reopened = asyncio.run(with_server(body, servicer))
     assert lost.code() == grpc.StatusCode.UNAVAILABLE, lost
     assert "writing to it failed" in lost.details()
     assert "the write failed on purpose" in lost.details()
+    assert servicer.seen == [b"open", b"after"]
     assert (after.value, reopened) == (b"after", True)
