@@ -264,7 +264,18 @@ class Proxy:
         self.frozen = threading.Event()
         self.closed = threading.Event()
         self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()  # the accepting thread adds to conns, cut() empties it
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def _keep(self, *socks: socket.socket) -> bool:
+        """Hold `socks` for cut() and close(); once closed, close them instead (False)."""
+        with self.lock:
+            if not self.closed.is_set():
+                self.conns += socks
+                return True
+        for sock in socks:
+            sock.close()
+        return False
 
     def _accept(self) -> None:
         while not self.closed.is_set():
@@ -275,14 +286,14 @@ class Proxy:
             try:
                 server = socket.create_connection(("127.0.0.1", self.upstream), timeout=2)
             except OSError:
-                if self.hold_when_down:
-                    self.conns.append(client)
+                if not self.hold_when_down:
+                    client.close()
+                elif self._keep(client):
                     with contextlib.suppress(OSError):
                         client.sendall(HTTP2_SETTINGS)
-                else:
-                    client.close()
                 continue
-            self.conns += [client, server]
+            if not self._keep(client, server):
+                continue
             for src, dst in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
@@ -309,7 +320,8 @@ class Proxy:
                 sock.close()
 
     def cut(self) -> None:
-        conns, self.conns = self.conns, []
+        with self.lock:
+            conns, self.conns = self.conns, []
         for sock in conns:
             with contextlib.suppress(OSError):  # a reset, not a clean close
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
