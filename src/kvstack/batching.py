@@ -11,9 +11,13 @@ nothing and grows with the load.
 Each call keeps what a unary call had: its own deadline (DEADLINE_EXCEEDED when it passes, the
 stream itself having none), its cancellation (the answer of a caller who left is dropped), and
 its status code, message and trailing metadata, raised as a grpc.aio.AioRpcError so the
-server's retry logic reads it as before. A stream that breaks fails every call waiting on it
-with UNAVAILABLE (the server sends them again, to this backend or another), and the next call
-opens a new one. The backend's side is kvstack.backend.BatchServicer; both use `Outbox`.
+server's retry logic reads it as before. A stream that breaks (UNAVAILABLE, the backend
+stopping, the connection lost) has every call waiting on it sent once more on a new stream, as
+gRPC's retry policy sent a unary call again; a call whose second stream breaks too fails
+UNAVAILABLE (the server sends it again, to this backend or another). A stream the backend ended
+with another code (a message it refused) is not retried: its calls fail INTERNAL. A backend of
+a release before the stream (UNIMPLEMENTED) gets unary calls. The backend's side is
+kvstack.backend.BatchServicer; both use `Outbox`.
 """
 
 from __future__ import annotations
@@ -46,6 +50,11 @@ CODES = {code.value[0]: code for code in grpc.StatusCode}
 # rollout half-way): its calls then go one unary KeyValue call each, and the stream is tried
 # again after this long, in case the backend was replaced by one that has it.
 UNARY_FOR_S = 10.0
+# The codes a stream may end with that say nothing of the messages on it (the connection, the
+# backend stopping, an answer it could not write), after which its calls are sent again, as
+# gRPC's retry policy retries UNAVAILABLE (server.channel_options). Any other code means the
+# backend refused what was sent: sending it again would break the next stream too.
+TRANSIENT = frozenset({grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN})
 
 
 def rpc_error(
@@ -118,13 +127,13 @@ class Outbox:
 
 
 class _Broken(Exception):
-    """The stream a call was on ended before the call's answer came (`message` says why);
-    `unimplemented` when the backend has no Batch service at all."""
+    """The stream a call was on ended before the call's answer came (`message` says why), with
+    `code` when the backend ended it (None for a local failure or a lost connection)."""
 
-    def __init__(self, message: str, unimplemented: bool) -> None:
+    def __init__(self, message: str, code: grpc.StatusCode | None) -> None:
         super().__init__(message)
         self.message = message
-        self.unimplemented = unimplemented
+        self.code = code
 
 
 class _Stream:
@@ -151,27 +160,23 @@ class _Stream:
             await self.call.write(batch_pb2.BatchRequest(items=items))
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.fail(f"writing to it failed: {task.exception()!r}")
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # A write to a call that has ended raises its status (UNIMPLEMENTED, say).
+            code = error.code() if isinstance(error, aio.AioRpcError) else None
+            self.fail(f"writing to it failed: {error!r}", code)
 
     async def _read(self) -> None:
-        unimplemented = False
+        code: grpc.StatusCode | None = None
         try:
             while True:
                 message = await self.call.read()
-                if message is aio.EOF:
+                if message is aio.EOF:  # grpc.aio: the call ended OK (else read() raises)
                     break
                 for answer in cast(batch_pb2.BatchResponse, message).answers:
                     self._answer(answer)
-            code = await self.call.code()
-            why = (
-                "the backend ended it (it is stopping)"
-                if code == grpc.StatusCode.OK
-                else f"the backend ended it ({code.name}: {await self.call.details()})"
-            )
+            code, why = grpc.StatusCode.OK, "the backend ended it (it is stopping)"
         except aio.AioRpcError as err:
-            unimplemented = err.code() == grpc.StatusCode.UNIMPLEMENTED
-            why = f"{err.code().name}: {err.details()}"
+            code, why = err.code(), f"{err.code().name}: {err.details()}"
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -179,7 +184,7 @@ class _Stream:
             why = "its channel closed (the backend left)"  # grpc.aio cancels the call
         except Exception as err:  # noqa: BLE001 - whatever broke the stream fails its calls
             why = repr(err)
-        self.fail(why, unimplemented)
+        self.fail(why, code)
 
     def _answer(self, answer: batch_pb2.BatchResponse.Answer) -> None:
         waiting = self.pending.pop(answer.id, None)
@@ -193,7 +198,7 @@ class _Stream:
         trailers = [(t.key, t.value) for t in answer.trailers]
         future.set_exception(rpc_error(code, answer.message, trailers))
 
-    def fail(self, why: str, unimplemented: bool = False) -> None:
+    def fail(self, why: str, code: grpc.StatusCode | None = None) -> None:
         """End this stream: every call still waiting on it fails (with _Broken)."""
         if self.broken:
             return
@@ -202,7 +207,7 @@ class _Stream:
         error = f"the batch stream to the backend at {self.address} broke: {why}"
         for future, _ in self.pending.values():
             if not future.done():
-                future.set_exception(_Broken(error, unimplemented))
+                future.set_exception(_Broken(error, code))
         self.pending.clear()
         self.outbox.close()
         self.call.cancel()
@@ -230,34 +235,50 @@ class Batcher:
     async def call(self, method: str, request: Any, timeout: float) -> Any:
         """`method` ("Put", "Get", "Delete" or "List") of kvstack.v1.KeyValue on this backend:
         its reply, or the aio.AioRpcError the unary call would have raised. A call whose stream
-        broke before it was answered is sent once more, on a new stream, as gRPC's retry policy
-        sent a unary call again (server.channel_options); every call may be: reads change
-        nothing and a write's request_id is applied once."""
+        broke (TRANSIENT) before it was answered is sent once more, on a new stream, as gRPC's
+        retry policy sent a unary call again (server.channel_options), if its deadline leaves
+        time; every call may be: reads change nothing, and a write's request_id (which the
+        server gives every write, FrontEnd._write) is applied once."""
         if self._closed:
             raise rpc_error(
                 grpc.StatusCode.UNAVAILABLE, f"the channel to the backend at {self.address} closed"
             )
         deadline = time.monotonic() + timeout
         for attempt in (1, 2):
-            left = deadline - time.monotonic()
             if time.monotonic() < self._unary_until:
-                return await self._unary(method, request, left)
+                return await self._unary(method, request, deadline - time.monotonic())
             try:
-                return await self._on_stream(method, request, left)
+                return await self._on_stream(method, request, deadline - time.monotonic())
             except _Broken as broken:
-                if broken.unimplemented:
-                    self._unary_until = time.monotonic() + UNARY_FOR_S
-                    log.warning(
-                        "backend has no batch stream (a release before it): calls go one "
-                        f"unary call each, and the stream is tried again in {UNARY_FOR_S:.0f} s",
-                        extra={"fields": {"backend": self.address}},
-                    )
-                    return await self._unary(method, request, deadline - time.monotonic())
-                if attempt == 2 or self._closed:
-                    raise rpc_error(grpc.StatusCode.UNAVAILABLE, broken.message) from None
-        raise AssertionError(method)  # unreachable: the second attempt returns or raises
+                if broken.code == grpc.StatusCode.UNIMPLEMENTED:
+                    self._go_unary()
+                    continue  # the last attempt goes unary: the stream was never there
+                if broken.code is not None and broken.code not in TRANSIENT:
+                    raise rpc_error(
+                        grpc.StatusCode.INTERNAL,
+                        f"{broken.message}. The backend refused a message of the server's, so "
+                        "the call is not sent again: report this with both services' logs (a "
+                        "server and a backend of releases that disagree on kvstack.v1.Batch?)",
+                    ) from None
+                if attempt == 2 or self._closed or deadline <= time.monotonic():
+                    again = "its second stream" if attempt == 2 else "its stream (no time left)"
+                    raise rpc_error(
+                        grpc.StatusCode.UNAVAILABLE, f"{broken.message} ({again})"
+                    ) from None
+        return await self._unary(method, request, deadline - time.monotonic())
+
+    def _go_unary(self) -> None:
+        if time.monotonic() >= self._unary_until:  # logged once per switch, not per call
+            log.warning(
+                "backend has no batch stream (a release before it): calls go one unary call "
+                f"each, and the stream is tried again in {UNARY_FOR_S:.0f} s",
+                extra={"fields": {"backend": self.address}},
+            )
+        self._unary_until = time.monotonic() + UNARY_FOR_S
 
     async def _on_stream(self, method: str, request: Any, timeout: float) -> Any:
+        if timeout <= 0:  # nothing is sent that nobody would wait for (a write landing late)
+            raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         if self._stream is None:
             self._stream = _Stream(self._stub, self.address, self._ended)
         stream, field, ident = self._stream, FIELDS[method], next(self._ids)

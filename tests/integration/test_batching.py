@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import lmdb
 from grpc import aio
 
 from kvstack import batching, validation
@@ -489,3 +490,29 @@ def test_a_backend_refuses_a_receive_limit_below_the_servers_batches(
     assert [len(values[10 + i].get.value) for i in range(5)] == [
         len(item.put.value) for item in message.items
     ]
+
+
+def test_the_server_gives_a_write_without_a_request_id_one(stack: Stack) -> None:
+    """A Put and a Delete sent to the server with no request_id (kv.proto makes it optional) are
+    stored by the backend under a request id the server gave them, so the server's own tries
+    of them (a stream that broke after the backend applied one) are applied once; a Put sent to
+    the backend directly without one records none, which shows that the count below sees only
+    the server's ids."""
+    with grpc.insecure_channel(stack.backend.target) as channel:
+        kv_pb2_grpc.KeyValueStub(channel).Put(kv_pb2.PutRequest(key=b"direct"), timeout=5)
+    assert request_ids(stack.data_dir) == 0
+    with grpc.insecure_channel(stack.server.target) as channel:
+        kv = kv_pb2_grpc.KeyValueStub(channel)
+        assert kv.Put(kv_pb2.PutRequest(key=b"anonymous", value=b"v"), timeout=5).created
+        kv.Delete(kv_pb2.DeleteRequest(key=b"anonymous"), timeout=5)
+    assert request_ids(stack.data_dir) == 2
+
+
+def request_ids(data_dir: Path) -> int:
+    """How many request ids the backend's LMDB holds (read beside the running backend)."""
+    env = lmdb.open(str(data_dir), readonly=True, max_dbs=5, lock=True)
+    try:
+        with env.begin() as txn:
+            return int(txn.stat(env.open_db(b"requests", txn=txn, create=False))["entries"])
+    finally:
+        env.close()

@@ -60,8 +60,10 @@ def test_a_lone_item_goes_at_once_and_items_queued_meanwhile_go_together() -> No
 
 class Scripted(batch_pb2_grpc.BatchServicer):
     """Answers a Get with the key as its value; the key b"refuse" with UNAVAILABLE and a
-    pushback trailer; the key b"hold" never; the key b"break" by ending the stream with an
-    error, and b"break-once" so the first time only. `seen` holds every key received."""
+    pushback trailer; the key b"hold" never; the key b"break" by ending the stream
+    UNAVAILABLE, and b"break-once" so the first time only; the key b"bad-message" by ending it
+    INVALID_ARGUMENT, as a backend does a message it cannot read. `seen` holds every key
+    received."""
 
     def __init__(self) -> None:
         self.seen: list[bytes] = []
@@ -77,7 +79,9 @@ class Scripted(batch_pb2_grpc.BatchServicer):
                 if key == b"hold":
                     continue
                 if key == b"break" or (key == b"break-once" and self.seen.count(key) == 1):
-                    await context.abort(grpc.StatusCode.INTERNAL, "broken on purpose")
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "broken on purpose")
+                if key == b"bad-message":
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused on purpose")
                 answer = batch_pb2.BatchResponse.Answer(id=item.id)
                 if key == b"refuse":
                     answer.code = grpc.StatusCode.UNAVAILABLE.value[0]
@@ -174,6 +178,43 @@ def test_a_call_whose_stream_broke_once_is_answered_on_the_next() -> None:
         b"k1",
     ]
     assert collections.Counter(servicer.seen) == {b"break-once": 2, b"k1": 1}
+
+
+def test_a_stream_the_backend_refused_a_message_on_fails_its_calls_once_internal() -> None:
+    """The backend ends the stream INVALID_ARGUMENT (a message it could not read): the calls on
+    it fail INTERNAL, saying so and what to do, and are not sent again (each would break the
+    next stream too); the next call opens a new stream and is answered."""
+    servicer = Scripted()
+
+    async def body(batcher: Batcher) -> tuple[Any, Any, Any]:
+        held = asyncio.create_task(get(batcher, b"hold", timeout=30))
+        await asyncio.sleep(0.1)
+        refused = await get(batcher, b"bad-message", timeout=30)
+        return await held, refused, await get(batcher, b"after")
+
+    held, refused, after = asyncio.run(with_server(body, servicer))
+    for failed in (held, refused):
+        assert failed.code() == grpc.StatusCode.INTERNAL
+        assert "INVALID_ARGUMENT: refused on purpose" in failed.details()
+        assert "not sent again: report this" in failed.details()
+    assert after.value == b"after"
+    assert collections.Counter(servicer.seen) == {b"hold": 1, b"bad-message": 1, b"after": 1}
+
+
+def test_a_call_with_no_time_left_is_not_sent() -> None:
+    """A call whose deadline has passed when it would be queued (timeout 0, or its retry after
+    its time ran out) fails DEADLINE_EXCEEDED without being written: the backend never sees it,
+    so a write cannot land after its caller was told it failed."""
+    servicer = Scripted()
+
+    async def body(batcher: Batcher) -> tuple[Any, Any]:
+        late = await get(batcher, b"late", timeout=0)
+        return late, await get(batcher, b"after")
+
+    late, after = asyncio.run(with_server(body, servicer))
+    assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert after.value == b"after"
+    assert servicer.seen == [b"after"]
 
 
 async def unary_get(request: kv_pb2.GetRequest, context: Any) -> kv_pb2.GetResponse:

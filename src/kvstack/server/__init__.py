@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -206,6 +207,11 @@ class FrontEnd(kv_pb2_grpc.KeyValueServicer):
 
     async def _write(self, context: Context, method: str, request: Any) -> Any:
         await self._refuse_named(context, "writes always go to the primary")
+        if not request.request_id:
+            # A write that came without one (kv.proto makes it optional) is given one here, so
+            # that this server's own tries of it are applied once: a Put tried again after it
+            # was applied would otherwise answer created=false, a Delete NOT_FOUND.
+            request.request_id = uuid.uuid4().hex
         return await self._to_primary(context, method, request)
 
     async def _to_primary(self, context: Context, method: str, request: Any) -> Any:
