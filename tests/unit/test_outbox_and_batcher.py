@@ -7,7 +7,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,10 @@ import grpc
 import pytest
 from grpc import aio
 
-from kvstack import batching, runtime, validation
-from kvstack.backend import Backend, BackendConfig
-from kvstack.backend.store import Applied, Write
+from kvstack import batching, validation
 from kvstack.batching import Batcher, Outbox
 from kvstack.v1 import batch_pb2, batch_pb2_grpc, kv_pb2
+from tests.inprocess import commits_held, serving_backend, until
 
 Item = batch_pb2.BatchRequest.Item
 
@@ -356,30 +354,8 @@ def test_every_message_of_many_tiny_items_fits_the_budget_framing_included() -> 
 
 
 # The backend's side (kvstack.backend.BatchServicer): a real Backend (a primary on LMDB in a
-# temporary directory) served in-process over loopback, its streams opened directly.
-
-
-@contextlib.asynccontextmanager
-async def serving_backend(
-    data_dir: Path,
-) -> AsyncIterator[tuple[Backend, aio.Channel, aio.Server]]:
-    """A started primary Backend on a loopback port, a channel to it, and its gRPC server."""
-    config = runtime.load(
-        BackendConfig, {"KVSTACK_DATA_DIR": str(data_dir), "KVSTACK_ORDINAL": "0"}
-    )
-    backend = Backend(config)
-    await backend.start()
-    server = aio.server()
-    backend.register(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield backend, channel, server
-    finally:
-        await channel.close()
-        await server.stop(None)
-        await backend.stop()
+# temporary directory) served in-process over loopback (tests.inprocess), its streams opened
+# directly.
 
 
 async def read_all(call: Any) -> list[batch_pb2.BatchResponse.Answer]:
@@ -425,16 +401,6 @@ def test_a_batch_stream_that_cannot_be_read_ends_with_an_error(
     assert any("batch stream" in r.getMessage() for r in warnings), caplog.records
 
 
-async def until(condition: Any, what: str) -> None:
-    """Wait (at most 5 s) until `condition()` holds."""
-    try:
-        async with asyncio.timeout(5):
-            while not condition():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"waited 5 s in vain for this: {what}") from None
-
-
 def item_tasks() -> list[asyncio.Task[Any]]:
     """The BatchServicer's per-item tasks now on the loop."""
     return [
@@ -454,21 +420,13 @@ def test_a_cancelled_batch_stream_leaves_no_item_running_and_counts_its_write_on
     Released, the write commits as it would have anyway, and neither count goes below 0.
     An item left running would answer into a stream that is gone, or touch the store after
     the backend closed it."""
-    release = threading.Event()
 
     async def main() -> tuple[list[bool], int, int, int, int, bytes | None]:
         async with serving_backend(tmp_path) as (backend, channel, server):
             assert backend.writer is not None
             assert backend.store is not None
             writer, store = backend.writer, backend.store
-            apply = store.apply
-
-            def held(writes: list[Write], now: float | None = None) -> list[Applied | Exception]:
-                release.wait(10)
-                return apply(writes, now)
-
-            store.apply = held  # type: ignore[method-assign]
-            try:
+            with commits_held(store):
                 call = batch_pb2_grpc.BatchStub(channel).Stream()
                 put = Item(id=1, put=kv_pb2.PutRequest(key=b"held", value=b"v"))
                 await call.write(batch_pb2.BatchRequest(items=[put]))
@@ -483,8 +441,6 @@ def test_a_cancelled_batch_stream_leaves_no_item_running_and_counts_its_write_on
                 await until(lambda: backend.batch.streams == 0, "the handler ends")
                 done = [t.done() for t in items]
                 in_flight, pending = backend.writes_in_flight, writer.pending
-            finally:
-                release.set()
             await until(lambda: writer.pending == 0, "the write commits")
             await asyncio.sleep(0.05)  # room for a late, second count down
             after = backend.writes_in_flight, writer.pending

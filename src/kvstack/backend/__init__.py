@@ -532,6 +532,16 @@ class Backend:
         self.kv = KeyValueServicer(self)
         self.batch = BatchServicer(self.kv, lambda: self._record)
 
+    def outstanding_writes(self) -> tuple[int, int]:
+        """(in flight, queued): the writes a caller still waits for (counted by
+        KeyValueServicer._write, through their replication), and those submitted to the
+        GroupCommitter whose outcome has not reached the event loop. A caller that went away
+        (a unary call cancelled, a batch stream ended) no longer counts its write in flight,
+        but the write is still queued and commits. A write can be in both. Once both are 0
+        and writes are refused (draining, or a restore's writes_stopped), no write can commit
+        any more: the drain and the restore wait for that, and only that."""
+        return self.writes_in_flight, self.writer.pending if self.writer is not None else 0
+
     def bind_observer(self, record: Record) -> None:
         self._record = record
 
@@ -551,16 +561,11 @@ class Backend:
         self.draining = True
         ending = asyncio.create_task(self.batch.drain(grace / 2))
         deadline = time.monotonic() + grace / 2
-
-        def busy() -> bool:
-            return bool(self.writes_in_flight or (self.writer and self.writer.pending))
-
-        while busy() and time.monotonic() < deadline:
+        while any(self.outstanding_writes()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        # With no write in flight or queued (a caller that went away leaves its write in the
-        # writer's queue) and no restore loading, no write can commit any more: the position
-        # is final, and the replicas are told so.
-        final = not busy() and not self.restoring
+        # With no write in flight or queued and no restore loading, no write can commit any
+        # more: the position is final, and the replicas are told so.
+        final = not any(self.outstanding_writes()) and not self.restoring
         self.primary.drain(self.store.seq() if final else None)
         await ending
 

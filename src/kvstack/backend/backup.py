@@ -36,7 +36,7 @@ from kvstack.v1 import backup_pb2, backup_pb2_grpc
 log = logging.getLogger("kvstack.backend.backup")
 Context = aio.ServicerContext[Any, Any]
 INCOMING = "restore-incoming.mdb"  # in the data directory, while a restore arrives
-DRAIN_S = 30.0  # how long a restore waits for the writes in flight to finish
+DRAIN_S = 30.0  # how long a restore waits for the writes in flight or queued to finish
 
 
 def _read_chunk(fd: int, size: int) -> bytes:
@@ -190,14 +190,19 @@ class BackupServicer(backup_pb2_grpc.BackupServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             backend.writes_stopped = writes_stopped = True
             log.warning("restore: writes stopped", extra=fields(seq=manifest.seq))
+            # Not only the writes whose caller waits: one whose caller went away is still
+            # queued in the writer and would commit during or after the load, leaving data
+            # the backup does not hold.
             deadline = time.monotonic() + DRAIN_S
-            while backend.writes_in_flight and time.monotonic() < deadline:
+            while any(backend.outstanding_writes()) and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
-            if backend.writes_in_flight:
+            in_flight, queued = backend.outstanding_writes()
+            if in_flight or queued:
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"{backend.writes_in_flight} writes were still in flight after {DRAIN_S} s; "
-                    "nothing was changed: retry the restore",
+                    f"after {DRAIN_S} s, {in_flight} writes were still in flight and {queued} "
+                    "still queued to commit (a write can be both); nothing was changed: "
+                    "retry the restore",
                 )
             source = backup.open_copy(incoming)
 
