@@ -513,6 +513,43 @@ def test_a_batch_stream_whose_answers_cannot_be_written_ends(
     assert any("could not be written" in r.getMessage() for r in warnings), caplog.records
 
 
+def test_a_batch_stream_whose_answers_cannot_be_written_ends_with_an_item_still_running(
+    tmp_path: Path,
+) -> None:
+    """The server closed its end after a Get and a Put, the Put held in its commit: when the
+    Get's answer cannot be written, the stream ends then (UNKNOWN), not once the Put's commit
+    is done, which could be a replica's acknowledgement or a slow disk away. The Put still
+    commits, as a write whose caller left does."""
+
+    async def main() -> tuple[grpc.StatusCode, Any, bytes | None]:
+        async with serving_backend(tmp_path) as (backend, channel, _):
+            assert backend.store is not None
+            assert backend.writer is not None
+            store, writer = backend.store, backend.writer
+
+            async def broken(context: Any, answers: Any) -> None:
+                await asyncio.sleep(0.2)  # the handler has seen the end of the server's side
+                raise ConnectionError("the write failed on purpose")
+
+            backend.batch._send = broken  # type: ignore[method-assign]
+            with commits_held(store) as release:
+                call = batch_pb2_grpc.BatchStub(channel).Stream()
+                put = Item(id=1, put=kv_pb2.PutRequest(key=b"held", value=b"v"))
+                get = Item(id=2, get=kv_pb2.GetRequest(key=b"missing"))
+                await call.write(batch_pb2.BatchRequest(items=[put, get]))
+                await call.done_writing()
+                await until(lambda: writer.pending == 1, "the put reaches the writer")
+                await until(lambda: backend.batch.streams == 0, "the handler ends")
+                held = (release.is_set(), writer.pending)
+            await until(lambda: writer.pending == 0, "the put commits")
+            return await call.code(), held, store.get(b"held")
+
+    code, held, stored = asyncio.run(main())
+    assert code == grpc.StatusCode.UNKNOWN
+    assert held == (False, 1), "the stream ended only once the put was released"
+    assert stored == b"v"
+
+
 def test_a_server_stream_whose_write_fails_fails_its_calls_and_the_next_opens_another() -> None:
     """The server's side (batching._Stream): writing a message to the backend raises, so its
     Outbox's writer task ends. The call in that message is sent once more on a new stream and,

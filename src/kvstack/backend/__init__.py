@@ -379,8 +379,8 @@ class BatchServicer(batch_pb2_grpc.BatchServicer):
             # read: answer what runs, then end the stream (a drain would otherwise wait its
             # whole grace period for it). Or an answer could not be written: end it at once.
             taking.cancel()
-            if running and not outbox.task.done():
-                await asyncio.wait(running)
+            while running and not outbox.task.done():  # an answer unwritable: end it then
+                await asyncio.wait({*running, outbox.task}, return_when=asyncio.FIRST_COMPLETED)
             await outbox.flush()
             if outbox.task.done():
                 await self._unwritable(context, outbox.task)
