@@ -15,7 +15,7 @@ server's retry logic reads it as before. A stream that breaks (UNAVAILABLE, the 
 stopping, the connection lost) has every call waiting on it sent once more on a new stream, as
 gRPC's retry policy sent a unary call again; a call whose second stream breaks too fails
 UNAVAILABLE (the server sends it again, to this backend or another). A stream the backend ended
-with another code (a message it refused) is not retried: its calls fail INTERNAL. A backend of
+over a message it refused (REFUSED) is not retried: its calls fail INTERNAL. A backend of
 a release before the stream (UNIMPLEMENTED) gets unary calls. The backend's side is
 kvstack.backend.BatchServicer; both use `Outbox`.
 """
@@ -50,11 +50,13 @@ CODES = {code.value[0]: code for code in grpc.StatusCode}
 # rollout half-way): its calls then go one unary KeyValue call each, and the stream is tried
 # again after this long, in case the backend was replaced by one that has it.
 UNARY_FOR_S = 10.0
-# The codes a stream may end with that say nothing of the messages on it (the connection, the
-# backend stopping, an answer it could not write), after which its calls are sent again, as
-# gRPC's retry policy retries UNAVAILABLE (server.channel_options). Any other code means the
-# backend refused what was sent: sending it again would break the next stream too.
-TRANSIENT = frozenset({grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN})
+# The codes with which a backend ends a stream over a message it refused (one it could not
+# read, one over its size limit): its calls are not sent again, which would break the next
+# stream too. After any other end (the connection lost, the backend stopping) they are, as
+# gRPC's retry policy retries UNAVAILABLE (server.channel_options). INTERNAL is among those
+# retried: grpc.aio reports a write that meets the call's end as "Internal error from Core"
+# and loses the call's real status, UNIMPLEMENTED included (grpc/grpc#36066).
+REFUSED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
 def rpc_error(
@@ -160,10 +162,17 @@ class _Stream:
             await self.call.write(batch_pb2.BatchRequest(items=items))
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and (error := task.exception()) is not None:
-            # A write to a call that has ended raises its status (UNIMPLEMENTED, say).
-            code = error.code() if isinstance(error, aio.AioRpcError) else None
-            self.fail(f"writing to it failed: {error!r}", code)
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        why = f"writing to it failed: {error!r}"
+        if isinstance(error, (aio.AioRpcError, asyncio.InvalidStateError)):
+            # The call has ended, and this write's error is not why ("Internal error from
+            # Core", or "RPC already finished"): the status the reader gets is (UNIMPLEMENTED
+            # from a backend of the release before, say). Failed here only if the reader has
+            # not within 1 s.
+            asyncio.get_running_loop().call_later(1.0, self.fail, why)
+        else:
+            self.fail(why)
 
     async def _read(self) -> None:
         code: grpc.StatusCode | None = None
@@ -235,7 +244,7 @@ class Batcher:
     async def call(self, method: str, request: Any, timeout: float) -> Any:
         """`method` ("Put", "Get", "Delete" or "List") of kvstack.v1.KeyValue on this backend:
         its reply, or the aio.AioRpcError the unary call would have raised. A call whose stream
-        broke (TRANSIENT) before it was answered is sent once more, on a new stream, as gRPC's
+        broke (not REFUSED) before it was answered is sent once more, on a new stream, as gRPC's
         retry policy sent a unary call again (server.channel_options), if its deadline leaves
         time; every call may be: reads change nothing, and a write's request_id (which the
         server gives every write, FrontEnd._write) is applied once."""
@@ -253,7 +262,7 @@ class Batcher:
                 if broken.code == grpc.StatusCode.UNIMPLEMENTED:
                     self._go_unary()
                     continue  # the last attempt goes unary: the stream was never there
-                if broken.code is not None and broken.code not in TRANSIENT:
+                if broken.code in REFUSED:
                     raise rpc_error(
                         grpc.StatusCode.INTERNAL,
                         f"{broken.message}. The backend refused a message of the server's, so "
