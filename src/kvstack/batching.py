@@ -269,11 +269,15 @@ class Batcher:
                         "the call is not sent again: report this with both services' logs (a "
                         "server and a backend of releases that disagree on kvstack.v1.Batch?)",
                     ) from None
-                if attempt == 2 or self._closed or deadline <= time.monotonic():
-                    again = "its second stream" if attempt == 2 else "its stream (no time left)"
-                    raise rpc_error(
-                        grpc.StatusCode.UNAVAILABLE, f"{broken.message} ({again})"
-                    ) from None
+                if attempt == 2:
+                    why = " (the second stream this call was sent on; the first broke too)"
+                elif deadline <= time.monotonic():
+                    why = " (no time was left to send the call again)"
+                elif self._closed:
+                    why = ""  # the message says the channel closed
+                else:
+                    continue
+                raise rpc_error(grpc.StatusCode.UNAVAILABLE, broken.message + why) from None
         return await self._unary(method, request, deadline - time.monotonic())
 
     def _go_unary(self) -> None:

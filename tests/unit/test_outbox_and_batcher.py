@@ -157,6 +157,7 @@ def test_a_stream_that_breaks_twice_fails_its_calls_unavailable_and_the_next_ope
     for failed in (held, broken):
         assert failed.code() == grpc.StatusCode.UNAVAILABLE
         assert "broken on purpose" in failed.details()
+        assert "the first broke too" in failed.details()
     assert after.value == b"after"
     assert collections.Counter(servicer.seen) == {b"hold": 2, b"break": 2, b"after": 1}
 
