@@ -374,14 +374,28 @@ def remove(runner: Runner, stack: str, *, volumes: bool, timeout: float = 90) ->
     if gateways.stdout.split():
         runner.run(docker("rm", "--force", *gateways.stdout.split()), capture=True)
     if runner.query(docker("stack", "ps", "-q", stack)).returncode == 0:
-        runner.run(docker("stack", "rm", stack))
+        # It removes the networks right after the services, and fails (exit 1) on one that a
+        # task still uses while it stops (moby/moby#31068): the loop removes those once the
+        # containers are gone.
+        runner.run(docker("stack", "rm", stack), check=False)
     deadline = time.monotonic() + timeout
+    left: list[str] = []
+    net: list[str] = []
     while not runner.dry_run and time.monotonic() < deadline:
         left = runner.query(docker("ps", "-aq", "--filter", label)).stdout.split()
         net = runner.query(docker("network", "ls", "-q", "--filter", label)).stdout.split()
         if not left and not net:
             break
+        if not left:
+            runner.run(docker("network", "rm", *net), capture=True, check=False)
         time.sleep(1)
+    else:
+        if not runner.dry_run:
+            raise CommandError(
+                f"stack {stack} is not gone after {timeout:.0f} s: {len(left)} containers and "
+                f"{len(net)} networks left (`docker ps -a --filter {label}`, `docker network ls "
+                f"--filter {label}`); run the same command again once they have stopped"
+            )
     if volumes:
         vols = runner.query(docker("volume", "ls", "-q", "--filter", label)).stdout.split()
         if vols:
